@@ -1,0 +1,97 @@
+"""The GPU catalog shipped with the package: models, device ids, vGPU types and their max counts.
+
+Loaded lazily (it is only needed for names in ``list``, capacity fallbacks and the simulator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import yaml
+
+from vgpu_dm.device_id import DeviceID
+
+
+@dataclass(frozen=True)
+class CatalogGPU:
+    name: str
+    prefix: str  # the <GPU> part of its vGPU type names
+    device_ids: tuple[DeviceID, ...]
+    arch: str
+    framework: str  # mdev-pf | mdev-vf|vendor-vfio
+    framebuffer_gb: int
+    sriov_vfs: int | None
+    vgpu_types: dict[str, int]  # type name → max instances per GPU
+
+    @property
+    def min_vfs(self) -> int:
+        return max(self.vgpu_types.values(), default=1)
+
+
+@cache
+def load() -> tuple[CatalogGPU, ...]:
+    text = resources.files("vgpu_dm").joinpath("data/gpu-catalog.yaml").read_text(encoding="utf-8")
+    try:
+        loader = yaml.CSafeLoader
+    except AttributeError:  # pragma: no cover
+        loader = yaml.SafeLoader
+    raw = yaml.load(text, Loader=loader)
+    gpus = []
+    for item in raw["gpus"]:
+        ids = item["pci_device_id"]
+        ids = [ids] if isinstance(ids, str) else ids
+        vfs = item.get("sriov_vfs")
+        gpus.append(
+            CatalogGPU(
+                name=item["name"],
+                prefix=str(item["vgpu_type_prefix"]),
+                device_ids=tuple(DeviceID.parse(i) for i in ids),
+                arch=item["arch"],
+                framework=item["framework"],
+                framebuffer_gb=int(item["framebuffer_gb"]),
+                sriov_vfs=vfs if isinstance(vfs, int) else None,
+                vgpu_types={str(k): int(v) for k, v in item["vgpu_types"].items()},
+            )
+        )
+    return tuple(gpus)
+
+
+def for_device(gpu_id: DeviceID) -> CatalogGPU | None:
+    """The catalog entry of a GPU; a subsystem-specific entry beats a generic one."""
+    best = None
+    for entry in load():
+        for dev in entry.device_ids:
+            if dev.matches(gpu_id):
+                if dev.has_subsystem:
+                    return entry
+                best = best or entry
+    return best
+
+
+def max_instances(type_name: str) -> int | None:
+    """Max instances of a vGPU type per GPU, if the catalog knows the type."""
+    for entry in load():
+        if type_name in entry.vgpu_types:
+            return entry.vgpu_types[type_name]
+    return None
+
+
+def find(name: str) -> CatalogGPU:
+    """A catalog GPU by type prefix (``T4``, ``A100D``) or product name, case-insensitive."""
+    wanted = name.strip().lower()
+    entries = load()
+    for entry in entries:
+        if entry.prefix.lower() == wanted:
+            return entry
+    matches = [e for e in entries if wanted in e.name.lower()]
+    exact = [e for e in matches if e.name.lower() == wanted or e.name.lower().endswith(" " + wanted)]
+    if len(exact) == 1:
+        return exact[0]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(e.prefix for e in entries)
+    if matches:
+        raise KeyError(f"GPU name {name!r} is ambiguous: {', '.join(e.name for e in matches)}")
+    raise KeyError(f"unknown GPU {name!r}; known type prefixes: {known}")

@@ -1,0 +1,1 @@
+"""The ``nvidia-vgpu-dm`` command line (click)."""

@@ -1,0 +1,203 @@
+"""Entry point: the click group, error-to-exit-code mapping and the apply/assert commands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from vgpu_dm import __version__, log
+from vgpu_dm.cli import options
+from vgpu_dm.errors import ApplyError, ConfigError, HostError, PlanError, VgpuDmError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\b
+Exit codes:
+  0  success: config applied (or nothing to do), assertion holds, config valid
+  1  assertion false, or apply failed (the host is left as it was)
+  2  usage error or invalid config file
+"""
+
+_log = log.get()
+
+
+class Failure(Exception):
+    """Ends a command with a message already logged and an exit code."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG
+)
+@click.option(
+    "-d",
+    "--debug",
+    envvar="VGPU_DM_DEBUG",
+    is_flag=True,
+    help="Debug output: what is read and written.  [env: VGPU_DM_DEBUG]",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    envvar="VGPU_DM_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="Log lines as upstream-style text or as JSON.  [env: VGPU_DM_LOG_FORMAT]",
+)
+@click.version_option(__version__, "-v", "--version", prog_name="nvidia-vgpu-dm")
+def cli(debug: bool, log_format: str) -> None:
+    """Make this host's NVIDIA vGPU devices match a named layout from a config file.
+
+    \b
+    Example:
+      nvidia-vgpu-dm apply -f examples/config-t4.yaml -c T4-small
+      nvidia-vgpu-dm assert -f examples/config-t4.yaml -c T4-small
+    """
+    log.setup(debug=debug, fmt=log_format)
+
+
+def load_selected(config_file: str, selected: str | None):
+    from vgpu_dm.spec import load_spec, read_config_source
+
+    data, source = read_config_source(config_file)
+    spec = load_spec(data, source)
+    name, entries = spec.select(selected)
+    return spec, name, entries
+
+
+@cli.command("assert", epilog=EPILOG)
+@options.config_file
+@options.selected_config
+@options.valid_config
+@options.host_root
+@options.sim
+def assert_cmd(
+    config_file: str, selected_config: str | None, valid_config: bool, host_root: str, sim: str | None
+) -> None:
+    """Exit 0 if the host's vGPU devices already match the selected config, 1 if not.
+
+    GPUs that no entry of the config selects are ignored (apply would not touch them either).
+    """
+    spec, name, entries = load_selected(config_file, selected_config)
+    if valid_config:
+        _log.info("Selected vGPU device configuration is valid")
+        return
+    from vgpu_dm.host.inventory import Inventory
+    from vgpu_dm.host.root import open_host
+    from vgpu_dm.plan import build_plan
+
+    host = open_host(host_root, sim)
+    inventory = Inventory(host)
+    try:
+        plan = build_plan(entries, inventory, spec.source)
+    except PlanError as exc:
+        for problem in exc.problems:
+            _log.error(problem)
+        _log.error("assertion failure: selected configuration cannot be applied on this host")
+        raise Failure(EXIT_FAILED) from None
+    _log.debug(f"host reads: {host.counters.reads}")
+    if plan.is_noop:
+        _log.info("Selected vGPU device configuration is currently applied")
+        return
+    for gp in plan.changed:
+        have = _count_names([d.type_name for d in (*gp.keep, *gp.remove)])
+        want = ", ".join(f"{c} x {n}" for n, c in gp.wanted.items()) or "no vGPUs"
+        _log.info(f"{gp.gpu.describe()}: has {have}, config {name!r} wants {want}")
+    _log.error("assertion failure: selected configuration not currently applied")
+    raise Failure(EXIT_FAILED)
+
+
+def _count_names(names: list[str]) -> str:
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    return ", ".join(f"{c} x {n}" for n, c in seen.items()) or "no vGPUs"
+
+
+@cli.command("apply", epilog=EPILOG)
+@options.config_file
+@options.selected_config
+@options.valid_config
+@options.host_root
+@options.sim
+def apply_cmd(
+    config_file: str, selected_config: str | None, valid_config: bool, host_root: str, sim: str | None
+) -> None:
+    """Make the host's vGPU devices match the selected config.
+
+    Everything is checked before the first write (types offered by each GPU, counts that fit); GPUs
+    that already match are not touched and devices that can stay are kept. If a write fails, the
+    GPUs changed so far are put back exactly as they were.
+    """
+    spec, name, entries = load_selected(config_file, selected_config)
+    if valid_config:
+        _log.info("Selected vGPU device configuration is valid")
+        return
+    from vgpu_dm.apply import execute
+    from vgpu_dm.host.inventory import Inventory
+    from vgpu_dm.host.root import open_host
+    from vgpu_dm.plan import build_plan
+
+    host = open_host(host_root, sim)
+    inventory = Inventory(host)
+    plan = build_plan(entries, inventory, spec.source)
+    for note in plan.notes:
+        _log.warning(note)
+    if plan.is_noop:
+        _log.info("Selected vGPU device configuration is already applied")
+        return
+    execute(plan, inventory)
+    _log.debug(f"host reads: {host.counters.reads}, writes: {host.counters.writes}")
+    _log.info("Selected vGPU device configuration successfully applied")
+
+
+def _register_more() -> None:
+    from vgpu_dm.cli.list_cmd import list_cmd
+    from vgpu_dm.cli.sim_cmd import sim_group
+
+    cli.add_command(list_cmd)
+    cli.add_command(sim_group)
+
+
+_register_more()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code instead of raising SystemExit (for in-process tests)."""
+    try:
+        cli.main(args=argv, prog_name="nvidia-vgpu-dm", standalone_mode=False)
+    except Failure as exc:
+        return exc.code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return EXIT_FAILED
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except ConfigError as exc:
+        log.setup_if_needed()
+        for line in str(exc).splitlines():
+            _log.error(line)
+        return EXIT_USAGE
+    except PlanError as exc:
+        log.setup_if_needed()
+        for problem in exc.problems:
+            _log.error(problem)
+        _log.error("nothing was changed")
+        return EXIT_FAILED
+    except (ApplyError, HostError, VgpuDmError) as exc:
+        log.setup_if_needed()
+        for line in str(exc).splitlines():
+            _log.error(line)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Options shared by several commands, with the upstream names and environment variables."""
+
+from __future__ import annotations
+
+import click
+
+config_file = click.option(
+    "-f",
+    "--config-file",
+    envvar="VGPU_DM_CONFIG_FILE",
+    required=True,
+    metavar="FILE",
+    help="vGPU config file (YAML or JSON); '-' reads standard input.  [env: VGPU_DM_CONFIG_FILE]",
+)
+selected_config = click.option(
+    "-c",
+    "--selected-config",
+    envvar="VGPU_DM_SELECTED_CONFIG",
+    metavar="NAME",
+    help="Name of the config in the file to use; may be left out when the file has exactly one.  "
+    "[env: VGPU_DM_SELECTED_CONFIG]",
+)
+valid_config = click.option(
+    "-a",
+    "--valid-config",
+    envvar="VGPU_DM_VALID_CONFIG",
+    is_flag=True,
+    help="Only check that the file is valid and the selected config exists; do not look at the host.  "
+    "[env: VGPU_DM_VALID_CONFIG]",
+)
+host_root = click.option(
+    "--host-root",
+    envvar="VGPU_DM_HOST_ROOT",
+    metavar="DIR",
+    default="/",
+    show_default=True,
+    help="Directory where the host's /sys, /proc and /dev are found (e.g. /host in a container).  "
+    "[env: VGPU_DM_HOST_ROOT]",
+)
+sim = click.option(
+    "--sim",
+    envvar="VGPU_DM_SIM",
+    metavar="DIR",
+    help="Work on the simulated host in DIR (made by 'nvidia-vgpu-dm sim create') instead of this "
+    "machine.  [env: VGPU_DM_SIM]",
+)

@@ -1,0 +1,53 @@
+"""Typed errors raised below the front ends; the CLI maps them to log lines and exit codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class VgpuDmError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One located problem in a config file."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(VgpuDmError):
+    """The config file (or the selection made from it) is invalid; carries every problem found."""
+
+    def __init__(self, problems: list[Problem] | str):
+        if isinstance(problems, str):
+            self.problems: list[Problem] = []
+            text = problems
+        else:
+            self.problems = list(problems)
+            text = "\n".join(str(p) for p in self.problems)
+        super().__init__(text)
+
+
+class HostError(VgpuDmError):
+    """Reading or changing the host failed, or the host is not in a state we can work with."""
+
+
+class PlanError(VgpuDmError):
+    """The selected config cannot be applied to this host; nothing was written."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class ApplyError(VgpuDmError):
+    """A write failed while applying a plan."""

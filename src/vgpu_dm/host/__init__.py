@@ -1,0 +1,1 @@
+"""Everything that reads or changes the machine, through one host-root object."""

@@ -1,0 +1,188 @@
+"""The mdev backend: parents in ``sys/class/mdev_bus``, types in ``mdev_supported_types``, devices in
+``sys/bus/mdev/devices``; create by writing a UUID, remove by writing 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuidlib
+from collections.abc import Callable
+
+from vgpu_dm import catalog
+from vgpu_dm.errors import HostError
+from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice, framebuffer_of
+from vgpu_dm.host.pci import GPU, PCI_DEVICES, link_name
+from vgpu_dm.host.root import HostRoot
+from vgpu_dm.vgpu_type import short_type_name
+
+MDEV_BUS = "sys/class/mdev_bus"
+MDEV_DEVICES = "sys/bus/mdev/devices"
+_TYPE_DIR = re.compile(r"nvidia-(\d+)")
+_MAX_INSTANCE = re.compile(r"max_instance=(\d+)")
+
+
+class MdevBackend:
+    """mdev devices of all GPUs, read once when first needed."""
+
+    framework = MDEV
+
+    def __init__(
+        self, host: HostRoot, gpus: list[GPU], new_uuid: Callable[[GPU, str, int], str] | None = None
+    ):
+        self.host = host
+        self._pf_of: dict[str, str] = {}
+        for gpu in gpus:
+            self._pf_of[gpu.address] = gpu.address
+            for vf in gpu.vfs:
+                self._pf_of[vf] = gpu.address
+        self._parents: dict[str, list[str]] | None = None
+        self._devices: dict[str, list[VGPUDevice]] | None = None
+        self._names: dict[tuple[str, int], str] = {}
+        self._types: dict[str, dict[str, TypeInfo]] = {}
+        self._type_dirs: dict[tuple[str, str], str] = {}
+        self._new_uuid = new_uuid or (lambda gpu, name, ordinal: str(uuidlib.uuid4()))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _load_parents(self) -> dict[str, list[str]]:
+        if self._parents is None:
+            parents: dict[str, list[str]] = {}
+            for parent in self.host.listdir(MDEV_BUS):
+                parents.setdefault(self._pf_of.get(parent, parent), []).append(parent)
+            self._parents = parents
+        return self._parents
+
+    def parents(self, gpu: GPU) -> list[str]:
+        return self._load_parents().get(gpu.address, [])
+
+    def handles(self, gpu: GPU) -> bool:
+        return bool(self.parents(gpu))
+
+    def _type_name(self, gpu: str, parent: str, type_id: int) -> str:
+        key = (gpu, type_id)
+        if key not in self._names:
+            text = self.host.read_optional(
+                f"{PCI_DEVICES}/{parent}/mdev_supported_types/nvidia-{type_id}/name"
+            )
+            self._names[key] = short_type_name(text or "") or f"nvidia-{type_id}"
+        return self._names[key]
+
+    def _load_devices(self) -> dict[str, list[VGPUDevice]]:
+        if self._devices is not None:
+            return self._devices
+        found: dict[str, list[VGPUDevice]] = {}
+        for uuid in self.host.listdir(MDEV_DEVICES):
+            target = self.host.readlink(f"{MDEV_DEVICES}/{uuid}")
+            if not target:
+                continue
+            parent = os.path.basename(os.path.dirname(target.rstrip("/")))
+            type_dir = link_name(self.host, f"{MDEV_DEVICES}/{uuid}/mdev_type") or ""
+            m = _TYPE_DIR.fullmatch(type_dir)
+            if not m:
+                continue  # not an NVIDIA vGPU
+            gpu = self._pf_of.get(parent, parent)
+            group = link_name(self.host, f"{MDEV_DEVICES}/{uuid}/iommu_group")
+            type_id = int(m[1])
+            found.setdefault(gpu, []).append(
+                VGPUDevice(
+                    gpu=gpu,
+                    parent=parent,
+                    type_name=self._type_name(gpu, parent, type_id),
+                    type_id=type_id,
+                    framework=MDEV,
+                    uuid=uuid,
+                    iommu_group=int(group) if group and group.isdigit() else None,
+                )
+            )
+        for devices in found.values():
+            devices.sort(key=lambda d: (d.parent, d.uuid or ""))
+        self._devices = found
+        return found
+
+    def devices(self, gpu: GPU) -> list[VGPUDevice]:
+        return list(self._load_devices().get(gpu.address, []))
+
+    def types(self, gpu: GPU) -> dict[str, TypeInfo]:
+        """Types the GPU's parents offer, with ``available`` summed over parents (read now)."""
+        if gpu.address in self._types:
+            return self._types[gpu.address]
+        totals: dict[str, list] = {}
+        seen: set[int] = set()
+        for parent in self.parents(gpu):
+            base = f"{PCI_DEVICES}/{parent}/mdev_supported_types"
+            for type_dir in self.host.listdir(base):
+                m = _TYPE_DIR.fullmatch(type_dir)
+                if not m:
+                    continue
+                type_id = int(m[1])
+                if type_id not in seen:  # name and description are the same on every parent
+                    seen.add(type_id)
+                    full = (self.host.read_optional(f"{base}/{type_dir}/name") or "").strip()
+                    short = short_type_name(full) or type_dir
+                    self._names[(gpu.address, type_id)] = short
+                    desc = self.host.read_optional(f"{base}/{type_dir}/description") or ""
+                    mi = _MAX_INSTANCE.search(desc)
+                    totals[short] = [type_id, full or short, 0, int(mi[1]) if mi else None]
+                name = self._names[(gpu.address, type_id)]
+                totals[name][2] += _to_int(self.host.read_optional(f"{base}/{type_dir}/available_instances"))
+                self._type_dirs[(parent, name)] = type_dir
+        result = {
+            name: TypeInfo(name=name, type_id=tid, driver_name=full, available=avail, max_instances=mi)
+            for name, (tid, full, avail, mi) in totals.items()
+        }
+        self._types[gpu.address] = result
+        return result
+
+    def slots(self, gpu: GPU) -> int | None:
+        """How many vGPUs the GPU can hold at most because of its parents (one per VF)."""
+        parents = self.parents(gpu)
+        if parents and parents != [gpu.address]:
+            return len(parents)
+        return None
+
+    def capacity(self, gpu: GPU, vtype: TypeInfo, current: list[VGPUDevice]) -> int | None:
+        """Max devices of ``vtype``'s framebuffer size this GPU holds once the other sizes are gone."""
+        size = framebuffer_of(vtype.name)
+        same_size = [d for d in current if d.framebuffer_gb == size]
+        single_pf_parent = self.parents(gpu) == [gpu.address]
+        if single_pf_parent and len(same_size) == len(current):
+            # Exact: on a PF parent, available_instances counts what still fits next to the same size.
+            return vtype.available + len(same_size)
+        if vtype.max_instances is not None:
+            return vtype.max_instances
+        return catalog.max_instances(vtype.name)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def remove(self, device: VGPUDevice) -> None:
+        self.host.write_text(f"{MDEV_DEVICES}/{device.uuid}/remove", "1")
+
+    def create(
+        self, gpu: GPU, vtype: TypeInfo, ordinal: int = 0, uuid: str | None = None, parent: str | None = None
+    ) -> VGPUDevice:
+        """Create one device of ``vtype`` on the first parent with room (or on ``parent``, to restore one)."""
+        self.types(gpu)
+        for parent in [parent] if parent else self.parents(gpu):
+            type_dir = self._type_dirs.get((parent, vtype.name))
+            if type_dir is None:
+                continue
+            base = f"{PCI_DEVICES}/{parent}/mdev_supported_types/{type_dir}"
+            if _to_int(self.host.read_optional(f"{base}/available_instances")) <= 0:
+                continue
+            new = uuid or self._new_uuid(gpu, vtype.name, ordinal)
+            self.host.write_text(f"{base}/create", new)
+            return VGPUDevice(
+                gpu=gpu.address,
+                parent=parent,
+                type_name=vtype.name,
+                type_id=vtype.type_id,
+                framework=MDEV,
+                uuid=new,
+            )
+        raise HostError(f"{gpu.describe()}: no parent device has room for another {vtype.name}")
+
+
+def _to_int(text: str | None) -> int:
+    try:
+        return int((text or "0").strip())
+    except ValueError:
+        return 0

@@ -1,0 +1,72 @@
+"""Data the host layer hands upward: vGPU devices, the types a GPU offers, and the backend interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from vgpu_dm.host.pci import GPU
+from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
+
+MDEV = "mdev"
+VENDOR_VFIO = "vendor-vfio"
+
+
+@dataclass(frozen=True)
+class VGPUDevice:
+    """One existing vGPU: an mdev (with a UUID) or a VF with a vGPU type set (vendor VFIO)."""
+
+    gpu: str  # address of the physical GPU (PF)
+    parent: str  # mdev parent device, or the VF carrying the vGPU
+    type_name: str  # short type name, e.g. T4-1Q
+    type_id: int
+    framework: str
+    uuid: str | None = None
+    iommu_group: int | None = None
+
+    @property
+    def key(self) -> str:
+        """What identifies the device to an operator: its UUID (mdev) or VF address."""
+        return self.uuid or self.parent
+
+    @property
+    def framebuffer_gb(self) -> int | None:
+        return framebuffer_of(self.type_name)
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    """A vGPU type as the driver offers it on one GPU."""
+
+    name: str  # short name (last word of the driver's name)
+    type_id: int
+    driver_name: str  # the driver's full name text, e.g. "NVIDIA A10-4Q"
+    available: int  # creatable now, summed over the GPU's parents
+    max_instances: int | None = None  # per GPU, when the driver says so
+
+
+def framebuffer_of(type_name: str) -> int | None:
+    try:
+        return VGPUType.parse(type_name).framebuffer_gb
+    except InvalidVGPUType:
+        return None
+
+
+class Backend(Protocol):
+    """What plan and apply need from a kernel interface; one implementation per framework."""
+
+    framework: str
+
+    def devices(self, gpu: GPU) -> list[VGPUDevice]: ...
+
+    def handles(self, gpu: GPU) -> bool: ...
+
+    def types(self, gpu: GPU) -> dict[str, TypeInfo]: ...
+
+    def capacity(self, gpu: GPU, vtype: TypeInfo, current: list[VGPUDevice]) -> int | None: ...
+
+    def slots(self, gpu: GPU) -> int | None: ...
+
+    def remove(self, device: VGPUDevice) -> None: ...
+
+    def create(self, gpu: GPU, vtype: TypeInfo) -> VGPUDevice: ...

@@ -1,0 +1,102 @@
+"""The host-root seam: every read and write of the machine goes through one small object.
+
+On a real host the root is ``/``; tests and the simulator root it at a directory that has the same
+shape. Counting reads and writes here lets benchmarks and tests check how much a command touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SIM_MARKER = ".vgpu-dm-sim"
+
+
+@dataclass
+class IOCounters:
+    reads: int = 0
+    writes: int = 0
+
+
+class HostRoot:
+    """Filesystem access below ``root``; paths are given relative to it (``sys/bus/pci/devices``)."""
+
+    simulated = False
+
+    def __init__(self, root: str | os.PathLike[str] = "/"):
+        self.root = os.path.abspath(os.fspath(root))
+        self.counters = IOCounters()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root!r})"
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel.lstrip("/"))
+
+    def read_text(self, rel: str) -> str:
+        self.counters.reads += 1
+        with open(self.path(rel), encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def read_optional(self, rel: str) -> str | None:
+        """File text, or None when the file does not exist (sysfs omits optional attributes)."""
+        try:
+            return self.read_text(rel)
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, data: str) -> None:
+        """Write to an existing control file; never creates a file (a typo must not go unnoticed)."""
+        self.counters.writes += 1
+        fd = os.open(self.path(rel), os.O_WRONLY)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+
+    def listdir(self, rel: str) -> list[str]:
+        """Sorted entries of a directory; empty when it does not exist."""
+        self.counters.reads += 1
+        try:
+            return sorted(os.listdir(self.path(rel)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def readlink(self, rel: str) -> str | None:
+        self.counters.reads += 1
+        try:
+            return os.readlink(self.path(rel))
+        except (FileNotFoundError, OSError):
+            return None
+
+    def exists(self, rel: str) -> bool:
+        self.counters.reads += 1
+        return os.path.lexists(self.path(rel))
+
+    def run(
+        self, argv: Sequence[str], chroot: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a host program without a shell; with ``chroot``, inside that directory."""
+        cmd = list(argv)
+        if chroot:
+            cmd = ["chroot", chroot, *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def open_host(root: str | None = None, sim: str | None = None) -> HostRoot:
+    """The host object for a command: a simulated host when ``sim`` is given, else the real one."""
+    if sim:
+        from vgpu_dm.sim.host import SimHostRoot
+
+        return SimHostRoot(sim)
+    host = HostRoot(root or "/")
+    if os.path.exists(os.path.join(host.root, SIM_MARKER)):
+        from vgpu_dm.errors import HostError
+
+        raise HostError(
+            f"{host.root} is a simulated host (made by 'nvidia-vgpu-dm sim create'); "
+            f"select it with --sim {host.root} or VGPU_DM_SIM={host.root}"
+        )
+    return host

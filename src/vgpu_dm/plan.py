@@ -1,0 +1,202 @@
+"""Plan: from the selected config and what the host has, decide per GPU what to keep, remove and
+create — and check every requested type and count before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vgpu_dm.errors import PlanError
+from vgpu_dm.host.inventory import Inventory
+from vgpu_dm.host.model import TypeInfo, VGPUDevice, framebuffer_of
+from vgpu_dm.host.pci import GPU
+from vgpu_dm.spec.model import ConfigEntry
+from vgpu_dm.vgpu_type import VGPUType
+
+
+@dataclass(frozen=True)
+class GPUPlan:
+    """What happens to one GPU that the config selects."""
+
+    gpu: GPU
+    framework: str
+    entry: ConfigEntry
+    wanted: dict[str, int]  # driver type name → count
+    keep: tuple[VGPUDevice, ...] = ()
+    remove: tuple[VGPUDevice, ...] = ()
+    create: tuple[TypeInfo, ...] = ()
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.remove or self.create)
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpus: tuple[GPUPlan, ...]
+    unselected: tuple[GPU, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def changed(self) -> tuple[GPUPlan, ...]:
+        return tuple(p for p in self.gpus if p.changes)
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.changed
+
+    @property
+    def writes(self) -> int:
+        return sum(len(p.remove) + len(p.create) for p in self.gpus)
+
+
+def governing_entries(entries: tuple[ConfigEntry, ...], gpus: list[GPU]) -> dict[int, ConfigEntry]:
+    """GPU index → the entry that decides its layout (a later entry wins over an earlier one)."""
+    chosen: dict[int, ConfigEntry] = {}
+    for entry in entries:
+        for gpu in gpus:
+            if entry.selects(gpu.index, gpu.device_id):
+                chosen[gpu.index] = entry
+    return chosen
+
+
+def _matches_as_is(wanted: dict[VGPUType, int], current: list[VGPUDevice]) -> bool:
+    """True when the devices already are the wanted ones (a GFX/ME/… suffix may be absent in the driver)."""
+    have = Counter(d.type_name for d in current)
+    used: set[str] = set()
+    for vtype, count in wanted.items():
+        bare = vtype.without_attribute()
+        name = vtype.name if vtype.name in have else (bare.name if bare and bare.name in have else None)
+        if name is None or have[name] != count or name in used:
+            return False
+        used.add(name)
+    return used == set(have)
+
+
+def _resolve(vtype: VGPUType, offered: dict[str, TypeInfo]) -> TypeInfo | None:
+    if vtype.name in offered:
+        return offered[vtype.name]
+    bare = vtype.without_attribute()
+    return offered.get(bare.name) if bare else None
+
+
+def build_plan(entries: tuple[ConfigEntry, ...], inventory: Inventory, source: str = "") -> Plan:
+    """The plan for the selected config's entries; raises PlanError listing every problem found."""
+    gpus = inventory.gpus
+    problems: list[str] = []
+    where = f"{source}:" if source else ""
+    for entry in entries:
+        for index in entry.devices or ():
+            if index >= len(gpus):
+                span = f"GPUs 0-{len(gpus) - 1}" if gpus else "no NVIDIA GPUs"
+                problems.append(
+                    f"{where}{entry.line}: {entry.path}.devices: GPU index {index} does not exist "
+                    f"(this host has {span})"
+                )
+    chosen = governing_entries(entries, gpus)
+    plans: list[GPUPlan] = []
+    notes: list[str] = []
+    for gpu in gpus:
+        entry = chosen.get(gpu.index)
+        if entry is None:
+            continue
+        plan = _plan_gpu(gpu, entry, inventory, problems, notes)
+        if plan is not None:
+            plans.append(plan)
+    if problems:
+        raise PlanError(problems)
+    unselected = tuple(g for g in gpus if g.index not in chosen)
+    return Plan(gpus=tuple(plans), unselected=unselected, notes=tuple(notes))
+
+
+def _plan_gpu(
+    gpu: GPU, entry: ConfigEntry, inventory: Inventory, problems: list[str], notes: list[str]
+) -> GPUPlan | None:
+    wanted = entry.wanted()
+    backend = inventory.backend_for(gpu)
+    current = backend.devices(gpu) if backend else []
+    framework = backend.framework if backend else "none"
+    if _matches_as_is(wanted, current):
+        names = {}
+        for d in current:
+            names[d.type_name] = names.get(d.type_name, 0) + 1
+        return GPUPlan(gpu, framework, entry, names, keep=tuple(current))
+    label = f"{gpu.describe()} [{entry.path}]"
+    if not wanted:
+        return GPUPlan(gpu, framework, entry, {}, remove=tuple(current))
+    if backend is None:
+        problems.append(
+            f"{label}: no vGPU parent devices found: the NVIDIA vGPU host driver exposes no vGPU types for "
+            f"this GPU (driver: {gpu.driver or 'none'}); is the vGPU manager (-vgpu-kvm driver) loaded?"
+        )
+        return None
+    mig = [t.name for t in wanted if t.is_mig_backed]
+    if mig:
+        problems.append(
+            f"{label}: MIG-backed vGPU types ({', '.join(mig)}) need nvidia-mig-parted support, "
+            f"which this version does not have yet"
+        )
+        return None
+    offered = backend.types(gpu)
+    resolved: dict[str, tuple[TypeInfo, int]] = {}
+    ok = True
+    for vtype, count in wanted.items():
+        info = _resolve(vtype, offered)
+        if info is None:
+            choices = ", ".join(sorted(offered, key=_type_sort_key)) or "none"
+            problems.append(
+                f"{label}: vGPU type {vtype.name} is not supported on this GPU (it offers: {choices})"
+            )
+            ok = False
+        elif info.name in resolved:
+            problems.append(f"{label}: {vtype.name} and another entry both mean driver type {info.name}")
+            ok = False
+        else:
+            resolved[info.name] = (info, count)
+    if not ok:
+        return None
+    sizes = {framebuffer_of(name) for name in resolved}
+    if len(sizes) > 1:
+        problems.append(
+            f"{label}: {', '.join(resolved)} have different framebuffer sizes; this GPU runs in equal-size "
+            f"mode, where all vGPUs of a GPU must have the same size"
+        )
+        return None
+    total = sum(count for _, count in resolved.values())
+    for info, _count in resolved.values():
+        cap = backend.capacity(gpu, info, current)
+        if cap is None:
+            notes.append(f"{label}: the maximum number of {info.name} is unknown; the driver will decide")
+        elif total > cap:
+            what = " + ".join(f"{c} x {n}" for n, (_, c) in resolved.items())
+            problems.append(f"{label}: {what} requested, but the GPU holds at most {cap} x {info.name}")
+            return None
+    slots = backend.slots(gpu)
+    if slots is not None and total > slots:
+        problems.append(f"{label}: {total} vGPUs requested, but the GPU has only {slots} virtual functions")
+        return None
+    keep: list[VGPUDevice] = []
+    remove: list[VGPUDevice] = []
+    create: list[TypeInfo] = []
+    by_type: dict[str, list[VGPUDevice]] = {}
+    for device in current:
+        by_type.setdefault(device.type_name, []).append(device)
+    for name, devices in by_type.items():
+        n = resolved[name][1] if name in resolved else 0
+        keep.extend(devices[:n])
+        remove.extend(devices[n:])
+    for name, (info, count) in resolved.items():
+        create.extend([info] * (count - len(by_type.get(name, [])[:count])))
+    wanted_names = {name: count for name, (_, count) in resolved.items()}
+    return GPUPlan(
+        gpu, framework, entry, wanted_names, keep=tuple(keep), remove=tuple(remove), create=tuple(create)
+    )
+
+
+def _type_sort_key(name: str) -> tuple:
+    try:
+        t = VGPUType.parse(name)
+        return (t.gpu_instance_slices, t.framebuffer_gb, t.series, t.attribute)
+    except ValueError:
+        return (99, 0, name, "")

@@ -1,0 +1,161 @@
+"""What the NVIDIA vGPU driver does in the simulator: which types are creatable, and the reaction to
+writes of the control files (mdev ``create``/``remove``). Refusals raise OSError with the driver's errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+from vgpu_dm.sim.layout import SimGPU, SimState, SimType
+
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+PCI_DIR = "sys/devices/pci0000:00"
+# The errno the simulated driver returns when a type has no room (the kernel's generic mdev counter
+# uses EUSERS; the NVIDIA driver's exact value is unconfirmed, see host-interfaces.md §10).
+NO_ROOM = errno.EUSERS
+
+
+def _fail(code: int, path: str, why: str) -> OSError:
+    return OSError(code, f"{os.strerror(code)} ({why})", path)
+
+
+def parents_of(gpu: SimGPU) -> list[str]:
+    if gpu.framework == "mdev-pf":
+        return [gpu.address]
+    return list(gpu.vfs)
+
+
+def type_by_id(gpu: SimGPU, type_id: int) -> SimType | None:
+    return next((t for t in gpu.types if t.type_id == type_id), None)
+
+
+def mdev_devices(base: Path, gpu: SimGPU) -> list[tuple[str, str, SimType]]:
+    """(parent, uuid, type) of every mdev on the GPU, read from the tree."""
+    found = []
+    for parent in parents_of(gpu):
+        pdir = base / PCI_DIR / parent
+        if not pdir.is_dir():
+            continue
+        for entry in sorted(os.listdir(pdir)):
+            if UUID_RE.fullmatch(entry):
+                type_dir = os.path.basename(os.readlink(pdir / entry / "mdev_type"))
+                vtype = type_by_id(gpu, int(type_dir.split("-")[1]))
+                if vtype:
+                    found.append((parent, entry, vtype))
+    return found
+
+
+def gpu_room(gpu: SimGPU, vtype: SimType, placed: list[SimType]) -> int:
+    """How many more ``vtype`` fit on the GPU next to ``placed`` (equal-size mode)."""
+    if vtype.mig_backed:
+        return 0  # MIG mode is off in the simulator
+    if any(t.mig_backed or t.framebuffer_gb != vtype.framebuffer_gb for t in placed):
+        return 0
+    return max(vtype.max_instances - len(placed), 0)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    path.write_text(text)
+
+
+def refresh_gpu(base: Path, gpu: SimGPU) -> None:
+    """Rewrite the files that show what is creatable on the GPU's parents."""
+    if gpu.framework == "vendor-vfio":
+        from vgpu_dm.sim.vfio_driver import refresh_vfio
+
+        refresh_vfio(base, gpu)
+        return
+    devices = mdev_devices(base, gpu)
+    placed = [t for _, _, t in devices]
+    busy_parents = {p for p, _, _ in devices}
+    for parent in parents_of(gpu):
+        types_dir = base / PCI_DIR / parent / "mdev_supported_types"
+        for vtype in gpu.types:
+            tdir = types_dir / f"nvidia-{vtype.type_id}"
+            if not tdir.exists():
+                (tdir / "devices").mkdir(parents=True)
+                (tdir / "name").write_text(f"{gpu.name_prefix}{vtype.name}\n")
+                fb = f"{vtype.framebuffer_gb * 1024}M" if vtype.framebuffer_gb else "512M"
+                (tdir / "description").write_text(
+                    f"num_heads=4, frl_config=60, framebuffer={fb}, max_resolution=5120x2880, "
+                    f"max_instance={vtype.max_instances}\n"
+                )
+                (tdir / "device_api").write_text("vfio-pci\n")
+                (tdir / "create").write_text("")
+            room = gpu_room(gpu, vtype, placed)
+            if gpu.framework == "mdev-vf":
+                room = 0 if parent in busy_parents else min(room, 1)
+            _write_if_changed(tdir / "available_instances", f"{room}\n")
+
+
+def refresh_all(base: Path, state: SimState) -> None:
+    for gpu in state.gpus:
+        refresh_gpu(base, gpu)
+
+
+def mdev_create(base: Path, state: SimState, parent: str, type_id: int, data: str, path: str) -> None:
+    gpu = state.gpu_of(parent)
+    vtype = type_by_id(gpu, type_id) if gpu else None
+    if gpu is None or vtype is None:
+        raise _fail(errno.ENODEV, path, "no such vGPU type on this parent")
+    uuid = data.strip()
+    if not UUID_RE.fullmatch(uuid):
+        raise _fail(errno.EINVAL, path, f"not a UUID: {uuid!r}")
+    uuid = uuid.lower()
+    if (base / "sys/bus/mdev/devices" / uuid).exists():
+        raise _fail(errno.EEXIST, path, f"mdev {uuid} already exists")
+    avail = int(
+        (
+            base / PCI_DIR / parent / "mdev_supported_types" / f"nvidia-{type_id}" / "available_instances"
+        ).read_text()
+    )
+    if avail <= 0:
+        raise _fail(NO_ROOM, path, f"no room for another {vtype.name} on {parent}")
+    pdir = base / PCI_DIR / parent
+    ddir = pdir / uuid
+    ddir.mkdir()
+    os.symlink(f"../mdev_supported_types/nvidia-{type_id}", ddir / "mdev_type")
+    (ddir / "remove").write_text("")
+    group = state.next_group
+    state.next_group += 1
+    (base / "sys/kernel/iommu_groups" / str(group)).mkdir(parents=True, exist_ok=True)
+    os.symlink(os.path.relpath(base / "sys/kernel/iommu_groups" / str(group), ddir), ddir / "iommu_group")
+    (base / "dev/vfio" / str(group)).write_text("")
+    os.symlink(os.path.relpath(ddir, base / "sys/bus/mdev/devices"), base / "sys/bus/mdev/devices" / uuid)
+    tdevs = pdir / "mdev_supported_types" / f"nvidia-{type_id}" / "devices"
+    os.symlink(os.path.relpath(ddir, tdevs), tdevs / uuid)
+    state.save(base)
+    refresh_gpu(base, gpu)
+
+
+def mdev_remove(base: Path, state: SimState, parent: str, uuid: str, data: str, path: str) -> None:
+    from vgpu_dm.sim.processes import holders_of_group
+
+    if data.strip() != "1":
+        raise _fail(errno.EINVAL, path, "write 1 to remove")
+    ddir = base / PCI_DIR / parent / uuid
+    group = os.path.basename(os.readlink(ddir / "iommu_group"))
+    if holders_of_group(base, group):
+        raise _fail(errno.EBUSY, path, f"mdev {uuid} is in use by a VM")
+    type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
+    (ddir / "mdev_type").unlink()
+    shutil.rmtree(ddir)
+    for link in (
+        base / "sys/bus/mdev/devices" / uuid,
+        base / PCI_DIR / parent / "mdev_supported_types" / type_dir / "devices" / uuid,
+        base / "dev/vfio" / group,
+    ):
+        if os.path.lexists(link):
+            link.unlink()
+    gpu = state.gpu_of(parent)
+    if gpu:
+        refresh_gpu(base, gpu)

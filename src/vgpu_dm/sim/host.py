@@ -1,0 +1,68 @@
+"""SimHostRoot: the host-root seam over a simulated tree; writes to driver control files are emulated."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from vgpu_dm.errors import HostError
+from vgpu_dm.host.root import SIM_MARKER, HostRoot
+from vgpu_dm.sim import driver
+from vgpu_dm.sim.layout import SimState
+
+WRITE_LOG = "writes.log"
+
+
+class SimHostRoot(HostRoot):
+    simulated = True
+
+    def __init__(self, root: str | os.PathLike[str]):
+        super().__init__(root)
+        self.base = Path(self.root)
+        if not (self.base / SIM_MARKER / "host.json").is_file():
+            raise HostError(
+                f"{self.root} is not a simulated host; create one with 'nvidia-vgpu-dm sim create {self.root} "
+                f"--gpu T4'"
+            )
+
+    def _locked(self):
+        fh = open(self.base / SIM_MARKER / "driver.lock", "a")  # noqa: SIM115 - closed by caller
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return fh
+
+    def write_text(self, rel: str, data: str) -> None:
+        self.counters.writes += 1
+        with open(self.base / SIM_MARKER / WRITE_LOG, "a") as log:
+            log.write(f"{rel}\t{data.strip()}\n")
+        lock = self._locked()
+        try:
+            self._emulate(rel, data)
+        finally:
+            lock.close()
+
+    def _emulate(self, rel: str, data: str) -> None:
+        full = self.path(rel)
+        if not os.path.lexists(full):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), full)
+        real = Path(os.path.realpath(full))
+        parts = real.relative_to(self.base).parts
+        state = SimState.load(self.base)
+        if len(parts) >= 4 and parts[-1] == "create" and parts[-3] == "mdev_supported_types":
+            type_id = int(parts[-2].split("-")[1])
+            driver.mdev_create(self.base, state, parts[-4], type_id, data, full)
+        elif len(parts) >= 3 and parts[-1] == "remove" and driver.UUID_RE.fullmatch(parts[-2]):
+            driver.mdev_remove(self.base, state, parts[-3], parts[-2], data, full)
+        elif len(parts) >= 3 and parts[-1] == "current_vgpu_type" and parts[-2] == "nvidia":
+            from vgpu_dm.sim.vfio_driver import set_vgpu_type
+
+            set_vgpu_type(self.base, state, parts[-3], data, full)
+        else:
+            raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)} (read-only attribute)", full)
+
+
+def write_log(root: str | os.PathLike[str]) -> list[str]:
+    """Every write the tool made to the simulated host, oldest first (``path<TAB>data``)."""
+    path = Path(root, SIM_MARKER, WRITE_LOG)
+    return path.read_text().splitlines() if path.exists() else []

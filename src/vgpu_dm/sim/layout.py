@@ -1,0 +1,219 @@
+"""Build a simulated host tree from catalog GPU names, shaped like a real host's ``/sys``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vgpu_dm import catalog
+from vgpu_dm.host.root import SIM_MARKER
+
+STATE_FILE = "host.json"
+_BUSES = (0x3B, 0x5E, 0x86, 0xAF, 0xD8, 0x18, 0x1A, 0x1C, 0x41, 0x45, 0x4B, 0x61, 0x81, 0x85, 0xC1, 0xC5)
+# Observed hosts put the first VF at function .4 (A10, L40S, H200).
+_FIRST_VF_FUNCTION = 4
+
+
+@dataclass
+class SimType:
+    name: str  # short name, e.g. T4-1Q
+    type_id: int
+    max_instances: int
+    framebuffer_gb: int
+    mig_backed: bool
+
+
+@dataclass
+class SimGPU:
+    address: str
+    model: str  # catalog product name
+    prefix: str
+    framework: str  # mdev-pf | mdev-vf | vendor-vfio
+    device: int
+    subsystem_device: int
+    name_prefix: str  # "GRID " or "NVIDIA "
+    total_vfs: int
+    vfs: list[str] = field(default_factory=list)
+    types: list[SimType] = field(default_factory=list)
+
+
+@dataclass
+class SimState:
+    gpus: list[SimGPU]
+    next_group: int = 100
+
+    def save(self, root: str | os.PathLike[str]) -> None:
+        path = Path(root, SIM_MARKER, STATE_FILE)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike[str]) -> SimState:
+        raw = json.loads(Path(root, SIM_MARKER, STATE_FILE).read_text())
+        gpus = [SimGPU(**{**g, "types": [SimType(**t) for t in g["types"]]}) for g in raw["gpus"]]
+        return cls(gpus=gpus, next_group=raw.get("next_group", 100))
+
+    def gpu_of(self, address: str) -> SimGPU | None:
+        for gpu in self.gpus:
+            if gpu.address == address or address in gpu.vfs:
+                return gpu
+        return None
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def vf_address(bus: int, n: int) -> str:
+    slot, function = divmod(_FIRST_VF_FUNCTION + n, 8)
+    return f"0000:{bus:02x}:{slot:02x}.{function}"
+
+
+def _pci_device(root: Path, address: str, attrs: dict[str, str], driver: str | None, group: int) -> Path:
+    dev = root / "sys/devices/pci0000:00" / address
+    dev.mkdir(parents=True)
+    for name, value in attrs.items():
+        _write(dev / name, value + "\n")
+    if driver:
+        (root / "sys/bus/pci/drivers" / driver).mkdir(parents=True, exist_ok=True)
+        _link(dev / "driver", root / "sys/bus/pci/drivers" / driver)
+    (root / "sys/kernel/iommu_groups" / str(group)).mkdir(parents=True, exist_ok=True)
+    _link(dev / "iommu_group", root / "sys/kernel/iommu_groups" / str(group))
+    _link(root / "sys/bus/pci/devices" / address, dev)
+    return dev
+
+
+def _framework_for(entry: catalog.CatalogGPU, vendor_vfio: bool) -> str:
+    if entry.framework == "mdev-pf":
+        return "mdev-pf"
+    return "vendor-vfio" if vendor_vfio else "mdev-vf"
+
+
+def create_host(root: str | os.PathLike[str], gpu_names: list[str], vendor_vfio: bool = False) -> SimState:
+    """Create a simulated host at ``root`` (an empty or missing directory) with the given GPUs."""
+    base = Path(root)
+    if base.exists() and any(base.iterdir()):
+        raise FileExistsError(f"{base} is not empty; choose a new directory for the simulated host")
+    if len(gpu_names) > len(_BUSES):
+        raise ValueError(f"at most {len(_BUSES)} simulated GPUs are supported")
+    entries = [catalog.find(name) for name in gpu_names]
+    base.mkdir(parents=True, exist_ok=True)
+    for sub in (
+        "sys/bus/pci/devices",
+        "sys/bus/pci/drivers",
+        "sys/bus/mdev/devices",
+        "sys/class/mdev_bus",
+        "proc",
+        "dev/vfio/devices",
+        "run",
+        "etc",
+    ):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    _write(base / "etc/machine-id", "5f1c2e7a9b3d4c6e8f0a1b2c3d4e5f60\n")
+    (base / SIM_MARKER).mkdir()
+    # Non-GPU devices a discovery must skip: a host bridge and an NVIDIA HD-audio function.
+    _pci_device(base, "0000:00:00.0", {"vendor": "0x8086", "device": "0x2020", "class": "0x060000"}, None, 1)
+    state = SimState(gpus=[])
+    group = 10
+    for i, entry in enumerate(entries):
+        bus = _BUSES[i]
+        address = f"0000:{bus:02x}:00.0"
+        dev_id = entry.device_ids[0]
+        framework = _framework_for(entry, vendor_vfio)
+        total_vfs = 0 if framework == "mdev-pf" else (entry.sriov_vfs or max(entry.min_vfs, 16))
+        catalog_index = catalog.load().index(entry)
+        types = []
+        for n, (name, max_count) in enumerate(entry.vgpu_types.items()):
+            from vgpu_dm.vgpu_type import VGPUType
+
+            parsed = VGPUType.parse(name)
+            types.append(
+                SimType(
+                    name, 200 + catalog_index * 40 + n, max_count, parsed.framebuffer_gb, parsed.is_mig_backed
+                )
+            )
+        gpu = SimGPU(
+            address=address,
+            model=entry.name,
+            prefix=entry.prefix,
+            framework=framework,
+            device=dev_id.device,
+            subsystem_device=dev_id.subsystem_device or 0x1000 + i,
+            name_prefix="GRID " if entry.arch in ("Turing", "Volta") else "NVIDIA ",
+            total_vfs=total_vfs,
+            types=types,
+        )
+        attrs = {
+            "vendor": "0x10de",
+            "device": f"0x{gpu.device:04x}",
+            "class": "0x030200",
+            "subsystem_vendor": "0x10de",
+            "subsystem_device": f"0x{gpu.subsystem_device:04x}",
+            "numa_node": str(i % 2),
+        }
+        if total_vfs:
+            attrs["sriov_totalvfs"] = str(total_vfs)
+            attrs["sriov_numvfs"] = "0"
+        group += 1
+        pf_dir = _pci_device(base, address, attrs, "nvidia", group)
+        if framework == "mdev-pf":
+            _link(base / "sys/class/mdev_bus" / address, pf_dir)
+        elif framework == "mdev-vf":
+            group = enable_vfs(base, gpu, group)
+        # NVIDIA GPUs also expose an audio function; it must not count as a GPU.
+        group += 1
+        _pci_device(
+            base,
+            f"0000:{bus:02x}:00.1",
+            {"vendor": "0x10de", "device": "0x10fa", "class": "0x040300"},
+            None,
+            group,
+        )
+        state.gpus.append(gpu)
+    state.next_group = group + 1
+    state.save(base)
+    from vgpu_dm.sim.driver import refresh_all
+
+    refresh_all(base, state)
+    return state
+
+
+def enable_vfs(base: Path, gpu: SimGPU, group: int) -> int:
+    """Create the GPU's VFs (what ``sriov-manage -e`` does); returns the next free IOMMU group."""
+    bus = int(gpu.address.split(":")[1], 16)
+    pf_dir = base / "sys/devices/pci0000:00" / gpu.address
+    gpu.vfs = []
+    for n in range(gpu.total_vfs):
+        vf = vf_address(bus, n)
+        group += 1
+        attrs = {
+            "vendor": "0x10de",
+            "device": f"0x{gpu.device:04x}",
+            "class": "0x030200",
+            "subsystem_vendor": "0x10de",
+            "subsystem_device": f"0x{gpu.subsystem_device:04x}",
+            "numa_node": (pf_dir / "numa_node").read_text().strip(),
+        }
+        vf_dir = _pci_device(base, vf, attrs, "nvidia", group)
+        _link(vf_dir / "physfn", pf_dir)
+        _link(pf_dir / f"virtfn{n}", vf_dir)
+        if gpu.framework == "mdev-vf":
+            _link(base / "sys/class/mdev_bus" / vf, vf_dir)
+        else:
+            (vf_dir / "nvidia").mkdir()
+            _write(vf_dir / "nvidia/current_vgpu_type", "0\n")
+            _write(vf_dir / "nvidia/creatable_vgpu_types", "")
+        vfio = vf_dir / "vfio-dev" / f"vfio{n + group}"
+        vfio.mkdir(parents=True)
+        gpu.vfs.append(vf)
+    (pf_dir / "sriov_numvfs").write_text(f"{gpu.total_vfs}\n")
+    return group

@@ -1,0 +1,37 @@
+"""Fake processes in the simulated host's ``proc``: a "VM" is a pid directory whose ``fd`` links point
+at a vGPU's VFIO device node, which is exactly what the real in-use detection reads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def add_holder(base: Path, node: str, name: str = "qemu-system-x86_64") -> int:
+    """Make a fake process that holds ``node`` (e.g. ``/dev/vfio/104``) open; returns its pid."""
+    proc = base / "proc"
+    pids = [int(p) for p in os.listdir(proc) if p.isdigit()]
+    pid = max([4000, *pids]) + 1
+    (proc / str(pid) / "fd").mkdir(parents=True)
+    (proc / str(pid) / "comm").write_text(name + "\n")
+    os.symlink(node, proc / str(pid) / "fd" / "42")
+    return pid
+
+
+def holders_of_group(base: Path, group: str) -> list[int]:
+    """Pids whose fds point at ``/dev/vfio/<group>``."""
+    wanted = f"/dev/vfio/{group}"
+    found = []
+    proc = base / "proc"
+    for pid in os.listdir(proc) if proc.is_dir() else ():
+        fd_dir = proc / pid / "fd"
+        if not pid.isdigit() or not fd_dir.is_dir():
+            continue
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink(fd_dir / fd) == wanted:
+                    found.append(int(pid))
+            except OSError:
+                continue
+    return found

@@ -1,0 +1,369 @@
+"""Parse config text into a Spec, collecting every problem with its file, line, column and path.
+
+PyYAML's C composer gives a node tree with marks; we walk it ourselves so that duplicate keys,
+wrong scalar types and alias bombs are caught with a location instead of silently constructed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from vgpu_dm.device_id import DeviceID, InvalidDeviceID
+from vgpu_dm.errors import ConfigError, Problem
+from vgpu_dm.spec.model import ConfigEntry, Spec
+from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
+
+try:
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+# Nodes visited while walking; aliases make a small file expand, this bounds the expansion.
+MAX_NODES = 200_000
+MAX_DEPTH = 64
+
+_TAG = "tag:yaml.org,2002:"
+_TOP_KEYS = ("version", "vgpu-configs")
+_ENTRY_KEYS = ("devices", "device-filter", "vgpu-devices")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def read_config_source(path: str) -> tuple[bytes, str]:
+    """Read a config file (``-`` = stdin) with a size limit; returns (bytes, display name)."""
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+        name = "<stdin>"
+    else:
+        name = path
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{name}: config file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB; refusing it"
+        )
+    return data, name
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    tag = node.tag.removeprefix(_TAG)
+    return {
+        "str": "a string",
+        "int": "an integer",
+        "float": "a float",
+        "bool": "a boolean",
+        "null": "null (empty)",
+        "timestamp": "a timestamp",
+        "binary": "binary data",
+    }.get(tag, tag)
+
+
+def _describe(node: yaml.Node) -> str:
+    if isinstance(node, yaml.ScalarNode) and node.tag != _TAG + "null":
+        return f"{_kind(node)} ({node.value!r})"
+    return _kind(node)
+
+
+def _key_segment(key: str, quote: bool = False) -> str:
+    return f'"{key}"' if quote or not _PLAIN_KEY.fullmatch(key) else key
+
+
+class _Walker:
+    def __init__(self, source: str):
+        self.source = source
+        self.problems: list[Problem] = []
+        self.nodes = 0
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def error(self, node: yaml.Node | None, path: str, message: str) -> None:
+        mark = node.start_mark if node is not None else None
+        line = mark.line + 1 if mark else 1
+        col = mark.column + 1 if mark else 1
+        self.problems.append(Problem(self.source, line, col, path, message))
+
+    def visit(self, node: yaml.Node, depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooBig(node, f"document expands to more than {MAX_NODES} nodes (alias bomb?); refusing it")
+        if depth > MAX_DEPTH:
+            raise _TooBig(node, f"document is nested deeper than {MAX_DEPTH} levels; refusing it")
+
+    def mapping(
+        self, node: yaml.Node, path: str, depth: int, what: str
+    ) -> list[tuple[str, yaml.Node, yaml.Node]] | None:
+        """Items of a mapping node with string keys; duplicate and non-scalar keys are reported."""
+        self.visit(node, depth)
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, path, f"expected {what} (a mapping), got {_describe(node)}")
+            return None
+        try:
+            self._constructor.flatten_mapping(node)  # resolve YAML merge keys (<<: *anchor)
+        except yaml.YAMLError as exc:
+            self.error(node, path, f"invalid merge key: {getattr(exc, 'problem', exc)}")
+            return None
+        items: list[tuple[str, yaml.Node, yaml.Node]] = []
+        seen: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            self.visit(key_node, depth + 1)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _TAG + "null":
+                self.error(key_node, path, f"keys must be strings, got {_describe(key_node)}")
+                continue
+            key = key_node.value
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                self.error(key_node, path, f"duplicate key {key!r} (first defined on line {first})")
+                continue
+            seen[key] = key_node
+            items.append((key, key_node, value_node))
+        return items
+
+    # -- the schema ------------------------------------------------------------------------------
+    def document(self, root: yaml.Node | None) -> dict[str, tuple[ConfigEntry, ...]]:
+        if root is None:
+            return {}
+        if isinstance(root, yaml.ScalarNode) and root.tag == _TAG + "null":
+            return {}
+        items = self.mapping(root, "", 0, "the top level of a vgpu config file")
+        if items is None:
+            return {}
+        keys = {k: (kn, vn) for k, kn, vn in items}
+        for key, key_node, _ in items:
+            if key not in _TOP_KEYS:
+                self.error(key_node, "", f"unknown key {key!r}; expected one of: {', '.join(_TOP_KEYS)}")
+        if "version" not in keys:
+            if items:
+                self.error(root, "", "missing required key 'version' (expected version: v1)")
+        else:
+            vnode = keys["version"][1]
+            self.visit(vnode, 1)
+            if not (isinstance(vnode, yaml.ScalarNode) and vnode.tag == _TAG + "str" and vnode.value == "v1"):
+                self.error(vnode, "version", f"unsupported version {_describe(vnode)}; expected v1")
+        if "vgpu-configs" not in keys:
+            return {}
+        return self.configs(keys["vgpu-configs"][1])
+
+    def configs(self, node: yaml.Node) -> dict[str, tuple[ConfigEntry, ...]]:
+        items = self.mapping(node, "vgpu-configs", 1, "a mapping of config name to entries")
+        if items is None:
+            return {}
+        if not items:
+            self.error(node, "vgpu-configs", "must define at least one config")
+        configs: dict[str, tuple[ConfigEntry, ...]] = {}
+        for name, _, value in items:
+            path = f"vgpu-configs.{_key_segment(name)}"
+            self.visit(value, 2)
+            if not isinstance(value, yaml.SequenceNode):
+                self.error(value, path, f"expected a list of entries, got {_describe(value)}")
+                continue
+            if not value.value:
+                self.error(value, path, "must have at least one entry")
+                continue
+            entries = []
+            for i, entry_node in enumerate(value.value):
+                entry = self.entry(entry_node, f"{path}[{i}]")
+                if entry is not None:
+                    entries.append(entry)
+            configs[name] = tuple(entries)
+        return configs
+
+    def entry(self, node: yaml.Node, path: str) -> ConfigEntry | None:
+        items = self.mapping(node, path, 3, "a config entry")
+        if items is None:
+            return None
+        fields = {k: v for k, _, v in items}
+        ok = True
+        for key, key_node, _ in items:
+            if key not in _ENTRY_KEYS:
+                self.error(key_node, path, f"unknown key {key!r}; expected one of: {', '.join(_ENTRY_KEYS)}")
+                ok = False
+        for required in ("devices", "vgpu-devices"):
+            if required not in fields:
+                self.error(node, path, f"missing required key {required!r}")
+                ok = False
+        devices = self.devices(fields["devices"], f"{path}.devices") if "devices" in fields else None
+        filters = (
+            self.device_filter(fields["device-filter"], f"{path}.device-filter")
+            if "device-filter" in fields
+            else ()
+        )
+        vgpus = (
+            self.vgpu_devices(fields["vgpu-devices"], f"{path}.vgpu-devices")
+            if "vgpu-devices" in fields
+            else None
+        )
+        if not ok or devices is None or filters is None or vgpus is None:
+            return None
+        return ConfigEntry(
+            devices=devices[1],
+            device_filter=filters,
+            vgpu_devices=vgpus,
+            path=path,
+            line=node.start_mark.line + 1,
+        )
+
+    def devices(self, node: yaml.Node, path: str) -> tuple[bool, tuple[int, ...] | None] | None:
+        self.visit(node, 4)
+        if isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "str":
+            if node.value == "all":
+                return True, None
+            self.error(node, path, f"expected 'all' or a list of GPU indices, got {_describe(node)}")
+            return None
+        if not isinstance(node, yaml.SequenceNode):
+            self.error(node, path, f"expected 'all' or a list of GPU indices, got {_describe(node)}")
+            return None
+        if not node.value:
+            self.error(node, path, "empty list selects no GPU; use 'all' or list at least one GPU index")
+            return None
+        indices: list[int] = []
+        seen: dict[int, int] = {}
+        good = True
+        for i, item in enumerate(node.value):
+            self.visit(item, 5)
+            where = f"{path}[{i}]"
+            if not (isinstance(item, yaml.ScalarNode) and item.tag == _TAG + "int"):
+                self.error(item, where, f"expected a GPU index (an integer >= 0), got {_describe(item)}")
+                good = False
+                continue
+            value = self._constructor.construct_yaml_int(item)
+            if value < 0:
+                self.error(item, where, f"GPU index must be >= 0, got {value}")
+                good = False
+            elif value in seen:
+                self.error(item, where, f"GPU index {value} is listed twice (first at [{seen[value]}])")
+                good = False
+            else:
+                seen[value] = i
+                indices.append(value)
+        return (True, tuple(indices)) if good else None
+
+    def device_filter(self, node: yaml.Node, path: str) -> tuple[DeviceID, ...] | None:
+        self.visit(node, 4)
+        if isinstance(node, yaml.SequenceNode):
+            items = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+        else:
+            items = [(path, node)]
+        filters: list[DeviceID] = []
+        good = True
+        for where, item in items:
+            self.visit(item, 5)
+            if not (isinstance(item, yaml.ScalarNode) and item.tag == _TAG + "str"):
+                hint = ""
+                if isinstance(item, yaml.ScalarNode) and item.tag == _TAG + "int":
+                    hint = ' (an unquoted 0x... is read as a number by YAML; quote it: "0x1EB810DE")'
+                self.error(item, where, f"expected a device id string, got {_describe(item)}{hint}")
+                good = False
+                continue
+            if item.value == "":
+                continue  # upstream: an empty filter matches every GPU
+            try:
+                filters.append(DeviceID.parse(item.value))
+            except InvalidDeviceID as exc:
+                self.error(item, where, str(exc))
+                good = False
+        return tuple(filters) if good else None
+
+    def vgpu_devices(self, node: yaml.Node, path: str) -> tuple[tuple[VGPUType, int], ...] | None:
+        items = self.mapping(node, path, 4, "a mapping of vGPU type to count")
+        if items is None:
+            return None
+        good = True
+        result: list[tuple[VGPUType, int]] = []
+        zero_nodes: list[tuple[str, yaml.Node]] = []
+        for name, key_node, value in items:
+            where = f"{path}.{_key_segment(name, quote=True)}"
+            self.visit(value, 5)
+            try:
+                vtype = VGPUType.parse(name)
+            except InvalidVGPUType as exc:
+                self.error(key_node, where, str(exc))
+                good = False
+                vtype = None
+            if not (isinstance(value, yaml.ScalarNode) and value.tag == _TAG + "int"):
+                self.error(value, where, f"count must be an integer > 0, got {_describe(value)}")
+                good = False
+                continue
+            count = self._constructor.construct_yaml_int(value)
+            if count == 0:
+                zero_nodes.append((where, value))
+                continue
+            if count < 0:
+                self.error(value, where, f"count must be an integer > 0, got {count}")
+                good = False
+                continue
+            if vtype is not None:
+                result.append((vtype, count))
+        if zero_nodes and len(zero_nodes) == len(items):
+            self.error(
+                node, path, "every count is 0; write 'vgpu-devices: {}' to mean no vGPUs on these GPUs"
+            )
+            good = False
+        else:
+            for where, value in zero_nodes:
+                self.error(value, where, "count must be an integer > 0, got 0 (leave the type out instead)")
+                good = False
+        kinds = {t.is_mig_backed for t, _ in result}
+        if len(kinds) > 1:
+            mig = ", ".join(t.name for t, _ in result if t.is_mig_backed)
+            ts = ", ".join(t.name for t, _ in result if not t.is_mig_backed)
+            self.error(node, path, f"mixes time-sliced ({ts}) and MIG-backed ({mig}) vGPU types in one entry")
+            good = False
+        return tuple(result) if good else None
+
+
+class _TooBig(Exception):
+    def __init__(self, node: yaml.Node, message: str):
+        super().__init__(message)
+        self.node = node
+
+
+def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
+    """Parse and validate a whole config file; raises ConfigError listing every problem."""
+    if isinstance(data, bytes):
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{source}: config file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise ConfigError(
+                [Problem(source, line, 1, "", f"not valid UTF-8 text ({exc.reason})")]
+            ) from None
+    else:
+        text = data
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(x for x in (exc.context, exc.problem) if x) or "malformed document"
+        raise ConfigError([Problem(source, line, col, "", f"invalid YAML/JSON: {what}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(source, 1, 1, "", f"invalid YAML/JSON: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(source, 1, 1, "", "document is nested too deeply; refusing it")]) from None
+    walker = _Walker(source)
+    try:
+        configs = walker.document(root)
+    except _TooBig as exc:
+        walker.error(exc.node, "", str(exc))
+        configs = {}
+    if walker.problems:
+        raise ConfigError(sorted(walker.problems, key=lambda p: (p.line, p.column)))
+    return Spec(source=source, configs=configs)
+
+
+def load_spec_file(path: str | Path) -> Spec:
+    data, name = read_config_source(str(path))
+    return load_spec(data, name)
