@@ -13,10 +13,8 @@ def _parse_u32(part: str, whole: str) -> int:
     text = part.strip()
     try:
         # Base 0 mirrors the upstream parser: 0x → hex, leading 0 → octal, else decimal.
-        if len(text) > 1 and text[0] == "0" and text[1] not in "xXoObB":
-            value = int(text, 8)
-        else:
-            value = int(text, 0)
+        octal = len(text) > 1 and text[0] == "0" and text[1] not in "xXoObB"
+        value = int(text, 8) if octal else int(text, 0)
     except ValueError:
         raise InvalidDeviceID(
             f"invalid device id {whole!r}: expected 0xDDDDVVVV (device then vendor, e.g. 0x1EB810DE) "

@@ -133,7 +133,7 @@ def apply_cmd(
     that already match are not touched and devices that can stay are kept. If a write fails, the
     GPUs changed so far are put back exactly as they were.
     """
-    spec, name, entries = load_selected(config_file, selected_config)
+    spec, _name, entries = load_selected(config_file, selected_config)
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return

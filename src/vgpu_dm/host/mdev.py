@@ -161,18 +161,18 @@ class MdevBackend:
     ) -> VGPUDevice:
         """Create one device of ``vtype`` on the first parent with room (or on ``parent``, to restore one)."""
         self.types(gpu)
-        for parent in [parent] if parent else self.parents(gpu):
-            type_dir = self._type_dirs.get((parent, vtype.name))
+        for candidate in [parent] if parent else self.parents(gpu):
+            type_dir = self._type_dirs.get((candidate, vtype.name))
             if type_dir is None:
                 continue
-            base = f"{PCI_DEVICES}/{parent}/mdev_supported_types/{type_dir}"
+            base = f"{PCI_DEVICES}/{candidate}/mdev_supported_types/{type_dir}"
             if _to_int(self.host.read_optional(f"{base}/available_instances")) <= 0:
                 continue
             new = uuid or self._new_uuid(gpu, vtype.name, ordinal)
             self.host.write_text(f"{base}/create", new)
             return VGPUDevice(
                 gpu=gpu.address,
-                parent=parent,
+                parent=candidate,
                 type_name=vtype.name,
                 type_id=vtype.type_id,
                 framework=MDEV,

@@ -1,1 +1,1 @@
-"""The simulated host: a sysfs-shaped tree built from the GPU catalog, and the driver's reactions to writes."""
+"""The simulated host: a sysfs-shaped tree built from the GPU catalog, and the driver's reaction to writes."""

@@ -23,8 +23,8 @@ class SimHostRoot(HostRoot):
         self.base = Path(self.root)
         if not (self.base / SIM_MARKER / "host.json").is_file():
             raise HostError(
-                f"{self.root} is not a simulated host; create one with 'nvidia-vgpu-dm sim create {self.root} "
-                f"--gpu T4'"
+                f"{self.root} is not a simulated host; create one with "
+                f"'nvidia-vgpu-dm sim create {self.root} --gpu T4'"
             )
 
     def _locked(self):
