@@ -1,0 +1,80 @@
+"""Shared fixtures: run the CLI in-process or as the installed entry point, and make simulated hosts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vgpu_dm.cli.main import main
+from vgpu_dm.sim.host import write_log
+from vgpu_dm.sim.layout import create_host
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+ENTRY_POINT = Path(sys.executable).parent / "nvidia-vgpu-dm"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``nvidia-vgpu-dm ARGS`` in this process; optional ``stdin`` text."""
+
+    def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Result:
+        for key in [k for k in os.environ if k.startswith("VGPU_DM_")]:
+            monkeypatch.delenv(key)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        if stdin is not None:
+            import io
+
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def run_cli():
+    """Run the installed ``nvidia-vgpu-dm`` entry point as a separate process."""
+
+    def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Result:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("VGPU_DM_")}
+        base.update(env or {})
+        proc = subprocess.run(
+            [str(ENTRY_POINT), *args], input=stdin, capture_output=True, text=True, env=base, timeout=120
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+@pytest.fixture
+def sim_host(tmp_path):
+    """Factory: ``sim_host("T4", "T4")`` creates a simulated host and returns its directory."""
+    counter = iter(range(1000))
+
+    def make(*gpus: str, vendor_vfio: bool = False) -> Path:
+        root = tmp_path / f"host{next(counter)}"
+        create_host(root, list(gpus), vendor_vfio=vendor_vfio)
+        return root
+
+    return make
+
+
+def writes(root: Path) -> list[str]:
+    """The writes made to a simulated host's control files so far."""
+    return write_log(root)
