@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from vgpu_dm import log
 from vgpu_dm.errors import ApplyError, HostError
-from vgpu_dm.host.inventory import Inventory
+from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.model import TypeInfo, VGPUDevice
-from vgpu_dm.plan import GPUPlan, Plan
+from vgpu_dm.host.root import HostRoot
+from vgpu_dm.plan import GPUPlan, Plan, build_plan
+from vgpu_dm.spec.model import ConfigEntry
 
 _log = log.get("apply")
 
@@ -39,6 +41,30 @@ def _summary(gp: GPUPlan) -> str:
     return f"{gp.gpu.describe()}: " + "; ".join(f"{verb} {what}" for verb, what in parts if what)
 
 
+def apply_config(
+    entries: tuple[ConfigEntry, ...], host: HostRoot, tools: HostTools | None = None, source: str = ""
+) -> Plan:
+    """Plan and carry out the selected config; returns the plan that was executed."""
+    inventory = Inventory(host, tools)
+    plan = build_plan(entries, inventory, source)
+    pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
+    if pending:
+        # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
+        for gpu in pending:
+            inventory.vfio.enable_vfs(gpu)
+        inventory = Inventory(host, tools)
+        plan = build_plan(entries, inventory, source)
+        still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
+        if still:
+            raise HostError(f"virtual functions did not appear after sriov-manage -e: {', '.join(still)}")
+    for note in plan.notes:
+        _log.warning(note)
+    if plan.is_noop:
+        return plan
+    execute(plan, inventory)
+    return plan
+
+
 def execute(plan: Plan, inventory: Inventory) -> None:
     """Apply every changing GPU of ``plan``; raises ApplyError after rolling back on failure."""
     done: list[_Undo] = []
@@ -55,6 +81,9 @@ def execute(plan: Plan, inventory: Inventory) -> None:
                 step = f"remove {device.type_name} {device.key} from {gp.gpu.describe()}"
                 backend.remove(device)
                 undo.removed.append(device)
+            if gp.enable_mixed_size:
+                step = f"enable mixed-size vGPU mode on {gp.gpu.describe()}"
+                backend.set_mixed_size(gp.gpu, True)
             for ordinal, vtype in enumerate(gp.create):
                 step = f"create {vtype.name} #{ordinal + 1} on {gp.gpu.describe()}"
                 undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal))

@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from vgpu_dm import catalog
 from vgpu_dm.errors import PlanError
 from vgpu_dm.host.inventory import Inventory
-from vgpu_dm.host.model import TypeInfo, VGPUDevice, framebuffer_of
+from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU
+from vgpu_dm.host.vfio import UNRESOLVED
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.vgpu_type import VGPUType
 
@@ -26,10 +28,12 @@ class GPUPlan:
     keep: tuple[VGPUDevice, ...] = ()
     remove: tuple[VGPUDevice, ...] = ()
     create: tuple[TypeInfo, ...] = ()
+    enable_vfs: bool = False  # run sriov-manage first, then plan this GPU again
+    enable_mixed_size: bool = False  # switch on heterogeneous mode between removals and creations
 
     @property
     def changes(self) -> bool:
-        return bool(self.remove or self.create)
+        return bool(self.remove or self.create or self.enable_vfs)
 
 
 @dataclass(frozen=True)
@@ -116,21 +120,14 @@ def _plan_gpu(
     wanted = entry.wanted()
     backend = inventory.backend_for(gpu)
     current = backend.devices(gpu) if backend else []
-    framework = backend.framework if backend else "none"
+    framework = backend.framework if backend else inventory.framework(gpu)
     if _matches_as_is(wanted, current):
-        names = {}
-        for d in current:
-            names[d.type_name] = names.get(d.type_name, 0) + 1
-        return GPUPlan(gpu, framework, entry, names, keep=tuple(current))
+        return GPUPlan(
+            gpu, framework, entry, dict(Counter(d.type_name for d in current)), keep=tuple(current)
+        )
     label = f"{gpu.describe()} [{entry.path}]"
     if not wanted:
         return GPUPlan(gpu, framework, entry, {}, remove=tuple(current))
-    if backend is None:
-        problems.append(
-            f"{label}: no vGPU parent devices found: the NVIDIA vGPU host driver exposes no vGPU types for "
-            f"this GPU (driver: {gpu.driver or 'none'}); is the vGPU manager (-vgpu-kvm driver) loaded?"
-        )
-        return None
     mig = [t.name for t in wanted if t.is_mig_backed]
     if mig:
         problems.append(
@@ -138,11 +135,19 @@ def _plan_gpu(
             f"which this version does not have yet"
         )
         return None
+    if backend is None:
+        if inventory.vfio.needs_vfs(gpu):
+            return _plan_enable_vfs(gpu, entry, wanted, label, problems)
+        problems.append(
+            f"{label}: no vGPU parent devices found: the NVIDIA vGPU host driver exposes no vGPU types for "
+            f"this GPU (driver: {gpu.driver or 'none'}); is the vGPU manager (-vgpu-kvm driver) loaded?"
+        )
+        return None
     offered = backend.types(gpu)
     resolved: dict[str, tuple[TypeInfo, int]] = {}
     ok = True
     for vtype, count in wanted.items():
-        info = _resolve(vtype, offered)
+        info = _resolve(vtype, offered) or _known_but_full(gpu, vtype, backend, current)
         if info is None:
             choices = ", ".join(sorted(offered, key=_type_sort_key)) or "none"
             problems.append(
@@ -150,31 +155,24 @@ def _plan_gpu(
             )
             ok = False
         elif info.name in resolved:
-            problems.append(f"{label}: {vtype.name} and another entry both mean driver type {info.name}")
+            problems.append(
+                f"{label}: {vtype.name} and another type of the entry both mean driver type {info.name}"
+            )
             ok = False
         else:
             resolved[info.name] = (info, count)
     if not ok:
         return None
     sizes = {framebuffer_of(name) for name in resolved}
-    if len(sizes) > 1:
-        problems.append(
-            f"{label}: {', '.join(resolved)} have different framebuffer sizes; this GPU runs in equal-size "
-            f"mode, where all vGPUs of a GPU must have the same size"
-        )
-        return None
-    total = sum(count for _, count in resolved.values())
-    for info, _count in resolved.values():
-        cap = backend.capacity(gpu, info, current)
-        if cap is None:
-            notes.append(f"{label}: the maximum number of {info.name} is unknown; the driver will decide")
-        elif total > cap:
-            what = " + ".join(f"{c} x {n}" for n, (_, c) in resolved.items())
-            problems.append(f"{label}: {what} requested, but the GPU holds at most {cap} x {info.name}")
+    mixed = len(sizes) > 1
+    enable_mixed = False
+    if mixed:
+        verdict = _mixed_size_verdict(gpu, backend, resolved)
+        if isinstance(verdict, str):
+            problems.append(f"{label}: {verdict}")
             return None
-    slots = backend.slots(gpu)
-    if slots is not None and total > slots:
-        problems.append(f"{label}: {total} vGPUs requested, but the GPU has only {slots} virtual functions")
+        enable_mixed = not verdict
+    if not _fits(gpu, backend, resolved, current, mixed, label, problems, notes):
         return None
     keep: list[VGPUDevice] = []
     remove: list[VGPUDevice] = []
@@ -183,15 +181,102 @@ def _plan_gpu(
     for device in current:
         by_type.setdefault(device.type_name, []).append(device)
     for name, devices in by_type.items():
-        n = resolved[name][1] if name in resolved else 0
+        # The mode cannot change while any vGPU exists: switching to mixed sizes rebuilds the GPU.
+        n = resolved[name][1] if name in resolved and not enable_mixed else 0
         keep.extend(devices[:n])
         remove.extend(devices[n:])
+    kept = Counter(d.type_name for d in keep)
     for name, (info, count) in resolved.items():
-        create.extend([info] * (count - len(by_type.get(name, [])[:count])))
-    wanted_names = {name: count for name, (_, count) in resolved.items()}
+        create.extend([info] * (count - kept[name]))
     return GPUPlan(
-        gpu, framework, entry, wanted_names, keep=tuple(keep), remove=tuple(remove), create=tuple(create)
+        gpu,
+        framework,
+        entry,
+        {name: count for name, (_, count) in resolved.items()},
+        keep=tuple(keep),
+        remove=tuple(remove),
+        create=tuple(create),
+        enable_mixed_size=enable_mixed,
     )
+
+
+def _known_but_full(gpu: GPU, vtype: VGPUType, backend, current: list[VGPUDevice]) -> TypeInfo | None:
+    """A vendor-VFIO GPU lists nothing creatable while full; accept a catalog type to resolve later."""
+    if backend.framework != VENDOR_VFIO or not current:
+        return None
+    entry = catalog.for_device(gpu.device_id)
+    if entry is None or vtype.name not in entry.vgpu_types:
+        return None
+    return TypeInfo(vtype.name, UNRESOLVED, vtype.name, 0)
+
+
+def _mixed_size_verdict(gpu: GPU, backend, resolved: dict[str, tuple[TypeInfo, int]]) -> str | bool:
+    """Why mixed sizes cannot be had (a message), or whether the mode is already on (bool)."""
+    names = ", ".join(resolved)
+    if not hasattr(backend, "mixed_size"):
+        return (
+            f"{names} have different framebuffer sizes; this GPU ({backend.framework}) runs in equal-size "
+            f"mode, where all vGPUs of a GPU must have the same size"
+        )
+    supported, enabled = backend.mixed_size(gpu)
+    if not supported:
+        return (
+            f"{names} have different framebuffer sizes, which needs mixed-size (heterogeneous) vGPU mode, "
+            f"and this GPU or driver does not support it (nvidia-smi -q: Heterogenous Multi-vGPU is not "
+            f"'Supported'); use one framebuffer size per GPU"
+        )
+    return enabled
+
+
+def _fits(gpu, backend, resolved, current, mixed, label, problems, notes) -> bool:
+    total = sum(count for _, count in resolved.values())
+    for info, count in resolved.values():
+        cap = backend.capacity(gpu, info, current)
+        need = count if mixed else total
+        if cap is None:
+            notes.append(f"{label}: the maximum number of {info.name} is unknown; the driver will decide")
+        elif need > cap:
+            what = " + ".join(f"{c} x {n}" for n, (_, c) in resolved.items())
+            problems.append(f"{label}: {what} requested, but the GPU holds at most {cap} x {info.name}")
+            return False
+    if mixed:
+        fb = backend.framebuffer_gb(gpu)
+        used = sum((framebuffer_of(n) or 0.5) * c for n, (_, c) in resolved.items())
+        if fb is not None and used > fb:
+            what = " + ".join(f"{c} x {n}" for n, (_, c) in resolved.items())
+            problems.append(f"{label}: {what} need {used:g} GB of framebuffer, but the GPU has {fb} GB")
+            return False
+    slots = backend.slots(gpu)
+    if slots is not None and total > slots:
+        problems.append(f"{label}: {total} vGPUs requested, but the GPU has only {slots} virtual functions")
+        return False
+    return True
+
+
+def _plan_enable_vfs(
+    gpu: GPU, entry: ConfigEntry, wanted: dict[VGPUType, int], label: str, problems: list[str]
+) -> GPUPlan | None:
+    """Plan for an SR-IOV GPU whose VFs are off: check what the catalog knows, then enable them."""
+    model = catalog.for_device(gpu.device_id)
+    if model is not None:
+        bad = [
+            t.name
+            for t in wanted
+            if t.name not in model.vgpu_types
+            and (t.without_attribute() is None or t.without_attribute().name not in model.vgpu_types)
+        ]
+        if bad:
+            problems.append(
+                f"{label}: vGPU type {', '.join(bad)} is not a type of the {model.name} "
+                f"(its types start with {model.prefix}-)"
+            )
+            return None
+        for vtype, count in wanted.items():
+            cap = model.vgpu_types.get(vtype.name)
+            if cap is not None and count > cap:
+                problems.append(f"{label}: {count} x {vtype.name} requested, but the GPU holds at most {cap}")
+                return None
+    return GPUPlan(gpu, "sriov-vfs-off", entry, {t.name: c for t, c in wanted.items()}, enable_vfs=True)
 
 
 def _type_sort_key(name: str) -> tuple:

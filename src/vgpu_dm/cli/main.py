@@ -75,8 +75,16 @@ def load_selected(config_file: str, selected: str | None):
 @options.valid_config
 @options.host_root
 @options.sim
+@options.sriov_manage
+@options.nvidia_smi
 def assert_cmd(
-    config_file: str, selected_config: str | None, valid_config: bool, host_root: str, sim: str | None
+    config_file: str,
+    selected_config: str | None,
+    valid_config: bool,
+    host_root: str,
+    sim: str | None,
+    sriov_manage: str,
+    nvidia_smi: str,
 ) -> None:
     """Exit 0 if the host's vGPU devices already match the selected config, 1 if not.
 
@@ -86,12 +94,12 @@ def assert_cmd(
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
-    from vgpu_dm.host.inventory import Inventory
+    from vgpu_dm.host.inventory import HostTools, Inventory
     from vgpu_dm.host.root import open_host
     from vgpu_dm.plan import build_plan
 
     host = open_host(host_root, sim)
-    inventory = Inventory(host)
+    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi))
     try:
         plan = build_plan(entries, inventory, spec.source)
     except PlanError as exc:
@@ -124,8 +132,16 @@ def _count_names(names: list[str]) -> str:
 @options.valid_config
 @options.host_root
 @options.sim
+@options.sriov_manage
+@options.nvidia_smi
 def apply_cmd(
-    config_file: str, selected_config: str | None, valid_config: bool, host_root: str, sim: str | None
+    config_file: str,
+    selected_config: str | None,
+    valid_config: bool,
+    host_root: str,
+    sim: str | None,
+    sriov_manage: str,
+    nvidia_smi: str,
 ) -> None:
     """Make the host's vGPU devices match the selected config.
 
@@ -137,22 +153,17 @@ def apply_cmd(
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
-    from vgpu_dm.apply import execute
-    from vgpu_dm.host.inventory import Inventory
+    from vgpu_dm.apply import apply_config
+    from vgpu_dm.host.inventory import HostTools
     from vgpu_dm.host.root import open_host
-    from vgpu_dm.plan import build_plan
 
     host = open_host(host_root, sim)
-    inventory = Inventory(host)
-    plan = build_plan(entries, inventory, spec.source)
-    for note in plan.notes:
-        _log.warning(note)
+    plan = apply_config(entries, host, HostTools(sriov_manage, nvidia_smi), spec.source)
+    _log.debug(f"host reads: {host.counters.reads}, writes: {host.counters.writes}")
     if plan.is_noop:
         _log.info("Selected vGPU device configuration is already applied")
-        return
-    execute(plan, inventory)
-    _log.debug(f"host reads: {host.counters.reads}, writes: {host.counters.writes}")
-    _log.info("Selected vGPU device configuration successfully applied")
+    else:
+        _log.info("Selected vGPU device configuration successfully applied")
 
 
 def _register_more() -> None:

@@ -37,6 +37,24 @@ host_root = click.option(
     help="Directory where the host's /sys, /proc and /dev are found (e.g. /host in a container).  "
     "[env: VGPU_DM_HOST_ROOT]",
 )
+sriov_manage = click.option(
+    "--sriov-manage",
+    envvar="VGPU_DM_SRIOV_MANAGE",
+    metavar="PATH",
+    default="/usr/lib/nvidia/sriov-manage",
+    show_default=True,
+    help="The driver's sriov-manage script, as a path inside the host root; run to enable a GPU's VFs "
+    "(vendor-specific VFIO hosts). Containerised drivers: /run/nvidia/driver/usr/lib/nvidia/sriov-manage.  "
+    "[env: VGPU_DM_SRIOV_MANAGE]",
+)
+nvidia_smi = click.option(
+    "--nvidia-smi",
+    envvar="VGPU_DM_NVIDIA_SMI",
+    metavar="PATH",
+    default="nvidia-smi",
+    show_default=True,
+    help="nvidia-smi, used only to query and switch mixed-size vGPU mode.  [env: VGPU_DM_NVIDIA_SMI]",
+)
 sim = click.option(
     "--sim",
     envvar="VGPU_DM_SIM",

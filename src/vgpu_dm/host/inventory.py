@@ -2,27 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 
 from vgpu_dm.host.mdev import MdevBackend
 from vgpu_dm.host.model import Backend, VGPUDevice
 from vgpu_dm.host.pci import GPU, discover_gpus
 from vgpu_dm.host.root import HostRoot
+from vgpu_dm.host.vfio import VendorVfioBackend
+
+DEFAULT_SRIOV_MANAGE = "/usr/lib/nvidia/sriov-manage"
+
+
+@dataclass(frozen=True)
+class HostTools:
+    """Where the host programs we may run live (paths inside the host root)."""
+
+    sriov_manage: str = DEFAULT_SRIOV_MANAGE
+    nvidia_smi: str = "nvidia-smi"
 
 
 class Inventory:
-    """Reads the PCI tree once; backends read their devices once, on first use."""
+    """Reads the PCI tree once; backends read their devices once, on first use.
 
-    def __init__(self, host: HostRoot):
+    The framework is decided per GPU: mdev parents present → mdev; VFs with ``nvidia/`` control files →
+    vendor VFIO; anything else has no vGPU backend (or, an SR-IOV GPU without VFs, needs them enabled).
+    """
+
+    def __init__(self, host: HostRoot, tools: HostTools | None = None):
         self.host = host
+        self.tools = tools or HostTools()
         self.gpus: list[GPU] = discover_gpus(host)
 
     @cached_property
     def mdev(self) -> MdevBackend:
         return MdevBackend(self.host, self.gpus)
 
+    @cached_property
+    def vfio(self) -> VendorVfioBackend:
+        return VendorVfioBackend(self.host, self.gpus, self.tools.sriov_manage, self.tools.nvidia_smi)
+
     def backends(self) -> list[Backend]:
-        return [self.mdev]
+        return [self.mdev, self.vfio]
 
     def backend_for(self, gpu: GPU) -> Backend | None:
         """The backend that drives this GPU's vGPUs, or None when the GPU is not in vGPU mode."""
@@ -37,4 +58,8 @@ class Inventory:
 
     def framework(self, gpu: GPU) -> str:
         backend = self.backend_for(gpu)
-        return backend.framework if backend else "none"
+        if backend:
+            return backend.framework
+        if self.vfio.needs_vfs(gpu):
+            return "sriov-vfs-off"
+        return "none"

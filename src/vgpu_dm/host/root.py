@@ -6,6 +6,7 @@ shape. Counting reads and writes here lets benchmarks and tests check how much a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ SIM_MARKER = ".vgpu-dm-sim"
 @dataclass
 class IOCounters:
     reads: int = 0
-    writes: int = 0
+    writes: int = 0  # writes to driver control files
+    state_writes: int = 0  # our own files (learned tables, journal)
 
 
 class HostRoot:
@@ -56,6 +58,22 @@ class HostRoot:
         finally:
             os.close(fd)
 
+    def save_state(self, rel: str, data: str) -> None:
+        """Atomically replace one of our own state files below the root (write, fsync, rename)."""
+        self.counters.state_writes += 1
+        path = self.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def remove_state(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(rel))
+
     def listdir(self, rel: str) -> list[str]:
         """Sorted entries of a directory; empty when it does not exist."""
         self.counters.reads += 1
@@ -78,8 +96,9 @@ class HostRoot:
     def run(
         self, argv: Sequence[str], chroot: str | None = None, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
-        """Run a host program without a shell; with ``chroot``, inside that directory."""
+        """Run a host program without a shell; below a host root other than /, inside it (chroot)."""
         cmd = list(argv)
+        chroot = chroot or (self.root if self.root != "/" else None)
         if chroot:
             cmd = ["chroot", chroot, *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from subprocess import CompletedProcess
 
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER, HostRoot
@@ -60,6 +62,24 @@ class SimHostRoot(HostRoot):
             set_vgpu_type(self.base, state, parts[-3], data, full)
         else:
             raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)} (read-only attribute)", full)
+
+    def run(
+        self, argv: Sequence[str], chroot: str | None = None, timeout: float = 300
+    ) -> CompletedProcess[str]:
+        """Stand in for the host programs the tool runs: sriov-manage and nvidia-smi."""
+        from vgpu_dm.sim import vfio_driver
+
+        program = os.path.basename(argv[0])
+        lock = self._locked()
+        try:
+            state = SimState.load(self.base)
+            if program == "sriov-manage":
+                return vfio_driver.sriov_manage(self.base, state, list(argv))
+            if program == "nvidia-smi":
+                return vfio_driver.nvidia_smi(self.base, state, list(argv))
+        finally:
+            lock.close()
+        raise FileNotFoundError(errno.ENOENT, f"{program}: not available on the simulated host", argv[0])
 
 
 def write_log(root: str | os.PathLike[str]) -> list[str]:

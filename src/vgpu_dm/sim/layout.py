@@ -37,6 +37,9 @@ class SimGPU:
     total_vfs: int
     vfs: list[str] = field(default_factory=list)
     types: list[SimType] = field(default_factory=list)
+    framebuffer_gb: int = 0
+    mixed_capable: bool = False
+    mixed_enabled: bool = False
 
 
 @dataclass
@@ -92,13 +95,24 @@ def _pci_device(root: Path, address: str, attrs: dict[str, str], driver: str | N
     return dev
 
 
-def _framework_for(entry: catalog.CatalogGPU, vendor_vfio: bool) -> str:
+# GPUs that only ship with vGPU 17+ stacks: simulated with the vendor-specific VFIO framework by default.
+_VENDOR_VFIO_ARCHS = ("Ada", "Hopper", "Blackwell")
+
+
+def _framework_for(entry: catalog.CatalogGPU, vendor_vfio: bool | None) -> str:
     if entry.framework == "mdev-pf":
         return "mdev-pf"
+    if vendor_vfio is None:
+        vendor_vfio = entry.arch in _VENDOR_VFIO_ARCHS
     return "vendor-vfio" if vendor_vfio else "mdev-vf"
 
 
-def create_host(root: str | os.PathLike[str], gpu_names: list[str], vendor_vfio: bool = False) -> SimState:
+def create_host(
+    root: str | os.PathLike[str],
+    gpu_names: list[str],
+    vendor_vfio: bool | None = None,
+    mixed_size: bool = True,
+) -> SimState:
     """Create a simulated host at ``root`` (an empty or missing directory) with the given GPUs."""
     base = Path(root)
     if base.exists() and any(base.iterdir()):
@@ -119,6 +133,8 @@ def create_host(root: str | os.PathLike[str], gpu_names: list[str], vendor_vfio:
     ):
         (base / sub).mkdir(parents=True, exist_ok=True)
     _write(base / "etc/machine-id", "5f1c2e7a9b3d4c6e8f0a1b2c3d4e5f60\n")
+    # Stand-in for the driver's script; the simulator emulates what running it does.
+    _write(base / "usr/lib/nvidia/sriov-manage", "#!/bin/sh\n# emulated by the nvidia-vgpu-dm simulator\n")
     (base / SIM_MARKER).mkdir()
     # Non-GPU devices a discovery must skip: a host bridge and an NVIDIA HD-audio function.
     _pci_device(base, "0000:00:00.0", {"vendor": "0x8086", "device": "0x2020", "class": "0x060000"}, None, 1)
@@ -151,6 +167,8 @@ def create_host(root: str | os.PathLike[str], gpu_names: list[str], vendor_vfio:
             name_prefix="GRID " if entry.arch in ("Turing", "Volta") else "NVIDIA ",
             total_vfs=total_vfs,
             types=types,
+            framebuffer_gb=entry.framebuffer_gb,
+            mixed_capable=mixed_size and framework == "vendor-vfio",
         )
         attrs = {
             "vendor": "0x10de",
@@ -212,8 +230,10 @@ def enable_vfs(base: Path, gpu: SimGPU, group: int) -> int:
             (vf_dir / "nvidia").mkdir()
             _write(vf_dir / "nvidia/current_vgpu_type", "0\n")
             _write(vf_dir / "nvidia/creatable_vgpu_types", "")
-        vfio = vf_dir / "vfio-dev" / f"vfio{n + group}"
-        vfio.mkdir(parents=True)
+        # The nvidia driver registers each VF as a VFIO device itself (iommufd cdev and legacy group).
+        (vf_dir / "vfio-dev" / f"vfio{group}").mkdir(parents=True)
+        _write(base / "dev/vfio/devices" / f"vfio{group}", "")
+        _write(base / "dev/vfio" / str(group), "")
         gpu.vfs.append(vf)
     (pf_dir / "sriov_numvfs").write_text(f"{gpu.total_vfs}\n")
     return group

@@ -21,7 +21,12 @@ def add_holder(base: Path, node: str, name: str = "qemu-system-x86_64") -> int:
 
 def holders_of_group(base: Path, group: str) -> list[int]:
     """Pids whose fds point at ``/dev/vfio/<group>``."""
-    wanted = f"/dev/vfio/{group}"
+    return holders_of(base, [f"/dev/vfio/{group}"])
+
+
+def holders_of(base: Path, nodes: list[str]) -> list[int]:
+    """Pids whose fds point at any of ``nodes``."""
+    wanted = set(nodes)
     found = []
     proc = base / "proc"
     for pid in os.listdir(proc) if proc.is_dir() else ():
@@ -30,7 +35,7 @@ def holders_of_group(base: Path, group: str) -> list[int]:
             continue
         for fd in os.listdir(fd_dir):
             try:
-                if os.readlink(fd_dir / fd) == wanted:
+                if os.readlink(fd_dir / fd) in wanted:
                     found.append(int(pid))
             except OSError:
                 continue

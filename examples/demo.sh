@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The README's first command (`make demo`): the main job on a simulated 2 x T4 host, no GPU needed.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+host="${DEMO_DIR:-$(mktemp -d)/host}"
+rm -rf "$host"
+export VGPU_DM_SIM="$host"
+
+step() { printf '\n$ %s\n' "$*"; }
+
+step nvidia-vgpu-dm sim create "$host" --gpu T4 --gpu T4
+nvidia-vgpu-dm sim create "$host" --gpu T4 --gpu T4
+
+step nvidia-vgpu-dm apply -f examples/config-t4.yaml -c T4-small
+nvidia-vgpu-dm apply -f "$here/config-t4.yaml" -c T4-small
+
+step nvidia-vgpu-dm list
+nvidia-vgpu-dm list
+
+step nvidia-vgpu-dm assert -f examples/config-t4.yaml -c T4-large
+if nvidia-vgpu-dm assert -f "$here/config-t4.yaml" -c T4-large; then
+  echo "unexpected: T4-large should not be applied" >&2; exit 1
+else
+  echo "exit code $? (T4-large is not what the host has)"
+fi
+
+step nvidia-vgpu-dm assert -f examples/config-t4.yaml -c T4-small
+nvidia-vgpu-dm assert -f "$here/config-t4.yaml" -c T4-small
+echo "exit code $? (T4-small is applied)"

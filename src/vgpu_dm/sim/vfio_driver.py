@@ -1,0 +1,159 @@
+"""The simulated driver on vendor-VFIO GPUs: per-VF creatable lists, ``current_vgpu_type`` writes,
+mixed-size mode, and the host programs ``sriov-manage`` and ``nvidia-smi`` that the tool runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from vgpu_dm.sim.driver import PCI_DIR, _fail, type_by_id
+from vgpu_dm.sim.layout import SimGPU, SimState, SimType, enable_vfs
+
+
+def _vf_type(base: Path, vf: str) -> int:
+    return int((base / PCI_DIR / vf / "nvidia/current_vgpu_type").read_text().strip() or 0)
+
+
+def placed_types(base: Path, gpu: SimGPU) -> list[SimType]:
+    placed = []
+    for vf in gpu.vfs:
+        type_id = _vf_type(base, vf)
+        vtype = type_by_id(gpu, type_id) if type_id else None
+        if vtype:
+            placed.append(vtype)
+    return placed
+
+
+def creatable(gpu: SimGPU, placed: list[SimType]) -> list[SimType]:
+    """Types a free VF offers next to ``placed``."""
+    from vgpu_dm.sim.driver import gpu_room
+
+    if not gpu.mixed_enabled:
+        return [t for t in gpu.types if gpu_room(gpu, t, placed) > 0]
+    used = sum(t.framebuffer_gb or 0.5 for t in placed)
+    return [
+        t
+        for t in gpu.types
+        if not t.mig_backed
+        and sum(1 for p in placed if p.type_id == t.type_id) < t.max_instances
+        and used + (t.framebuffer_gb or 0.5) <= gpu.framebuffer_gb
+    ]
+
+
+def refresh_vfio(base: Path, gpu: SimGPU) -> None:
+    placed = placed_types(base, gpu)
+    offer = creatable(gpu, placed)
+    listing = "ID    : vGPU Name\n" + "".join(f"{t.type_id:<5} : {gpu.name_prefix}{t.name}\n" for t in offer)
+    for vf in gpu.vfs:
+        path = base / PCI_DIR / vf / "nvidia/creatable_vgpu_types"
+        text = "ID    : vGPU Name\n" if _vf_type(base, vf) else listing
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+
+
+def _vf_holders(base: Path, vf: str) -> list[int]:
+    from vgpu_dm.sim.processes import holders_of
+
+    vf_dir = base / PCI_DIR / vf
+    nodes = [f"/dev/vfio/{os.path.basename(os.readlink(vf_dir / 'iommu_group'))}"]
+    nodes += [f"/dev/vfio/devices/{n}" for n in os.listdir(vf_dir / "vfio-dev")]
+    return holders_of(base, nodes)
+
+
+def set_vgpu_type(base: Path, state: SimState, vf: str, data: str, path: str) -> None:
+    gpu = state.gpu_of(vf)
+    if gpu is None:
+        raise _fail(errno.ENODEV, path, "not a VF of a simulated GPU")
+    try:
+        type_id = int(data.strip(), 10)
+    except ValueError:
+        raise _fail(errno.EINVAL, path, f"not a number: {data.strip()!r}") from None
+    current = _vf_type(base, vf)
+    if type_id == 0:
+        if current == 0:
+            raise _fail(errno.EPERM, path, "no vGPU to destroy on this VF")
+        if _vf_holders(base, vf):
+            raise _fail(errno.EBUSY, path, f"the vGPU on {vf} is in use by a VM")
+    else:
+        if current != 0:
+            raise _fail(errno.EPERM, path, "a vGPU already exists on this VF; write 0 first")
+        offered = {t.type_id for t in creatable(gpu, placed_types(base, gpu))}
+        if type_id not in offered:
+            raise _fail(errno.EINVAL, path, f"type {type_id} is not creatable on {vf} now")
+    (base / PCI_DIR / vf / "nvidia/current_vgpu_type").write_text(f"{type_id}\n")
+    refresh_vfio(base, gpu)
+
+
+def _result(argv: list[str], code: int, out: str = "", err: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def sriov_manage(base: Path, state: SimState, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    if len(argv) != 3 or argv[1] not in ("-e", "-d"):
+        return _result(argv, 1, err="usage: sriov-manage <-e|-d> <ssss:bb:dd.f|ALL>\n")
+    targets = state.gpus if argv[2] == "ALL" else [g for g in state.gpus if g.address == argv[2]]
+    if not targets:
+        return _result(argv, 1, err=f"Cannot find device {argv[2]}\n")
+    out = []
+    for gpu in targets:
+        if gpu.framework == "mdev-pf":
+            continue
+        if argv[1] == "-e":
+            out.append(f"Enabling VFs on {gpu.address}\n")
+            if not gpu.vfs:
+                state.next_group = enable_vfs(base, gpu, state.next_group) + 1
+                gpu.mixed_enabled = False  # the rebind resets heterogeneous mode
+        else:
+            out.append(f"Disabling VFs on {gpu.address}\n")
+            pf_dir = base / PCI_DIR / gpu.address
+            for n, vf in enumerate(gpu.vfs):
+                (pf_dir / f"virtfn{n}").unlink()
+                (base / "sys/bus/pci/devices" / vf).unlink()
+                shutil.rmtree(base / PCI_DIR / vf)
+            gpu.vfs = []
+            (pf_dir / "sriov_numvfs").write_text("0\n")
+            gpu.mixed_enabled = False
+    state.save(base)
+    for gpu in targets:
+        if gpu.framework == "vendor-vfio":
+            refresh_vfio(base, gpu)
+    return _result(argv, 0, out="".join(out))
+
+
+def nvidia_smi(base: Path, state: SimState, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    args = argv[1:]
+    if args[:1] == ["-q"] and len(args) == 3 and args[1] == "-i":
+        gpu = next((g for g in state.gpus if g.address == args[2]), None)
+        if gpu is None:
+            return _result(argv, 6, out=f"No devices were found matching {args[2]}\n")
+        capable = "Supported" if gpu.mixed_capable else "Not Supported"
+        mode = "Enabled" if gpu.mixed_enabled else "Disabled"
+        return _result(
+            argv,
+            0,
+            out=(
+                "==============NVSMI LOG==============\n\n"
+                f"GPU {gpu.address}\n    Product Name                          : {gpu.model}\n"
+                f"    vGPU Driver Capability\n        Heterogenous Multi-vGPU           : {capable}\n"
+                f"    vGPU Heterogeneous Mode               : {mode}\n"
+            ),
+        )
+    if args[:1] == ["vgpu"] and len(args) == 5 and args[1] == "-i" and args[3] == "-shm":
+        gpu = next((g for g in state.gpus if g.address == args[2]), None)
+        if gpu is None:
+            return _result(argv, 6, out=f"No devices were found matching {args[2]}\n")
+        if not gpu.mixed_capable:
+            return _result(argv, 3, out="Setting vGPU heterogeneous mode is not supported for this GPU.\n")
+        if placed_types(base, gpu):
+            return _result(argv, 19, out="Failed to set vGPU heterogeneous mode: In use by another client\n")
+        gpu.mixed_enabled = args[4] == "1"
+        state.save(base)
+        refresh_vfio(base, gpu)
+        return _result(
+            argv, 0, out=f"vGPU heterogeneous mode {'enabled' if gpu.mixed_enabled else 'disabled'}\n"
+        )
+    return _result(argv, 2, err=f"simulated nvidia-smi does not know: {' '.join(args)}\n")
