@@ -1,20 +1,35 @@
-"""Carry out a Plan: removals then creations per GPU; on a failed write, undo every GPU changed so
-far back to exactly its previous devices (same types, same UUIDs) and report what happened.
+"""Carry out a plan, carefully: under the host lock, after recovering from an interrupted run, with an
+intent journal written before the first write, and with exact rollback when a write fails — every GPU
+ends either in its target state or exactly in its previous one (same types, same UUIDs, same VFs).
 """
 
 from __future__ import annotations
 
+import os
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
-from vgpu_dm import log
+from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, HostError
 from vgpu_dm.host.inventory import HostTools, Inventory
-from vgpu_dm.host.model import TypeInfo, VGPUDevice
+from vgpu_dm.host.lock import HostLock
+from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice
+from vgpu_dm.host.pci import GPU
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.plan import GPUPlan, Plan, build_plan
 from vgpu_dm.spec.model import ConfigEntry
+from vgpu_dm.uuids import RANDOM, UUIDSource
 
 _log = log.get("apply")
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    force: bool = False  # remove vGPUs even when a VM holds them
+    keep_going: bool = False  # a failed GPU is rolled back alone; the others keep their change
+    uuid_mode: str = RANDOM
+    lock_timeout: float = 60.0
 
 
 @dataclass
@@ -26,53 +41,99 @@ class _Undo:
     created: list[VGPUDevice] = field(default_factory=list)
 
 
-def _summary(gp: GPUPlan) -> str:
-    def count(names: list[str]) -> str:
-        seen: dict[str, int] = {}
-        for n in names:
-            seen[n] = seen.get(n, 0) + 1
-        return ", ".join(f"{c} x {n}" for n, c in seen.items())
+def _count(names: list[str]) -> str:
+    return ", ".join(f"{c} x {n}" for n, c in Counter(names).items())
 
+
+def summary(gp: GPUPlan) -> str:
     parts = [
-        ("keep", count([d.type_name for d in gp.keep])),
-        ("remove", count([d.type_name for d in gp.remove])),
-        ("create", count([t.name for t in gp.create])),
+        ("keep", _count([d.type_name for d in gp.keep])),
+        ("remove", _count([d.type_name for d in gp.remove])),
+        ("create", _count([t.name for t in gp.create])),
     ]
     return f"{gp.gpu.describe()}: " + "; ".join(f"{verb} {what}" for verb, what in parts if what)
 
 
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return str(exc)
+
+
 def apply_config(
-    entries: tuple[ConfigEntry, ...], host: HostRoot, tools: HostTools | None = None, source: str = ""
+    entries: tuple[ConfigEntry, ...],
+    host: HostRoot,
+    tools: HostTools | None = None,
+    source: str = "",
+    options: ApplyOptions | None = None,
+    config_name: str = "",
 ) -> Plan:
     """Plan and carry out the selected config; returns the plan that was executed."""
-    inventory = Inventory(host, tools)
-    plan = build_plan(entries, inventory, source)
-    pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
-    if pending:
-        # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
-        for gpu in pending:
-            inventory.vfio.enable_vfs(gpu)
+    options = options or ApplyOptions()
+    with HostLock(host, timeout=options.lock_timeout):
+        recover(host, tools, force=options.force)
         inventory = Inventory(host, tools)
-        plan = build_plan(entries, inventory, source)
-        still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
-        if still:
-            raise HostError(f"virtual functions did not appear after sriov-manage -e: {', '.join(still)}")
-    for note in plan.notes:
-        _log.warning(note)
-    if plan.is_noop:
+        plan = build_plan(entries, inventory, source, force=options.force)
+        pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
+        if pending:
+            # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
+            for gpu in pending:
+                inventory.vfio.enable_vfs(gpu)
+            inventory = Inventory(host, tools)
+            plan = build_plan(entries, inventory, source, force=options.force)
+            still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
+            if still:
+                raise HostError(f"virtual functions did not appear after sriov-manage -e: {', '.join(still)}")
+        for note in plan.notes:
+            _log.warning(note)
+        if plan.is_noop:
+            return plan
+        execute(plan, inventory, options, config_name)
         return plan
-    execute(plan, inventory)
-    return plan
 
 
-def execute(plan: Plan, inventory: Inventory) -> None:
+def execute(
+    plan: Plan, inventory: Inventory, options: ApplyOptions | None = None, config_name: str = ""
+) -> None:
     """Apply every changing GPU of ``plan``; raises ApplyError after rolling back on failure."""
+    options = options or ApplyOptions()
+    host = inventory.host
+    existing = {d.uuid for g in inventory.gpus for d in inventory.devices(g) if d.uuid}
+    uuids = UUIDSource(options.uuid_mode, host, existing)
+    new_uuids = {
+        gp.gpu.address: [
+            uuids.next(gp.gpu.address, t.name) if gp.framework == MDEV else None for t in gp.create
+        ]
+        for gp in plan.changed
+    }
+    journal.write(
+        host,
+        journal.Journal(
+            pid=os.getpid(),
+            started=time.time(),
+            config=config_name,
+            gpus=[
+                journal.JournalGPU(
+                    gpu=gp.gpu.address,
+                    framework=gp.framework,
+                    before=[journal.device_record(d) for d in (*gp.keep, *gp.remove)],
+                    remove=[d.key for d in gp.remove],
+                    create=[
+                        {"type": t.name, "uuid": u}
+                        for t, u in zip(gp.create, new_uuids[gp.gpu.address], strict=True)
+                    ],
+                )
+                for gp in plan.changed
+            ],
+        ),
+    )
     done: list[_Undo] = []
+    failures: list[str] = []
     for gp in plan.changed:
         backend = inventory.backend_for(gp.gpu)
-        if backend is None:  # pragma: no cover - the plan only changes GPUs with a backend or removals
-            raise HostError(f"{gp.gpu.describe()}: no backend")
-        _log.info(_summary(gp))
+        if backend is None:  # pragma: no cover - the plan only changes GPUs that have a backend
+            raise HostError(f"{gp.gpu.describe()}: no vGPU backend")
+        _log.info(summary(gp))
         undo = _Undo(gp)
         done.append(undo)
         step = ""
@@ -84,20 +145,41 @@ def execute(plan: Plan, inventory: Inventory) -> None:
             if gp.enable_mixed_size:
                 step = f"enable mixed-size vGPU mode on {gp.gpu.describe()}"
                 backend.set_mixed_size(gp.gpu, True)
-            for ordinal, vtype in enumerate(gp.create):
-                step = f"create {vtype.name} #{ordinal + 1} on {gp.gpu.describe()}"
-                undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal))
+            for ordinal, (vtype, uuid) in enumerate(zip(gp.create, new_uuids[gp.gpu.address], strict=True)):
+                step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
+                undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid))
         except (OSError, HostError) as exc:
-            reason = (
-                f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.errno else str(exc)
-            )
-            report = _rollback(done, inventory)
-            raise ApplyError(f"step failed: {step}: {reason}\n" + "\n".join(report)) from None
+            failure = f"step failed: {step}: {_reason(exc)}"
+            if not options.keep_going:
+                report, clean = _rollback(done, inventory)
+                if clean:
+                    journal.clear(host)
+                raise ApplyError("\n".join([failure, *report, *_untouched(plan, done)])) from None
+            report, _ = _rollback([undo], inventory)
+            done.remove(undo)
+            failures.append(failure)
+            failures.extend(report)
+    journal.clear(host)
+    if failures:
+        raise ApplyError("\n".join([*failures, "--keep-going: the other GPUs kept their new devices"]))
 
 
-def _rollback(done: list[_Undo], inventory: Inventory) -> list[str]:
-    """Reverse the recorded writes, newest GPU first; returns one line of state per GPU."""
+def _untouched(plan: Plan, done: list[_Undo]) -> list[str]:
+    touched = {u.plan.gpu.address for u in done}
+    return [
+        f"{gp.gpu.describe()}: not started, unchanged" for gp in plan.changed if gp.gpu.address not in touched
+    ]
+
+
+def _restore(gpu: GPU, backend, device: VGPUDevice) -> VGPUDevice:
+    info = TypeInfo(device.type_name, device.type_id, device.type_name, 1)
+    return backend.create(gpu, info, uuid=device.uuid, parent=device.parent)
+
+
+def _rollback(done: list[_Undo], inventory: Inventory) -> tuple[list[str], bool]:
+    """Reverse the recorded writes, newest first; returns one line of state per GPU and "all clean"."""
     lines = []
+    clean = True
     for undo in reversed(done):
         gpu = undo.plan.gpu
         backend = inventory.backend_for(gpu)
@@ -106,17 +188,62 @@ def _rollback(done: list[_Undo], inventory: Inventory) -> list[str]:
             try:
                 backend.remove(device)
             except (OSError, HostError) as exc:
-                problems.append(f"could not remove new {device.type_name} {device.key}: {exc}")
+                problems.append(f"could not remove new {device.type_name} {device.key}: {_reason(exc)}")
         for device in reversed(undo.removed):
-            info = TypeInfo(device.type_name, device.type_id, device.type_name, 1)
             try:
-                backend.create(gpu, info, uuid=device.uuid, parent=device.parent)
+                _restore(gpu, backend, device)
             except (OSError, HostError) as exc:
-                problems.append(f"could not restore {device.type_name} {device.key}: {exc}")
+                problems.append(f"could not restore {device.type_name} {device.key}: {_reason(exc)}")
         if problems:
-            lines.append(f"{gpu.describe()}: NOT restored: " + "; ".join(problems))
+            clean = False
+            lines.append(
+                f"{gpu.describe()}: NOT fully restored ({'; '.join(problems)}); the next apply retries"
+            )
         elif undo.removed or undo.created:
             lines.append(f"{gpu.describe()}: rolled back to its previous devices")
         else:
             lines.append(f"{gpu.describe()}: unchanged")
-    return lines
+    return lines, clean
+
+
+def recover(host: HostRoot, tools: HostTools | None = None, force: bool = False) -> bool:
+    """Undo what an interrupted apply left half-done; returns True if there was something to recover."""
+    try:
+        found = journal.read(host)
+    except ValueError as exc:
+        _log.warning(str(exc))
+        return False
+    if found is None:
+        return False
+    _log.warning(f"found {found.describe()}; putting those GPUs back to their devices from before it")
+    inventory = Inventory(host, tools)
+    by_address = {g.address: g for g in inventory.gpus}
+    problems = []
+    for jgpu in found.gpus:
+        gpu = by_address.get(jgpu.gpu)
+        backend = inventory.backend_for(gpu) if gpu else None
+        if gpu is None or backend is None:
+            problems.append(f"GPU {jgpu.gpu} from the journal is gone or not in vGPU mode; skipped")
+            continue
+        before = [journal.record_device(r) for r in jgpu.before]
+        before_keys = {(d.key, d.type_id) for d in before}
+        current = backend.devices(gpu)
+        current_keys = {(d.key, d.type_id) for d in current}
+        for device in current:
+            if (device.key, device.type_id) in before_keys:
+                continue
+            holders = inventory.holders.holders(device)
+            if holders and not force:
+                problems.append(
+                    f"{gpu.describe()}: {device.type_name} {device.key} is in use by "
+                    f"{', '.join(map(str, holders))}; left in place"
+                )
+                continue
+            backend.remove(device)
+        for device in before:
+            if (device.key, device.type_id) not in current_keys:
+                _restore(gpu, backend, device)
+    for problem in problems:
+        _log.warning(problem)
+    journal.clear(host)
+    return True

@@ -85,7 +85,9 @@ def _resolve(vtype: VGPUType, offered: dict[str, TypeInfo]) -> TypeInfo | None:
     return offered.get(bare.name) if bare else None
 
 
-def build_plan(entries: tuple[ConfigEntry, ...], inventory: Inventory, source: str = "") -> Plan:
+def build_plan(
+    entries: tuple[ConfigEntry, ...], inventory: Inventory, source: str = "", force: bool = False
+) -> Plan:
     """The plan for the selected config's entries; raises PlanError listing every problem found."""
     gpus = inventory.gpus
     problems: list[str] = []
@@ -107,6 +109,7 @@ def build_plan(entries: tuple[ConfigEntry, ...], inventory: Inventory, source: s
             continue
         plan = _plan_gpu(gpu, entry, inventory, problems, notes)
         if plan is not None:
+            _check_in_use(plan, inventory, force, problems, notes)
             plans.append(plan)
     if problems:
         raise PlanError(problems)
@@ -180,6 +183,10 @@ def _plan_gpu(
     by_type: dict[str, list[VGPUDevice]] = {}
     for device in current:
         by_type.setdefault(device.type_name, []).append(device)
+    if any(len(devs) > resolved.get(n, (None, 0))[1] for n, devs in by_type.items() if n in resolved):
+        # Fewer of a type: keep the ones VMs use, remove idle ones.
+        for devices in by_type.values():
+            devices.sort(key=lambda d: not inventory.holders.holders(d))
     for name, devices in by_type.items():
         # The mode cannot change while any vGPU exists: switching to mixed sizes rebuilds the GPU.
         n = resolved[name][1] if name in resolved and not enable_mixed else 0
@@ -198,6 +205,22 @@ def _plan_gpu(
         create=tuple(create),
         enable_mixed_size=enable_mixed,
     )
+
+
+def _check_in_use(
+    plan: GPUPlan, inventory: Inventory, force: bool, problems: list[str], notes: list[str]
+) -> None:
+    """A vGPU that a VM holds is never removed unless the operator forces it."""
+    for device in plan.remove:
+        holders = inventory.holders.holders(device)
+        if not holders:
+            continue
+        who = ", ".join(str(h) for h in holders)
+        what = f"{plan.gpu.describe()}: {device.type_name} {device.key} is in use by {who}"
+        if force:
+            notes.append(f"--force: removing {what}")
+        else:
+            problems.append(f"{what}; the config would remove it: stop the VM first, or pass --force")
 
 
 def _known_but_full(gpu: GPU, vtype: VGPUType, backend, current: list[VGPUDevice]) -> TypeInfo | None:

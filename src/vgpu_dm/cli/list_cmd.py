@@ -70,7 +70,12 @@ def list_cmd(as_json: bool, host_root: str, sim: str | None) -> None:
       nvidia-vgpu-dm list --sim /tmp/host
       nvidia-vgpu-dm list --json | jq '.[].vgpus | length'
     """
+    from vgpu_dm.cli.main import _journal_note
     from vgpu_dm.host.root import open_host
 
-    report = inventory_report(open_host(host_root, sim))
+    host = open_host(host_root, sim)
+    report = inventory_report(host)
     click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
+    note = _journal_note(host)
+    if note:
+        click.echo(f"warning: {note}; the next apply will undo it", err=True)

@@ -99,6 +99,11 @@ def assert_cmd(
     from vgpu_dm.plan import build_plan
 
     host = open_host(host_root, sim)
+    pending = _journal_note(host)
+    if pending:
+        _log.error(f"{pending}: the host may be half-changed; the next apply will put it right")
+        _log.error("assertion failure: selected configuration not currently applied")
+        raise Failure(EXIT_FAILED)
     inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi))
     try:
         plan = build_plan(entries, inventory, spec.source)
@@ -119,6 +124,16 @@ def assert_cmd(
     raise Failure(EXIT_FAILED)
 
 
+def _journal_note(host) -> str | None:
+    from vgpu_dm import journal
+
+    try:
+        found = journal.read(host)
+    except ValueError as exc:
+        return str(exc)
+    return f"found {found.describe()}" if found else None
+
+
 def _count_names(names: list[str]) -> str:
     seen: dict[str, int] = {}
     for n in names:
@@ -134,6 +149,10 @@ def _count_names(names: list[str]) -> str:
 @options.sim
 @options.sriov_manage
 @options.nvidia_smi
+@options.force
+@options.keep_going
+@options.uuid_mode
+@options.lock_timeout
 def apply_cmd(
     config_file: str,
     selected_config: str | None,
@@ -142,6 +161,10 @@ def apply_cmd(
     sim: str | None,
     sriov_manage: str,
     nvidia_smi: str,
+    force: bool,
+    keep_going: bool,
+    uuid_mode: str,
+    lock_timeout: float,
 ) -> None:
     """Make the host's vGPU devices match the selected config.
 
@@ -149,16 +172,17 @@ def apply_cmd(
     that already match are not touched and devices that can stay are kept. If a write fails, the
     GPUs changed so far are put back exactly as they were.
     """
-    spec, _name, entries = load_selected(config_file, selected_config)
+    spec, name, entries = load_selected(config_file, selected_config)
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
-    from vgpu_dm.apply import apply_config
+    from vgpu_dm.apply import ApplyOptions, apply_config
     from vgpu_dm.host.inventory import HostTools
     from vgpu_dm.host.root import open_host
 
     host = open_host(host_root, sim)
-    plan = apply_config(entries, host, HostTools(sriov_manage, nvidia_smi), spec.source)
+    opts = ApplyOptions(force=force, keep_going=keep_going, uuid_mode=uuid_mode, lock_timeout=lock_timeout)
+    plan = apply_config(entries, host, HostTools(sriov_manage, nvidia_smi), spec.source, opts, name)
     _log.debug(f"host reads: {host.counters.reads}, writes: {host.counters.writes}")
     if plan.is_noop:
         _log.info("Selected vGPU device configuration is already applied")

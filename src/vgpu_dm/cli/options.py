@@ -62,3 +62,35 @@ sim = click.option(
     help="Work on the simulated host in DIR (made by 'nvidia-vgpu-dm sim create') instead of this "
     "machine.  [env: VGPU_DM_SIM]",
 )
+force = click.option(
+    "--force",
+    envvar="VGPU_DM_FORCE",
+    is_flag=True,
+    help="Also remove vGPUs that a running VM holds open (the VM loses its GPU).  [env: VGPU_DM_FORCE]",
+)
+keep_going = click.option(
+    "--keep-going",
+    envvar="VGPU_DM_KEEP_GOING",
+    is_flag=True,
+    help="If one GPU fails, roll back only that GPU and carry on with the others (default: roll back "
+    "every GPU changed in this run).  [env: VGPU_DM_KEEP_GOING]",
+)
+uuid_mode = click.option(
+    "--uuid-mode",
+    envvar="VGPU_DM_UUID_MODE",
+    type=click.Choice(["random", "stable"]),
+    default="random",
+    show_default=True,
+    help="UUIDs of new mdev vGPUs: random as upstream, or stable = derived from /etc/machine-id, the GPU's "
+    "PCI address, the type and an ordinal, so VMs get the same UUIDs after a reboot.  "
+    "[env: VGPU_DM_UUID_MODE]",
+)
+lock_timeout = click.option(
+    "--lock-timeout",
+    envvar="VGPU_DM_LOCK_TIMEOUT",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for another apply on this host to finish.  [env: VGPU_DM_LOCK_TIMEOUT]",
+)

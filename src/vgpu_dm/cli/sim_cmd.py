@@ -79,3 +79,95 @@ def writes_cmd(directory: str) -> None:
 
     for line in write_log(directory):
         click.echo(line)
+
+
+@sim_group.command("fault")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--fail-write",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Make each tool run's Nth control-file write fail (0 = never).",
+)
+@click.option(
+    "--errno",
+    "errno_name",
+    default="EIO",
+    show_default=True,
+    metavar="NAME",
+    help="errno of the failing write (EIO, EBUSY, ENOSPC, ...).",
+)
+@click.option(
+    "--kill-at-write",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="SIGKILL the tool right before its Nth write (0 = never).",
+)
+@click.option(
+    "--eio-read",
+    "eio_reads",
+    multiple=True,
+    metavar="TEXT",
+    help="Reads of paths containing TEXT fail with EIO; repeatable.",
+)
+def fault_cmd(
+    directory: str, fail_write: int, errno_name: str, kill_at_write: int, eio_reads: tuple[str, ...]
+) -> None:
+    """Arm faults on the simulated host (run without options to clear them).
+
+    \b
+    Example:
+      nvidia-vgpu-dm sim fault /tmp/host --fail-write 3 --errno EBUSY
+    """
+    import errno
+
+    from vgpu_dm.sim.faults import Faults
+
+    code = getattr(errno, errno_name.upper(), None)
+    if not isinstance(code, int):
+        raise click.BadParameter(f"unknown errno name {errno_name!r}", param_hint="--errno")
+    Faults(
+        fail_write=fail_write, fail_errno=code, kill_at_write=kill_at_write, eio_reads=list(eio_reads)
+    ).save(directory)
+    armed = [f"fail write #{fail_write} with {errno_name.upper()}"] if fail_write else []
+    armed += [f"kill before write #{kill_at_write}"] if kill_at_write else []
+    armed += [f"EIO on reads of *{p}*" for p in eio_reads]
+    click.echo("faults: " + ("; ".join(armed) if armed else "none"))
+
+
+@sim_group.command("hold")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("device")
+@click.option("--name", default="qemu-system-x86_64", show_default=True, help="Process name of the fake VM.")
+def hold_cmd(directory: str, device: str, name: str) -> None:
+    """Start a fake VM process that holds DEVICE (an mdev UUID or a vendor-VFIO VF address) open.
+
+    The real in-use detection finds it through proc/<pid>/fd, so apply refuses to remove the device.
+    """
+    from pathlib import Path
+
+    from vgpu_dm.sim.processes import add_holder, device_node
+
+    try:
+        node = device_node(directory, device)
+    except LookupError as exc:
+        raise click.UsageError(str(exc)) from None
+    pid = add_holder(Path(directory), node, name)
+    click.echo(f"pid {pid} ({name}) now holds {device} ({node})")
+
+
+@sim_group.command("release")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("pid", type=int)
+def release_cmd(directory: str, pid: int) -> None:
+    """End the fake VM process PID made by 'sim hold'."""
+    import shutil
+    from pathlib import Path
+
+    proc = Path(directory, "proc", str(pid))
+    if not proc.is_dir():
+        raise click.UsageError(f"no fake process {pid} on the simulated host")
+    shutil.rmtree(proc)
+    click.echo(f"pid {pid} released")

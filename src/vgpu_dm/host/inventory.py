@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from vgpu_dm.host.holders import HolderIndex
 from vgpu_dm.host.mdev import MdevBackend
 from vgpu_dm.host.model import Backend, VGPUDevice
 from vgpu_dm.host.pci import GPU, discover_gpus
@@ -41,6 +42,10 @@ class Inventory:
     @cached_property
     def vfio(self) -> VendorVfioBackend:
         return VendorVfioBackend(self.host, self.gpus, self.tools.sriov_manage, self.tools.nvidia_smi)
+
+    @cached_property
+    def holders(self) -> HolderIndex:
+        return HolderIndex(self.host)
 
     def backends(self) -> list[Backend]:
         return [self.mdev, self.vfio]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import uuid as uuidlib
-from collections.abc import Callable
 
 from vgpu_dm import catalog
 from vgpu_dm.errors import HostError
@@ -27,9 +26,7 @@ class MdevBackend:
 
     framework = MDEV
 
-    def __init__(
-        self, host: HostRoot, gpus: list[GPU], new_uuid: Callable[[GPU, str, int], str] | None = None
-    ):
+    def __init__(self, host: HostRoot, gpus: list[GPU]):
         self.host = host
         self._pf_of: dict[str, str] = {}
         for gpu in gpus:
@@ -41,7 +38,6 @@ class MdevBackend:
         self._names: dict[tuple[str, int], str] = {}
         self._types: dict[str, dict[str, TypeInfo]] = {}
         self._type_dirs: dict[tuple[str, str], str] = {}
-        self._new_uuid = new_uuid or (lambda gpu, name, ordinal: str(uuidlib.uuid4()))
 
     # -- reading ---------------------------------------------------------------------------------
     def _load_parents(self) -> dict[str, list[str]]:
@@ -168,7 +164,7 @@ class MdevBackend:
             base = f"{PCI_DEVICES}/{candidate}/mdev_supported_types/{type_dir}"
             if _to_int(self.host.read_optional(f"{base}/available_instances")) <= 0:
                 continue
-            new = uuid or self._new_uuid(gpu, vtype.name, ordinal)
+            new = uuid or str(uuidlib.uuid4())
             self.host.write_text(f"{base}/create", new)
             return VGPUDevice(
                 gpu=gpu.address,

@@ -12,6 +12,7 @@ from subprocess import CompletedProcess
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER, HostRoot
 from vgpu_dm.sim import driver
+from vgpu_dm.sim.faults import Faults
 from vgpu_dm.sim.layout import SimState
 
 WRITE_LOG = "writes.log"
@@ -28,6 +29,11 @@ class SimHostRoot(HostRoot):
                 f"{self.root} is not a simulated host; create one with "
                 f"'nvidia-vgpu-dm sim create {self.root} --gpu T4'"
             )
+        self.faults = Faults.load(self.base)
+
+    def read_text(self, rel: str) -> str:
+        self.faults.before_read(rel)
+        return super().read_text(rel)
 
     def _locked(self):
         fh = open(self.base / SIM_MARKER / "driver.lock", "a")  # noqa: SIM115 - closed by caller
@@ -36,6 +42,7 @@ class SimHostRoot(HostRoot):
 
     def write_text(self, rel: str, data: str) -> None:
         self.counters.writes += 1
+        self.faults.before_write(self.counters.writes, self.path(rel))
         with open(self.base / SIM_MARKER / WRITE_LOG, "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")
         lock = self._locked()

@@ -40,3 +40,15 @@ def holders_of(base: Path, nodes: list[str]) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def device_node(root: str | os.PathLike[str], device: str) -> str:
+    """The VFIO node a VM opens for an mdev UUID or a vendor-VFIO VF address."""
+    base = Path(root)
+    mdev = base / "sys/bus/mdev/devices" / device
+    if mdev.exists():
+        return f"/dev/vfio/{os.path.basename(os.readlink(mdev / 'iommu_group'))}"
+    vf = base / "sys/bus/pci/devices" / device
+    if (vf / "vfio-dev").is_dir():
+        return f"/dev/vfio/devices/{sorted(os.listdir(vf / 'vfio-dev'))[0]}"
+    raise LookupError(f"no mdev or vendor-VFIO VF called {device!r} on the simulated host")

@@ -1,0 +1,76 @@
+"""Who holds a vGPU: processes whose open files point at the vGPU's VFIO device nodes.
+
+Neither framework exposes an in-use flag, so we scan ``proc/<pid>/fd`` (through the host root; in a
+container this needs the host's PID namespace) for links to ``/dev/vfio/<group>`` or
+``/dev/vfio/devices/vfioN``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vgpu_dm.host.mdev import MDEV_DEVICES
+from vgpu_dm.host.model import MDEV, VGPUDevice
+from vgpu_dm.host.pci import PCI_DEVICES, link_name
+from vgpu_dm.host.root import HostRoot
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.name})"
+
+
+class HolderIndex:
+    """Scans ``proc`` once, on first use, and answers "who holds this device"."""
+
+    def __init__(self, host: HostRoot):
+        self.host = host
+        self._by_node: dict[str, list[int]] | None = None
+        self._names: dict[int, str] = {}
+
+    def _scan(self) -> dict[str, list[int]]:
+        if self._by_node is None:
+            by_node: dict[str, list[int]] = {}
+            for pid in self.host.listdir("proc"):
+                if not pid.isdigit():
+                    continue
+                for fd in self.host.listdir(f"proc/{pid}/fd"):
+                    target = self.host.readlink(f"proc/{pid}/fd/{fd}")
+                    if target and target.startswith("/dev/vfio/"):
+                        pids = by_node.setdefault(target, [])
+                        if int(pid) not in pids:
+                            pids.append(int(pid))
+            self._by_node = by_node
+        return self._by_node
+
+    def nodes(self, device: VGPUDevice) -> list[str]:
+        """The device nodes a VM opens to use ``device``."""
+        if device.framework == MDEV:
+            group = device.iommu_group
+            if group is None:
+                name = link_name(self.host, f"{MDEV_DEVICES}/{device.uuid}/iommu_group")
+                group = int(name) if name and name.isdigit() else None
+            return [f"/dev/vfio/{group}"] if group is not None else []
+        vf = f"{PCI_DEVICES}/{device.parent}"
+        nodes = [f"/dev/vfio/devices/{name}" for name in self.host.listdir(f"{vf}/vfio-dev")]
+        group = link_name(self.host, f"{vf}/iommu_group")
+        if group:
+            nodes.append(f"/dev/vfio/{group}")
+        return nodes
+
+    def holders(self, device: VGPUDevice) -> list[Holder]:
+        by_node = self._scan()
+        if not by_node:
+            return []
+        pids = sorted({pid for node in self.nodes(device) for pid in by_node.get(node, [])})
+        return [Holder(pid, self._name(pid)) for pid in pids]
+
+    def _name(self, pid: int) -> str:
+        if pid not in self._names:
+            text = self.host.read_optional(f"proc/{pid}/comm")
+            self._names[pid] = (text or "?").strip()
+        return self._names[pid]

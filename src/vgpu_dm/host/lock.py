@@ -1,0 +1,70 @@
+"""The host lock: one apply at a time per host, so two runs never interleave their writes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from types import TracebackType
+
+from vgpu_dm.errors import HostError
+from vgpu_dm.host.root import HostRoot
+
+LOCK_FILE = "run/nvidia-vgpu-dm.lock"
+
+
+class HostLock:
+    """An exclusive ``flock`` on ``run/nvidia-vgpu-dm.lock`` below the host root, holding our pid.
+
+    flock is released by the kernel when the holder dies, so a killed apply never leaves a stale lock.
+    """
+
+    def __init__(self, host: HostRoot, timeout: float = 60.0, poll: float = 0.1):
+        self.path = host.path(LOCK_FILE)
+        self.timeout = timeout
+        self.poll = poll
+        self._fd: int | None = None
+
+    def _holder(self) -> str:
+        try:
+            with open(self.path) as fh:
+                pid = fh.read().strip()
+        except OSError:
+            return "unknown pid"
+        return f"pid {pid}" if pid else "unknown pid"
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise HostError(
+                        f"another nvidia-vgpu-dm ({self._holder()}) holds the host lock {self.path}; "
+                        f"gave up after waiting {self.timeout:g} s (--lock-timeout)"
+                    ) from None
+                time.sleep(self.poll)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> HostLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

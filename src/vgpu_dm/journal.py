@@ -1,0 +1,75 @@
+"""The intent journal: what an apply is about to change, written atomically before its first write.
+
+A process killed mid-apply leaves it behind; the next apply uses it to put every GPU it names back to
+exactly its devices from before (same types, UUIDs, VFs) and then converges as usual. ``assert`` and
+``list`` report it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from vgpu_dm.host.model import VGPUDevice
+from vgpu_dm.host.root import HostRoot
+
+JOURNAL_FILE = "run/nvidia-vgpu-dm/journal.json"
+
+
+@dataclass(frozen=True)
+class JournalGPU:
+    gpu: str
+    framework: str
+    before: list[dict]  # the GPU's devices before the change
+    remove: list[str]  # keys (UUID or VF) to remove
+    create: list[dict]  # {"type": name, "uuid": uuid or None}
+
+
+@dataclass(frozen=True)
+class Journal:
+    pid: int
+    started: float
+    config: str
+    gpus: list[JournalGPU]
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        gpus = ", ".join(g.gpu for g in self.gpus)
+        return f"an interrupted apply (pid {self.pid}, config {self.config!r}, started {when}) on GPUs {gpus}"
+
+
+def device_record(device: VGPUDevice) -> dict:
+    return asdict(device)
+
+
+def record_device(record: dict) -> VGPUDevice:
+    return VGPUDevice(**record)
+
+
+def write(host: HostRoot, journal: Journal) -> None:
+    host.save_state(JOURNAL_FILE, json.dumps(asdict(journal), indent=1))
+
+
+def read(host: HostRoot) -> Journal | None:
+    text = host.read_optional(JOURNAL_FILE)
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+        return Journal(
+            pid=int(raw["pid"]),
+            started=float(raw["started"]),
+            config=str(raw["config"]),
+            gpus=[JournalGPU(**g) for g in raw["gpus"]],
+        )
+    except (ValueError, KeyError, TypeError):
+        # A journal is written by rename, so a torn one means tampering; keep it for a human to read.
+        broken = host.path(JOURNAL_FILE) + ".unreadable"
+        os.replace(host.path(JOURNAL_FILE), broken)
+        raise ValueError(f"unreadable apply journal moved to {broken}") from None
+
+
+def clear(host: HostRoot) -> None:
+    host.remove_state(JOURNAL_FILE)

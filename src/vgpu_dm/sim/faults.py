@@ -1,0 +1,48 @@
+"""Fault injection for the simulated host: fail the Nth control-file write with an errno, make reads
+of matching paths fail with EIO, or SIGKILL the tool right before its Nth write.
+
+Faults live in ``.vgpu-dm-sim/faults.json`` and count the writes of each tool process separately, so a
+test can arm a fault and then run the CLI as a separate process.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vgpu_dm.host.root import SIM_MARKER
+
+FAULTS_FILE = "faults.json"
+
+
+@dataclass
+class Faults:
+    fail_write: int = 0  # 1-based position of the write that fails; 0 = none
+    fail_errno: int = errno.EIO
+    kill_at_write: int = 0  # SIGKILL the process right before this write; 0 = none
+    eio_reads: list[str] = field(default_factory=list)  # substrings of paths whose reads fail
+
+    @classmethod
+    def load(cls, root: str | os.PathLike[str]) -> Faults:
+        path = Path(root, SIM_MARKER, FAULTS_FILE)
+        if not path.exists():
+            return cls()
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, root: str | os.PathLike[str]) -> None:
+        Path(root, SIM_MARKER, FAULTS_FILE).write_text(json.dumps(asdict(self)))
+
+    def before_write(self, position: int, path: str) -> None:
+        """Called before the tool's ``position``-th write (1-based) is carried out."""
+        if self.kill_at_write and position == self.kill_at_write:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fail_write and position == self.fail_write:
+            raise OSError(self.fail_errno, f"{os.strerror(self.fail_errno)} (injected fault)", path)
+
+    def before_read(self, path: str) -> None:
+        if any(pattern in path for pattern in self.eio_reads):
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (injected fault)", path)
