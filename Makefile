@@ -29,4 +29,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .demo-host .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo-host .demo-host-h100 .pytest_cache .ruff_cache .hypothesis

@@ -27,3 +27,19 @@ fi
 step nvidia-vgpu-dm assert -f examples/config-t4.yaml -c T4-small
 nvidia-vgpu-dm assert -f "$here/config-t4.yaml" -c T4-small
 echo "exit code $? (T4-small is applied)"
+
+# The same on a vendor-specific VFIO host (vGPU 17+): two H100s whose VFs start disabled.
+h100="$host-h100"
+rm -rf "$h100"
+step nvidia-vgpu-dm sim create "$h100" --gpu H100 --gpu H100
+nvidia-vgpu-dm sim create "$h100" --gpu H100 --gpu H100
+
+step nvidia-vgpu-dm apply --sim "$h100" -f examples/config-h100.yaml -c H100-mixed
+nvidia-vgpu-dm apply --sim "$h100" -f "$here/config-h100.yaml" -c H100-mixed
+
+step nvidia-vgpu-dm list --sim "$h100"
+nvidia-vgpu-dm list --sim "$h100"
+
+step nvidia-vgpu-dm assert --sim "$h100" -f examples/config-h100.yaml -c H100-mixed
+nvidia-vgpu-dm assert --sim "$h100" -f "$here/config-h100.yaml" -c H100-mixed
+echo "exit code $? (H100-mixed is applied)"

@@ -12,7 +12,10 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vgpu_dm import log
+
 SIM_MARKER = ".vgpu-dm-sim"
+_log = log.get("host")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class HostRoot:
     def write_text(self, rel: str, data: str) -> None:
         """Write to an existing control file; never creates a file (a typo must not go unnoticed)."""
         self.counters.writes += 1
+        _log.debug(f"write {self.path(rel)} <- {data.strip()!r}")
         fd = os.open(self.path(rel), os.O_WRONLY)
         try:
             os.write(fd, data.encode())
@@ -101,6 +105,7 @@ class HostRoot:
         chroot = chroot or (self.root if self.root != "/" else None)
         if chroot:
             cmd = ["chroot", chroot, *cmd]
+        _log.debug(f"run {cmd}")
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from subprocess import CompletedProcess
 
+from vgpu_dm import log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER, HostRoot
 from vgpu_dm.sim import driver
@@ -16,6 +17,7 @@ from vgpu_dm.sim.faults import Faults
 from vgpu_dm.sim.layout import SimState
 
 WRITE_LOG = "writes.log"
+_log = log.get("sim")
 
 
 class SimHostRoot(HostRoot):
@@ -42,6 +44,7 @@ class SimHostRoot(HostRoot):
 
     def write_text(self, rel: str, data: str) -> None:
         self.counters.writes += 1
+        _log.debug(f"write {self.path(rel)} <- {data.strip()!r} (simulated)")
         self.faults.before_write(self.counters.writes, self.path(rel))
         with open(self.base / SIM_MARKER / WRITE_LOG, "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")

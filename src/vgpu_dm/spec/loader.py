@@ -108,26 +108,59 @@ class _Walker:
         if not isinstance(node, yaml.MappingNode):
             self.error(node, path, f"expected {what} (a mapping), got {_describe(node)}")
             return None
-        try:
-            self._constructor.flatten_mapping(node)  # resolve YAML merge keys (<<: *anchor)
-        except yaml.YAMLError as exc:
-            self.error(node, path, f"invalid merge key: {getattr(exc, 'problem', exc)}")
+        pairs = self.merged_pairs(node, path, depth)
+        if pairs is None:
             return None
-        items: list[tuple[str, yaml.Node, yaml.Node]] = []
-        seen: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            self.visit(key_node, depth + 1)
+        items: dict[str, tuple[str, yaml.Node, yaml.Node]] = {}
+        seen: dict[str, yaml.Node] = {}  # keys written in this mapping itself
+        for key_node, value_node, own in pairs:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _TAG + "null":
                 self.error(key_node, path, f"keys must be strings, got {_describe(key_node)}")
                 continue
             key = key_node.value
+            if not own:
+                # YAML merge rules: keys of the mapping itself win, then the first merged source.
+                items.setdefault(key, (key, key_node, value_node))
+                continue
             if key in seen:
                 first = seen[key].start_mark.line + 1
                 self.error(key_node, path, f"duplicate key {key!r} (first defined on line {first})")
                 continue
             seen[key] = key_node
-            items.append((key, key_node, value_node))
-        return items
+            items[key] = (key, key_node, value_node)
+        return list(items.values())
+
+    def merged_pairs(
+        self, node: yaml.MappingNode, path: str, depth: int
+    ) -> list[tuple[yaml.Node, yaml.Node, bool]] | None:
+        """(key, value, own) pairs with merge keys (<<: *anchor) resolved: own pairs, then merged ones.
+
+        Done here rather than with PyYAML's flatten_mapping so that every merged key is counted
+        (a merge-key bomb hits MAX_NODES) and the precedence does not depend on the PyYAML version.
+        """
+        own: list[tuple[yaml.Node, yaml.Node, bool]] = []
+        merged: list[tuple[yaml.Node, yaml.Node, bool]] = []
+        for key_node, value_node in node.value:
+            self.visit(key_node, depth + 1)
+            if key_node.tag != _TAG + "merge":
+                own.append((key_node, value_node, True))
+                continue
+            self.visit(value_node, depth + 1)
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                self.visit(source, depth + 1)
+                if not isinstance(source, yaml.MappingNode):
+                    self.error(
+                        source,
+                        path,
+                        f"invalid merge key: expected a mapping to merge, got {_describe(source)}",
+                    )
+                    return None
+                inner = self.merged_pairs(source, path, depth + 1)
+                if inner is None:
+                    return None
+                merged.extend((k, v, False) for k, v, _ in inner)
+        return own + merged
 
     # -- the schema ------------------------------------------------------------------------------
     def document(self, root: yaml.Node | None) -> dict[str, tuple[ConfigEntry, ...]]:
