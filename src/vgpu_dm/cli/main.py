@@ -226,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             _log.error(problem)
         _log.error("nothing was changed")
         return EXIT_FAILED
+    except OSError as exc:
+        # Host I/O that failed outside a planned write (EIO on a sysfs read, an unreadable /proc …).
+        log.setup_if_needed()
+        where = f": {exc.filename}" if exc.filename else ""
+        _log.error(f"host I/O error: {exc.strerror or exc}{where}")
+        _log.error("nothing more was changed; run apply again once the cause is fixed")
+        return EXIT_FAILED
     except (ApplyError, HostError, VgpuDmError) as exc:
         log.setup_if_needed()
         for line in str(exc).splitlines():
