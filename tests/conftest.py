@@ -67,9 +67,9 @@ def sim_host(tmp_path):
     """Factory: ``sim_host("T4", "T4")`` creates a simulated host and returns its directory."""
     counter = iter(range(1000))
 
-    def make(*gpus: str, vendor_vfio: bool = False) -> Path:
+    def make(*gpus: str, vendor_vfio: bool | None = None, mixed_size: bool = True) -> Path:
         root = tmp_path / f"host{next(counter)}"
-        create_host(root, list(gpus), vendor_vfio=vendor_vfio)
+        create_host(root, list(gpus), vendor_vfio=vendor_vfio, mixed_size=mixed_size)
         return root
 
     return make

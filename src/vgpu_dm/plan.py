@@ -5,6 +5,7 @@ create — and check every requested type and count before anything is written.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vgpu_dm import catalog
@@ -65,13 +66,24 @@ def governing_entries(entries: tuple[ConfigEntry, ...], gpus: list[GPU]) -> dict
     return chosen
 
 
-def _matches_as_is(wanted: dict[VGPUType, int], current: list[VGPUDevice]) -> bool:
-    """True when the devices already are the wanted ones (a GFX/ME/… suffix may be absent in the driver)."""
+def _matches_as_is(
+    wanted: dict[VGPUType, int], current: list[VGPUDevice], offers: Callable[[str], bool]
+) -> bool:
+    """True when the devices already are the wanted ones.
+
+    A device of the bare type stands for a wanted ``…GFX``/``…ME`` type only when the driver does not
+    offer the suffixed name itself (the same fallback apply uses when creating).
+    """
     have = Counter(d.type_name for d in current)
     used: set[str] = set()
     for vtype, count in wanted.items():
         bare = vtype.without_attribute()
-        name = vtype.name if vtype.name in have else (bare.name if bare and bare.name in have else None)
+        if vtype.name in have:
+            name = vtype.name
+        elif bare and bare.name in have and not offers(vtype.name):
+            name = bare.name
+        else:
+            name = None
         if name is None or have[name] != count or name in used:
             return False
         used.add(name)
@@ -124,7 +136,7 @@ def _plan_gpu(
     backend = inventory.backend_for(gpu)
     current = backend.devices(gpu) if backend else []
     framework = backend.framework if backend else inventory.framework(gpu)
-    if _matches_as_is(wanted, current):
+    if _matches_as_is(wanted, current, lambda name: bool(backend) and name in backend.types(gpu)):
         return GPUPlan(
             gpu, framework, entry, dict(Counter(d.type_name for d in current)), keep=tuple(current)
         )
@@ -140,7 +152,7 @@ def _plan_gpu(
         return None
     if backend is None:
         if inventory.vfio.needs_vfs(gpu):
-            return _plan_enable_vfs(gpu, entry, wanted, label, problems)
+            return _plan_enable_vfs(gpu, entry, wanted, label, problems, inventory)
         problems.append(
             f"{label}: no vGPU parent devices found: the NVIDIA vGPU host driver exposes no vGPU types for "
             f"this GPU (driver: {gpu.driver or 'none'}); is the vGPU manager (-vgpu-kvm driver) loaded?"
@@ -277,7 +289,12 @@ def _fits(gpu, backend, resolved, current, mixed, label, problems, notes) -> boo
 
 
 def _plan_enable_vfs(
-    gpu: GPU, entry: ConfigEntry, wanted: dict[VGPUType, int], label: str, problems: list[str]
+    gpu: GPU,
+    entry: ConfigEntry,
+    wanted: dict[VGPUType, int],
+    label: str,
+    problems: list[str],
+    inventory: Inventory,
 ) -> GPUPlan | None:
     """Plan for an SR-IOV GPU whose VFs are off: check what the catalog knows, then enable them."""
     model = catalog.for_device(gpu.device_id)
@@ -299,6 +316,19 @@ def _plan_enable_vfs(
             if cap is not None and count > cap:
                 problems.append(f"{label}: {count} x {vtype.name} requested, but the GPU holds at most {cap}")
                 return None
+    if len({t.framebuffer_gb for t in wanted}) > 1:
+        # Enabling VFs rebinds the GPU (MIG instances are lost): refuse a doomed mixed-size config first.
+        info = {t.name: (TypeInfo(t.name, UNRESOLVED, t.name, 0), c) for t, c in wanted.items()}
+        verdict = _mixed_size_verdict(gpu, inventory.vfio, info)
+        if isinstance(verdict, str):
+            problems.append(f"{label}: {verdict}")
+            return None
+        fb = model.framebuffer_gb if model else None
+        used = sum((t.framebuffer_gb or 0.5) * c for t, c in wanted.items())
+        if fb is not None and used > fb:
+            what = " + ".join(f"{c} x {t.name}" for t, c in wanted.items())
+            problems.append(f"{label}: {what} need {used:g} GB of framebuffer, but the GPU has {fb} GB")
+            return None
     return GPUPlan(gpu, "sriov-vfs-off", entry, {t.name: c for t, c in wanted.items()}, enable_vfs=True)
 
 

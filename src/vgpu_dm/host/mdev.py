@@ -10,7 +10,7 @@ import uuid as uuidlib
 
 from vgpu_dm import catalog
 from vgpu_dm.errors import HostError
-from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice, framebuffer_of
+from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, link_name
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.vgpu_type import short_type_name
@@ -137,13 +137,13 @@ class MdevBackend:
         return None
 
     def capacity(self, gpu: GPU, vtype: TypeInfo, current: list[VGPUDevice]) -> int | None:
-        """Max devices of ``vtype``'s framebuffer size this GPU holds once the other sizes are gone."""
-        size = framebuffer_of(vtype.name)
-        same_size = [d for d in current if d.framebuffer_gb == size]
+        """Max devices of ``vtype`` this GPU holds once the devices of other types are gone."""
+        same = [d for d in current if d.type_name == vtype.name]
         single_pf_parent = self.parents(gpu) == [gpu.address]
-        if single_pf_parent and len(same_size) == len(current):
-            # Exact: on a PF parent, available_instances counts what still fits next to the same size.
-            return vtype.available + len(same_size)
+        if single_pf_parent and len(same) == len(current):
+            # Exact: on a PF parent holding only this type (or nothing), available_instances counts
+            # what still fits. Other types may zero it (drivers with one type per GPU), so not then.
+            return vtype.available + len(same)
         if vtype.max_instances is not None:
             return vtype.max_instances
         return catalog.max_instances(vtype.name)

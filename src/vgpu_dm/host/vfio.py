@@ -30,7 +30,7 @@ def parse_creatable(text: str) -> dict[int, str]:
     for line in text.splitlines():
         ident, sep, name = line.partition(":")
         ident = ident.strip()
-        if not sep or not ident.isdigit():
+        if not sep or not (ident.isascii() and ident.isdigit()):
             continue  # the "ID : vGPU Name" header, blank lines
         types[int(ident)] = name.strip()
     return types
@@ -231,6 +231,7 @@ class VendorVfioBackend:
                 continue
             # Lists shrink as siblings are assigned: re-read right before writing.
             found = self._creatable(vf)
+            self._learn(gpu, found)
             if type_id == UNRESOLVED:
                 type_id = next((i for i, n in found.items() if short_type_name(n) == vtype.name), UNRESOLVED)
             if type_id not in found:
