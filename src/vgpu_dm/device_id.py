@@ -10,17 +10,19 @@ class InvalidDeviceID(ValueError):
 
 
 def _parse_u32(part: str, whole: str) -> int:
-    text = part.strip()
     try:
+        # Like Go's strconv.ParseUint(s, 0, 32): ASCII only, no surrounding blanks (int() allows both).
+        if not part.isascii() or part != part.strip():
+            raise ValueError(part)
         # Base 0 mirrors the upstream parser: 0x → hex, leading 0 → octal, else decimal.
-        octal = len(text) > 1 and text[0] == "0" and text[1] not in "xXoObB"
-        value = int(text, 8) if octal else int(text, 0)
+        octal = len(part) > 1 and part[0] == "0" and part[1] not in "xXoObB"
+        value = int(part, 8) if octal else int(part, 0)
     except ValueError:
         raise InvalidDeviceID(
             f"invalid device id {whole!r}: expected 0xDDDDVVVV (device then vendor, e.g. 0x1EB810DE) "
             f"with an optional :0xSSSSVVVV subsystem part"
         ) from None
-    if not 0 <= value <= 0xFFFFFFFF or text.startswith(("+", "-")):
+    if not 0 <= value <= 0xFFFFFFFF or part.startswith(("+", "-")):
         raise InvalidDeviceID(f"invalid device id {whole!r}: {part!r} does not fit in 32 bits")
     return value
 

@@ -162,6 +162,15 @@ class _Walker:
                 merged.extend((k, v, False) for k, v, _ in inner)
         return own + merged
 
+    def integer(self, node: yaml.Node) -> int | None:
+        """The value of an integer scalar, or None (also for a bad explicit ``!!int "abc"``)."""
+        if not (isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "int"):
+            return None
+        try:
+            return self._constructor.construct_yaml_int(node)
+        except (ValueError, IndexError):
+            return None
+
     # -- the schema ------------------------------------------------------------------------------
     def document(self, root: yaml.Node | None) -> dict[str, tuple[ConfigEntry, ...]]:
         if root is None:
@@ -265,11 +274,11 @@ class _Walker:
         for i, item in enumerate(node.value):
             self.visit(item, 5)
             where = f"{path}[{i}]"
-            if not (isinstance(item, yaml.ScalarNode) and item.tag == _TAG + "int"):
+            value = self.integer(item)
+            if value is None:
                 self.error(item, where, f"expected a GPU index (an integer >= 0), got {_describe(item)}")
                 good = False
                 continue
-            value = self._constructor.construct_yaml_int(item)
             if value < 0:
                 self.error(item, where, f"GPU index must be >= 0, got {value}")
                 good = False
@@ -323,11 +332,11 @@ class _Walker:
                 self.error(key_node, where, str(exc))
                 good = False
                 vtype = None
-            if not (isinstance(value, yaml.ScalarNode) and value.tag == _TAG + "int"):
+            count = self.integer(value)
+            if count is None:
                 self.error(value, where, f"count must be an integer > 0, got {_describe(value)}")
                 good = False
                 continue
-            count = self._constructor.construct_yaml_int(value)
             if count == 0:
                 zero_nodes.append((where, value))
                 continue
@@ -361,6 +370,12 @@ class _TooBig(Exception):
         self.node = node
 
 
+def _line_col(text: str, position: int) -> tuple[int, int]:
+    """1-based line and column of a character offset."""
+    line_start = text.rfind("\n", 0, position) + 1
+    return text.count("\n", 0, position) + 1, position - line_start + 1
+
+
 def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
     """Parse and validate a whole config file; raises ConfigError listing every problem."""
     if isinstance(data, bytes):
@@ -382,6 +397,17 @@ def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(x for x in (exc.context, exc.problem) if x) or "malformed document"
         raise ConfigError([Problem(source, line, col, "", f"invalid YAML/JSON: {what}")]) from None
+    except yaml.reader.ReaderError as exc:  # a control character: locate it instead of saying 1:1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        position = exc.position
+        if _Loader is not yaml.SafeLoader:  # libyaml counts bytes of the UTF-8 encoding
+            position = len(text.encode("utf-8", "replace")[:position].decode("utf-8", "ignore"))
+        line, col = _line_col(text, position)
+        message = f"invalid YAML/JSON: unacceptable character #x{char:04x}: {exc.reason}"
+        raise ConfigError([Problem(source, line, col, "", message)]) from None
+    except UnicodeEncodeError as exc:  # str input with a lone surrogate
+        line, col = _line_col(text, exc.start)
+        raise ConfigError([Problem(source, line, col, "", f"not valid text ({exc.reason})")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(source, 1, 1, "", f"invalid YAML/JSON: {exc}")]) from None
     except RecursionError:
