@@ -14,12 +14,12 @@ from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, HostError
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.lock import HostLock
-from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice
+from vgpu_dm.host.model import MDEV, VENDOR_VFIO, TypeInfo, VGPUDevice
 from vgpu_dm.host.pci import GPU
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.plan import GPUPlan, Plan, build_plan
 from vgpu_dm.spec.model import ConfigEntry
-from vgpu_dm.uuids import RANDOM, UUIDSource
+from vgpu_dm.uuids import RANDOM, STABLE, UUIDSource, machine_id
 
 _log = log.get("apply")
 
@@ -74,6 +74,8 @@ def apply_config(
         recover(host, tools, force=options.force)
         inventory = Inventory(host, tools)
         plan = build_plan(entries, inventory, source, force=options.force)
+        if options.uuid_mode == STABLE and any(gp.framework != VENDOR_VFIO for gp in plan.changed):
+            machine_id(host)  # fail before anything is touched, sriov-manage included
         pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
         if pending:
             # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
@@ -218,32 +220,48 @@ def recover(host: HostRoot, tools: HostTools | None = None, force: bool = False)
     _log.warning(f"found {found.describe()}; putting those GPUs back to their devices from before it")
     inventory = Inventory(host, tools)
     by_address = {g.address: g for g in inventory.gpus}
-    problems = []
-    for jgpu in found.gpus:
-        gpu = by_address.get(jgpu.gpu)
-        backend = inventory.backend_for(gpu) if gpu else None
-        if gpu is None or backend is None:
-            problems.append(f"GPU {jgpu.gpu} from the journal is gone or not in vGPU mode; skipped")
-            continue
-        before = [journal.record_device(r) for r in jgpu.before]
-        before_keys = {(d.key, d.type_id) for d in before}
-        current = backend.devices(gpu)
-        current_keys = {(d.key, d.type_id) for d in current}
-        for device in current:
-            if (device.key, device.type_id) in before_keys:
+    problems: list[str] = []
+    try:
+        for jgpu in found.gpus:
+            gpu = by_address.get(jgpu.gpu)
+            backend = inventory.backend_for(gpu) if gpu else None
+            if gpu is None or backend is None:
+                problems.append(f"GPU {jgpu.gpu} from the journal is gone or not in vGPU mode; skipped")
                 continue
-            holders = inventory.holders.holders(device)
-            if holders and not force:
-                problems.append(
-                    f"{gpu.describe()}: {device.type_name} {device.key} is in use by "
-                    f"{', '.join(map(str, holders))}; left in place"
-                )
-                continue
-            backend.remove(device)
-        for device in before:
-            if (device.key, device.type_id) not in current_keys:
-                _restore(gpu, backend, device)
-    for problem in problems:
-        _log.warning(problem)
+            _recover_gpu(gpu, backend, jgpu, inventory, force, problems)
+    finally:
+        for problem in problems:
+            _log.warning(problem)
     journal.clear(host)
     return True
+
+
+def _recover_gpu(
+    gpu: GPU, backend, jgpu: journal.JournalGPU, inventory: Inventory, force: bool, problems: list[str]
+) -> None:
+    before = [journal.record_device(r) for r in jgpu.before]
+    before_keys = {(d.key, d.type_id) for d in before}
+    current = backend.devices(gpu)
+    current_keys = {(d.key, d.type_id) for d in current}
+    grabbed = False
+    for device in current:
+        if (device.key, device.type_id) in before_keys:
+            continue
+        holders = inventory.holders.holders(device)
+        what = (
+            f"{gpu.describe()}: {device.type_name} {device.key} is in use by {', '.join(map(str, holders))}"
+        )
+        if holders and not force:
+            # A VM took a device the interrupted apply made: keep it, and do not squeeze the old
+            # devices back next to it; the plan that follows finishes the GPU instead.
+            problems.append(f"{what}; left in place, and the GPU's previous devices were not put back")
+            grabbed = True
+            continue
+        if holders:
+            _log.warning(f"--force: removing {what}")
+        backend.remove(device)
+    if grabbed:
+        return
+    for device in before:
+        if (device.key, device.type_id) not in current_keys:
+            _restore(gpu, backend, device)

@@ -34,12 +34,15 @@ class UUIDSource:
     def __init__(self, mode: str, host: HostRoot, existing: set[str]):
         self.mode = mode
         self.existing = set(existing)
-        self._machine = machine_id(host) if mode == STABLE else ""
+        self.host = host
+        self._machine: str | None = None
 
     def next(self, gpu_address: str, type_name: str) -> str:
         if self.mode != STABLE:
             new = str(uuid.uuid4())
         else:
+            if self._machine is None:
+                self._machine = machine_id(self.host)
             ordinal = 0
             while (new := stable_uuid(self._machine, gpu_address, type_name, ordinal)) in self.existing:
                 ordinal += 1

@@ -126,12 +126,18 @@ def assert_cmd(
 
 def _journal_note(host) -> str | None:
     from vgpu_dm import journal
+    from vgpu_dm.host.lock import HostLock
 
     try:
         found = journal.read(host)
     except ValueError as exc:
         return str(exc)
-    return f"found {found.describe()}" if found else None
+    if not found:
+        return None
+    running = HostLock(host).busy()
+    if running:
+        return f"an apply ({running}) is changing the host right now"
+    return f"found {found.describe()}"
 
 
 def _count_names(names: list[str]) -> str:
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         log.setup_if_needed()
         where = f": {exc.filename}" if exc.filename else ""
         _log.error(f"host I/O error: {exc.strerror or exc}{where}")
-        _log.error("nothing more was changed; run apply again once the cause is fixed")
+        _log.error("the command stopped here; once the cause is fixed, run apply again to finish or undo")
         return EXIT_FAILED
     except (ApplyError, HostError, VgpuDmError) as exc:
         log.setup_if_needed()

@@ -33,6 +33,20 @@ class HostLock:
             return "unknown pid"
         return f"pid {pid}" if pid else "unknown pid"
 
+    def busy(self) -> str | None:
+        """ "pid N" if another process holds the lock right now, else None (never waits)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self._holder()
+        finally:
+            os.close(fd)
+        return None
+
     def acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

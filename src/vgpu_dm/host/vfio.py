@@ -229,9 +229,14 @@ class VendorVfioBackend:
         for vf in [parent] if parent else gpu.vfs:
             if self._vf_type(vf):
                 continue
-            # Lists shrink as siblings are assigned: re-read right before writing.
-            found = self._creatable(vf)
-            self._learn(gpu, found)
+            if parent and type_id != UNRESOLVED:
+                # Restoring a known type onto a known VF: the driver's answer to the write decides, so a
+                # list we cannot read (EIO) does not stop a rollback.
+                found = {type_id: vtype.driver_name}
+            else:
+                # Lists shrink as siblings are assigned: re-read right before writing.
+                found = self._creatable(vf)
+                self._learn(gpu, found)
             if type_id == UNRESOLVED:
                 type_id = next((i for i, n in found.items() if short_type_name(n) == vtype.name), UNRESOLVED)
             if type_id not in found:
