@@ -26,29 +26,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import writes
+from tests.simstate import Device, snapshot
 from vgpu_dm import catalog
-from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, type_by_id
 from vgpu_dm.sim.layout import SimState, create_host
 
-Device = tuple[str, str, str, str]  # (GPU address, type, uuid or "", parent)
 MODELS = ("T4", "A10", "L40S")
 TYPES = {m: catalog.find(m).vgpu_types for m in MODELS}
 ERRNOS = (errno.EIO, errno.EBUSY, errno.ENOSPC, errno.EINVAL)
-
-
-def snapshot(root: Path) -> list[Device]:
-    """Every vGPU on the simulated host as (GPU, type, uuid, parent), read from the simulator's tree."""
-    state = SimState.load(root)
-    found: list[Device] = []
-    for gpu in state.gpus:
-        if gpu.framework == "vendor-vfio":
-            for vf in gpu.vfs:
-                type_id = int((root / PCI_DIR / vf / "nvidia/current_vgpu_type").read_text().strip() or 0)
-                if type_id:
-                    found.append((gpu.address, type_by_id(gpu, type_id).name, "", vf))
-        else:
-            found.extend((gpu.address, t.name, uuid, parent) for parent, uuid, t in mdev_devices(root, gpu))
-    return sorted(found)
 
 
 @dataclass(frozen=True)

@@ -13,66 +13,21 @@ Only the killed runs are separate processes; everything else runs the CLI in-pro
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import tempfile
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import writes
-from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, type_by_id
+from tests.simstate import config_text, layouts, snapshot
 from vgpu_dm.sim.layout import SimState, create_host
 
-Device = tuple[str, str, str, str]  # (GPU address, type, uuid or "", parent)
 JOURNAL = "run/nvidia-vgpu-dm/journal.json"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    """A scratch directory on tmpfs when there is one (simulated hosts are thousands of small files)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="vgpu-dm-crash-", dir=shm))
-        yield path
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
-
-
-def snapshot(root: Path) -> list[Device]:
-    """Every vGPU on the simulated host as (GPU, type, uuid, parent), read from the simulator's tree."""
-    state = SimState.load(root)
-    found: list[Device] = []
-    for gpu in state.gpus:
-        if gpu.framework == "vendor-vfio":
-            for vf in gpu.vfs:
-                type_id = int((root / PCI_DIR / vf / "nvidia/current_vgpu_type").read_text().strip() or 0)
-                if type_id:
-                    found.append((gpu.address, type_by_id(gpu, type_id).name, "", vf))
-        else:
-            found.extend((gpu.address, t.name, uuid, parent) for parent, uuid, t in mdev_devices(root, gpu))
-    return sorted(found)
-
-
-def layouts(root: Path) -> list[dict[str, int]]:
-    devices = snapshot(root)
-    return [dict(Counter(d[1] for d in devices if d[0] == gpu.address)) for gpu in SimState.load(root).gpus]
-
-
-def config_text(configs: dict[str, list[dict[str, int]]]) -> str:
-    lines = ["version: v1", "vgpu-configs:"]
-    for name, per_gpu in configs.items():
-        lines.append(f"  {name}:")
-        for index, layout in enumerate(per_gpu):
-            body = ", ".join(f'"{t}": {n}' for t, n in layout.items())
-            lines += [f"    - devices: [{index}]", f"      vgpu-devices: {{{body}}}"]
-    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

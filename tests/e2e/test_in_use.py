@@ -9,22 +9,16 @@ and removes an idle one; and recovery after a crash leaves a device alone that a
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import tempfile
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import writes
-from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, type_by_id
-from vgpu_dm.sim.layout import SimState, create_host
+from tests.simstate import layouts, snapshot
+from vgpu_dm.sim.layout import create_host
 
-Device = tuple[str, str, str, str]  # (GPU address, type, uuid or "", parent)
 T4, L40S = "0000:3b:00.0", "0000:5e:00.0"  # the simulator's addresses for a T4 + L40S host
 CONFIG = """\
 version: v1
@@ -54,36 +48,6 @@ vgpu-configs:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    """A scratch directory on tmpfs when there is one (simulated hosts are thousands of small files)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="vgpu-dm-inuse-", dir=shm))
-        yield path
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
-
-
-def snapshot(root: Path) -> list[Device]:
-    """Every vGPU on the simulated host as (GPU, type, uuid, parent), read from the simulator's tree."""
-    state = SimState.load(root)
-    found: list[Device] = []
-    for gpu in state.gpus:
-        if gpu.framework == "vendor-vfio":
-            for vf in gpu.vfs:
-                type_id = int((root / PCI_DIR / vf / "nvidia/current_vgpu_type").read_text().strip() or 0)
-                if type_id:
-                    found.append((gpu.address, type_by_id(gpu, type_id).name, "", vf))
-        else:
-            found.extend((gpu.address, t.name, uuid, parent) for parent, uuid, t in mdev_devices(root, gpu))
-    return sorted(found)
-
-
-def layouts(root: Path) -> list[dict[str, int]]:
-    devices = snapshot(root)
-    return [dict(Counter(d[1] for d in devices if d[0] == gpu.address)) for gpu in SimState.load(root).gpus]
 
 
 @pytest.fixture

@@ -14,19 +14,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ENTRY_POINT, writes
+from tests.simstate import layouts
 from vgpu_dm.host.lock import HostLock
-from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, type_by_id
 from vgpu_dm.sim.host import SimHostRoot
-from vgpu_dm.sim.layout import SimState, create_host
+from vgpu_dm.sim.layout import create_host
 
 CONFIG = """\
 version: v1
@@ -54,33 +51,6 @@ LAYOUTS = {
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    """A scratch directory on tmpfs when there is one (simulated hosts are thousands of small files)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="vgpu-dm-lock-", dir=shm))
-        yield path
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
-
-
-def layouts(root: Path) -> list[dict[str, int]]:
-    """Per GPU in index order: type → count, read from the simulator's tree."""
-    state = SimState.load(root)
-    result = []
-    for gpu in state.gpus:
-        if gpu.framework == "vendor-vfio":
-            names = []
-            for vf in gpu.vfs:
-                type_id = int((root / PCI_DIR / vf / "nvidia/current_vgpu_type").read_text().strip() or 0)
-                if type_id:
-                    names.append(type_by_id(gpu, type_id).name)
-        else:
-            names = [t.name for _, _, t in mdev_devices(root, gpu)]
-        result.append(dict(Counter(names)))
-    return result
 
 
 class Host:

@@ -8,11 +8,7 @@ clear error before any write. The default (random, as upstream) gives new UUIDs 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,16 +44,6 @@ vgpu-configs:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    """A scratch directory on tmpfs when there is one (simulated hosts are thousands of small files)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="vgpu-dm-uuid-", dir=shm))
-        yield path
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 def uuids(root: Path) -> dict[str, set[tuple[str, str]]]:
