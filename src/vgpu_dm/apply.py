@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, HostError
@@ -39,6 +39,7 @@ class _Undo:
     plan: GPUPlan
     removed: list[VGPUDevice] = field(default_factory=list)
     created: list[VGPUDevice] = field(default_factory=list)
+    mixed_size_on: bool = False  # this run switched the GPU to mixed-size mode
 
 
 def _count(names: list[str]) -> str:
@@ -131,6 +132,7 @@ def execute(
     )
     done: list[_Undo] = []
     failures: list[str] = []
+    unclean: set[str] = set()
     for gp in plan.changed:
         backend = inventory.backend_for(gp.gpu)
         if backend is None:  # pragma: no cover - the plan only changes GPUs that have a backend
@@ -147,6 +149,7 @@ def execute(
             if gp.enable_mixed_size:
                 step = f"enable mixed-size vGPU mode on {gp.gpu.describe()}"
                 backend.set_mixed_size(gp.gpu, True)
+                undo.mixed_size_on = True
             for ordinal, (vtype, uuid) in enumerate(zip(gp.create, new_uuids[gp.gpu.address], strict=True)):
                 step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
                 undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid))
@@ -157,11 +160,19 @@ def execute(
                 if clean:
                     journal.clear(host)
                 raise ApplyError("\n".join([failure, *report, *_untouched(plan, done)])) from None
-            report, _ = _rollback([undo], inventory)
+            report, clean = _rollback([undo], inventory)
             done.remove(undo)
             failures.append(failure)
             failures.extend(report)
-    journal.clear(host)
+            if not clean:
+                unclean.add(gp.gpu.address)
+    if unclean:
+        # Those GPUs are neither here nor there: leave them in the journal for the next apply.
+        kept = journal.read(host)
+        if kept is not None:
+            journal.write(host, replace(kept, gpus=[g for g in kept.gpus if g.gpu in unclean]))
+    else:
+        journal.clear(host)
     if failures:
         raise ApplyError("\n".join([*failures, "--keep-going: the other GPUs kept their new devices"]))
 
@@ -191,6 +202,12 @@ def _rollback(done: list[_Undo], inventory: Inventory) -> tuple[list[str], bool]
                 backend.remove(device)
             except (OSError, HostError) as exc:
                 problems.append(f"could not remove new {device.type_name} {device.key}: {_reason(exc)}")
+        if undo.mixed_size_on and not problems:
+            try:
+                backend.set_mixed_size(gpu, False)
+            except HostError as exc:
+                # The old devices have one size and fit in mixed-size mode too; only the mode differs.
+                _log.warning(f"{gpu.describe()}: mixed-size mode stays on: {exc}")
         for device in reversed(undo.removed):
             try:
                 _restore(gpu, backend, device)
@@ -247,7 +264,7 @@ def _recover_gpu(
     for device in current:
         if (device.key, device.type_id) in before_keys:
             continue
-        holders = inventory.holders.holders(device)
+        holders = inventory.holders.holders(device, required=not force)
         what = (
             f"{gpu.describe()}: {device.type_name} {device.key} is in use by {', '.join(map(str, holders))}"
         )

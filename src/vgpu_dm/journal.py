@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
 from vgpu_dm.host.model import VGPUDevice
+from vgpu_dm.host.pci import is_pci_address
 from vgpu_dm.host.root import HostRoot
 
 JOURNAL_FILE = "run/nvidia-vgpu-dm/journal.json"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,16 @@ def record_device(record: dict) -> VGPUDevice:
     return VGPUDevice(**record)
 
 
+def _check(gpu: str, device: VGPUDevice) -> None:
+    """Journal records end up in sysfs paths: only well-formed ones are used."""
+    if not (is_pci_address(gpu) and is_pci_address(device.parent) and device.gpu == gpu):
+        raise ValueError(f"bad device record for GPU {gpu!r}")
+    if device.uuid is not None and not _UUID.fullmatch(device.uuid):
+        raise ValueError(f"bad UUID {device.uuid!r}")
+    if not isinstance(device.type_id, int) or isinstance(device.type_id, bool) or device.type_id <= 0:
+        raise ValueError(f"bad type id {device.type_id!r}")
+
+
 def write(host: HostRoot, journal: Journal) -> None:
     host.save_state(JOURNAL_FILE, json.dumps(asdict(journal), indent=1))
 
@@ -58,13 +71,17 @@ def read(host: HostRoot) -> Journal | None:
         return None
     try:
         raw = json.loads(text)
-        return Journal(
+        found = Journal(
             pid=int(raw["pid"]),
             started=float(raw["started"]),
             config=str(raw["config"]),
             gpus=[JournalGPU(**g) for g in raw["gpus"]],
         )
-    except (ValueError, KeyError, TypeError):
+        for jgpu in found.gpus:
+            for record in jgpu.before:
+                _check(jgpu.gpu, record_device(record))
+        return found
+    except (ValueError, KeyError, TypeError, AttributeError):
         # A journal is written by rename, so a torn one means tampering; keep it for a human to read.
         broken = host.path(JOURNAL_FILE) + ".unreadable"
         os.replace(host.path(JOURNAL_FILE), broken)

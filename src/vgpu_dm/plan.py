@@ -119,7 +119,7 @@ def build_plan(
         entry = chosen.get(gpu.index)
         if entry is None:
             continue
-        plan = _plan_gpu(gpu, entry, inventory, problems, notes)
+        plan = _plan_gpu(gpu, entry, inventory, problems, notes, force)
         if plan is not None:
             _check_in_use(plan, inventory, force, problems, notes)
             plans.append(plan)
@@ -130,7 +130,7 @@ def build_plan(
 
 
 def _plan_gpu(
-    gpu: GPU, entry: ConfigEntry, inventory: Inventory, problems: list[str], notes: list[str]
+    gpu: GPU, entry: ConfigEntry, inventory: Inventory, problems: list[str], notes: list[str], force: bool
 ) -> GPUPlan | None:
     wanted = entry.wanted()
     backend = inventory.backend_for(gpu)
@@ -198,7 +198,7 @@ def _plan_gpu(
     if any(len(devs) > resolved.get(n, (None, 0))[1] for n, devs in by_type.items() if n in resolved):
         # Fewer of a type: keep the ones VMs use, remove idle ones.
         for devices in by_type.values():
-            devices.sort(key=lambda d: not inventory.holders.holders(d))
+            devices.sort(key=lambda d: not inventory.holders.holders(d, required=not force))
     for name, devices in by_type.items():
         # The mode cannot change while any vGPU exists: switching to mixed sizes rebuilds the GPU.
         n = resolved[name][1] if name in resolved and not enable_mixed else 0
@@ -224,7 +224,7 @@ def _check_in_use(
 ) -> None:
     """A vGPU that a VM holds is never removed unless the operator forces it."""
     for device in plan.remove:
-        holders = inventory.holders.holders(device)
+        holders = inventory.holders.holders(device, required=not force)
         if not holders:
             continue
         who = ", ".join(str(h) for h in holders)
@@ -316,6 +316,19 @@ def _plan_enable_vfs(
             if cap is not None and count > cap:
                 problems.append(f"{label}: {count} x {vtype.name} requested, but the GPU holds at most {cap}")
                 return None
+    total = sum(wanted.values())
+    if gpu.sriov_totalvfs is not None and total > gpu.sriov_totalvfs:
+        problems.append(
+            f"{label}: {total} vGPUs requested, but the GPU has only {gpu.sriov_totalvfs} virtual functions"
+        )
+        return None
+    caps = [model.vgpu_types[t.name] for t in wanted if model and t.name in model.vgpu_types]
+    if len({t.framebuffer_gb for t in wanted}) == 1 and caps and total > min(caps):
+        what = " + ".join(f"{c} x {t.name}" for t, c in wanted.items())
+        problems.append(
+            f"{label}: {what} requested, but the GPU holds at most {min(caps)} vGPUs of that size"
+        )
+        return None
     if len({t.framebuffer_gb for t in wanted}) > 1:
         # Enabling VFs rebinds the GPU (MIG instances are lost): refuse a doomed mixed-size config first.
         info = {t.name: (TypeInfo(t.name, UNRESOLVED, t.name, 0), c) for t, c in wanted.items()}

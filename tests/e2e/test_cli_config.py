@@ -222,8 +222,22 @@ def test_env_vars_replace_the_flags(cli) -> None:
     }
     r = cli("assert", env=env)
     assert (r.code, kv_messages(r.err)) == (0, [VALID])
-    r = cli("apply", env=env)
+    # apply only validates with the flag itself: the environment must not turn it into a no-op.
+    r = cli("apply", "--valid-config", env=env)
     assert (r.code, kv_messages(r.err)) == (0, [VALID])
+
+
+def test_valid_config_env_var_does_not_make_apply_a_no_op(cli, sim_host) -> None:
+    root = sim_host("T4")
+    env = {
+        "VGPU_DM_CONFIG_FILE": EXAMPLE,
+        "VGPU_DM_SELECTED_CONFIG": "T4-medium",
+        "VGPU_DM_VALID_CONFIG": "1",
+    }
+    r = cli("apply", "--sim", str(root), env=env)
+    assert r.code == 0, r.err
+    assert "successfully applied" in r.err
+    assert cli("assert", "--sim", str(root), "-f", EXAMPLE, "-c", "T4-medium").code == 0
 
 
 def test_env_selected_config_is_checked(cli) -> None:

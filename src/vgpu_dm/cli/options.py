@@ -37,6 +37,13 @@ host_root = click.option(
     help="Directory where the host's /sys, /proc and /dev are found (e.g. /host in a container).  "
     "[env: VGPU_DM_HOST_ROOT]",
 )
+apply_valid_config = click.option(
+    "-a",
+    "--valid-config",
+    is_flag=True,
+    help="Only check that the file is valid and the selected config exists; change nothing. "
+    "(VGPU_DM_VALID_CONFIG does not set it here: the environment must not turn apply into a no-op.)",
+)
 sriov_manage = click.option(
     "--sriov-manage",
     envvar="VGPU_DM_SRIOV_MANAGE",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vgpu_dm.errors import HostError
 from vgpu_dm.host.mdev import MDEV_DEVICES
 from vgpu_dm.host.model import MDEV, VGPUDevice
 from vgpu_dm.host.pci import PCI_DEVICES, link_name
@@ -34,8 +35,15 @@ class HolderIndex:
 
     def _scan(self) -> dict[str, list[int]]:
         if self._by_node is None:
+            pids = [p for p in self.host.listdir("proc") if p.isdigit()]
+            if not pids:
+                raise HostError(
+                    f"cannot tell which vGPUs VMs are using: {self.host.path('proc')} lists no processes "
+                    f"(mount the host's /proc; in Kubernetes run with hostPID); pass --force to remove "
+                    f"vGPUs without this check"
+                )
             by_node: dict[str, list[int]] = {}
-            for pid in self.host.listdir("proc"):
+            for pid in pids:
                 if not pid.isdigit():
                     continue
                 for fd in self.host.listdir(f"proc/{pid}/fd"):
@@ -62,10 +70,16 @@ class HolderIndex:
             nodes.append(f"/dev/vfio/{group}")
         return nodes
 
-    def holders(self, device: VGPUDevice) -> list[Holder]:
-        by_node = self._scan()
-        if not by_node:
+    def holders(self, device: VGPUDevice, required: bool = True) -> list[Holder]:
+        """Processes holding ``device``; with ``required=False`` an unreadable proc means "none known"."""
+        try:
+            by_node = self._scan()
+        except HostError:
+            if required:
+                raise
             return []
+        if not by_node:
+            return []  # nothing has any VFIO device open
         pids = sorted({pid for node in self.nodes(device) for pid in by_node.get(node, [])})
         return [Holder(pid, self._name(pid)) for pid in pids]
 

@@ -38,6 +38,7 @@ class MdevBackend:
         self._names: dict[tuple[str, int], str] = {}
         self._types: dict[str, dict[str, TypeInfo]] = {}
         self._type_dirs: dict[tuple[str, str], str] = {}
+        self._full: set[tuple[str, str]] = set()  # (parent, type) seen with no room since the last removal
 
     # -- reading ---------------------------------------------------------------------------------
     def _load_parents(self) -> dict[str, list[str]]:
@@ -151,6 +152,7 @@ class MdevBackend:
     # -- writing ---------------------------------------------------------------------------------
     def remove(self, device: VGPUDevice) -> None:
         self.host.write_text(f"{MDEV_DEVICES}/{device.uuid}/remove", "1")
+        self._full.clear()
 
     def create(
         self, gpu: GPU, vtype: TypeInfo, ordinal: int = 0, uuid: str | None = None, parent: str | None = None
@@ -159,10 +161,12 @@ class MdevBackend:
         self.types(gpu)
         for candidate in [parent] if parent else self.parents(gpu):
             type_dir = self._type_dirs.get((candidate, vtype.name))
-            if type_dir is None:
+            if type_dir is None or (candidate, vtype.name) in self._full:
                 continue
             base = f"{PCI_DEVICES}/{candidate}/mdev_supported_types/{type_dir}"
             if _to_int(self.host.read_optional(f"{base}/available_instances")) <= 0:
+                # Creating never frees room, so skip this parent for the rest of the run (reads stay linear).
+                self._full.add((candidate, vtype.name))
                 continue
             new = uuid or str(uuidlib.uuid4())
             self.host.write_text(f"{base}/create", new)

@@ -116,6 +116,14 @@ def open_host(root: str | None = None, sim: str | None = None) -> HostRoot:
 
         return SimHostRoot(sim)
     host = HostRoot(root or "/")
+    if not os.path.isdir(host.path("sys/bus/pci/devices")):
+        from vgpu_dm.errors import HostError
+
+        where = host.path("sys/bus/pci/devices")
+        raise HostError(
+            f"{where} does not exist: --host-root {host.root} is not the root of a Linux host "
+            f"(in a container, mount the host's / there, or at least its /sys, /proc and /run)"
+        )
     if os.path.exists(os.path.join(host.root, SIM_MARKER)):
         from vgpu_dm.errors import HostError
 

@@ -36,6 +36,26 @@ def parse_creatable(text: str) -> dict[int, str]:
     return types
 
 
+def parse_smi_supported(text: str) -> dict[int, str]:
+    """``nvidia-smi vgpu -s -v`` → {type id: name}; each ``vGPU Type ID : 0x…`` precedes its ``Name``."""
+    types: dict[int, str] = {}
+    pending: int | None = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        if key == "vGPU Type ID":
+            try:
+                pending = int(value, 16)
+            except ValueError:
+                pending = None
+        elif key == "Name" and pending is not None:
+            types[pending] = value
+            pending = None
+    return types
+
+
 class VendorVfioBackend:
     """vGPUs on VFs bound to ``nvidia`` that expose ``nvidia/current_vgpu_type``."""
 
@@ -49,6 +69,7 @@ class VendorVfioBackend:
         self._names: dict[str, dict[int, str]] = {}  # GPU → learned id → driver name
         self._handles: dict[str, bool] = {}
         self._types: dict[str, dict[str, TypeInfo]] = {}
+        self._smi_asked: set[str] = set()
 
     # -- detection -------------------------------------------------------------------------------
     def handles(self, gpu: GPU) -> bool:
@@ -106,8 +127,27 @@ class VendorVfioBackend:
                     self._learn(gpu, found)
                     if type_id in found:
                         break
-            name = self._learned(gpu).get(type_id) or _nvml_type_name(gpu, type_id)
+            name = self._learned(gpu).get(type_id)
+        if name is None:
+            self._learn(gpu, self._smi_types(gpu))
+            name = self._learned(gpu).get(type_id)
         return short_type_name(name) if name else f"type-{type_id}"
+
+    def _smi_types(self, gpu: GPU) -> dict[int, str]:
+        """Every type of the GPU from ``nvidia-smi vgpu -s -v`` (ids in hex there), or {} if unavailable.
+
+        The driver's list of supported types does not shrink as the GPU fills, unlike creatable lists.
+        """
+        if gpu.address in self._smi_asked:
+            return {}
+        self._smi_asked.add(gpu.address)
+        try:
+            proc = self._run([self.nvidia_smi, "vgpu", "-s", "-v", "-i", gpu.address])
+        except HostError:
+            return {}
+        if proc.returncode != 0:
+            return {}
+        return parse_smi_supported(proc.stdout)
 
     def devices(self, gpu: GPU) -> list[VGPUDevice]:
         if not self.handles(gpu):
@@ -248,19 +288,3 @@ class VendorVfioBackend:
                 gpu=gpu.address, parent=vf, type_name=vtype.name, type_id=type_id, framework=VENDOR_VFIO
             )
         raise HostError(f"{gpu.describe()}: no free virtual function offers {vtype.name} any more")
-
-
-def _nvml_type_name(gpu: GPU, type_id: int) -> str | None:
-    """Last resort where the driver library exists: ask NVML for a type id's name (never needed in tests)."""
-    try:
-        import pynvml  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlVgpuTypeGetName(type_id)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # any NVML failure just means "unknown"
-        return None

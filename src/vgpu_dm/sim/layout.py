@@ -133,6 +133,10 @@ def create_host(
     ):
         (base / sub).mkdir(parents=True, exist_ok=True)
     _write(base / "etc/machine-id", "5f1c2e7a9b3d4c6e8f0a1b2c3d4e5f60\n")
+    # A host always has processes; pid 1 holds no VFIO device.
+    _write(base / "proc/1/comm", "systemd\n")
+    (base / "proc/1/fd").mkdir()
+    os.symlink("/dev/null", base / "proc/1/fd/0")
     # Stand-in for the driver's script; the simulator emulates what running it does.
     _write(base / "usr/lib/nvidia/sriov-manage", "#!/bin/sh\n# emulated by the nvidia-vgpu-dm simulator\n")
     (base / SIM_MARKER).mkdir()

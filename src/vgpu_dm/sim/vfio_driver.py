@@ -156,4 +156,16 @@ def nvidia_smi(base: Path, state: SimState, argv: list[str]) -> subprocess.Compl
         return _result(
             argv, 0, out=f"vGPU heterogeneous mode {'enabled' if gpu.mixed_enabled else 'disabled'}\n"
         )
+    if args[:3] == ["vgpu", "-s", "-v"] and len(args) == 5 and args[3] == "-i":
+        gpu = next((g for g in state.gpus if g.address == args[4]), None)
+        if gpu is None:
+            return _result(argv, 6, out=f"No devices were found matching {args[4]}\n")
+        lines = [f"GPU {gpu.address}"]
+        for t in gpu.types:
+            lines += [
+                f"    vGPU Type ID                          : {t.type_id:#x}",
+                f"        Name                              : {gpu.name_prefix}{t.name}",
+                f"        Max Instances                     : {t.max_instances}",
+            ]
+        return _result(argv, 0, out="\n".join(lines) + "\n")
     return _result(argv, 2, err=f"simulated nvidia-smi does not know: {' '.join(args)}\n")
