@@ -4,11 +4,14 @@ test), and writing per-GPU config files, for the reliability suites.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, type_by_id
-from vgpu_dm.sim.layout import SimState
+from vgpu_dm.sim.host import write_log
+from vgpu_dm.sim.layout import SimState, create_host
 
 Device = tuple[str, str, str, str]  # (GPU address, type, uuid or "", parent)
 
@@ -43,3 +46,61 @@ def config_text(configs: dict[str, list[dict[str, int]]]) -> str:
             body = ", ".join(f'"{t}": {n}' for t, n in layout.items())
             lines += [f"    - devices: [{index}]", f"      vgpu-devices: {{{body}}}"]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A multi-GPU host and two layouts (per GPU index) to go from and to."""
+
+    name: str
+    gpus: tuple[str, ...]
+    start: list[dict[str, int]]
+    target: list[dict[str, int]]
+
+
+class Bench:
+    """A prepared template host in the start state, copied afresh for every run."""
+
+    def __init__(self, cli, workdir: Path, scenario: Scenario):
+        self.cli = cli
+        self.workdir = workdir
+        self.scenario = scenario
+        self.config = workdir / f"{scenario.name}.yaml"
+        self.config.write_text(config_text({"start": scenario.start, "target": scenario.target}))
+        self.template = workdir / "template"
+        create_host(self.template, list(scenario.gpus))
+        self.apply(self.template, "start")
+        assert layouts(self.template) == scenario.start
+        (self.template / ".vgpu-dm-sim" / "writes.log").unlink()
+        self.before = snapshot(self.template)
+        self._runs = 0
+
+    def fresh(self) -> Path:
+        self._runs += 1
+        root = self.workdir / f"run{self._runs}"
+        shutil.copytree(self.template, root, symlinks=True)
+        return root
+
+    def args(self, root: Path, name: str, *extra: str) -> list[str]:
+        return ["apply", "--sim", str(root), "-f", str(self.config), "-c", name, *extra]
+
+    def apply(self, root: Path, name: str, *extra: str, code: int = 0):
+        result = self.cli(*self.args(root, name, *extra))
+        assert result.code == code, result.err
+        assert "Traceback" not in result.err
+        return result
+
+    def baseline(self) -> list[str]:
+        """The writes of the plan start → target, from one run without faults."""
+        root = self.fresh()
+        self.apply(root, "target")
+        assert layouts(root) == self.scenario.target
+        log = write_log(root)
+        assert log, "the plan makes no writes"
+        return log
+
+
+def arm(cli, root: Path, *options: str) -> None:
+    """Arm simulator faults through the CLI (no options clears them)."""
+    result = cli("sim", "fault", str(root), *options)
+    assert result.code == 0, result.err

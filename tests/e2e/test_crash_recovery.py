@@ -15,27 +15,19 @@ from __future__ import annotations
 
 import shutil
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests import simstate
 from tests.conftest import writes
-from tests.simstate import config_text, layouts, snapshot
-from vgpu_dm.sim.layout import SimState, create_host
+from tests.simstate import Scenario, arm, layouts, snapshot
+from vgpu_dm.sim.layout import SimState
 
 JOURNAL = "run/nvidia-vgpu-dm/journal.json"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    gpus: tuple[str, ...]
-    start: list[dict[str, int]]
-    target: list[dict[str, int]]
 
 
 SCENARIOS = [
@@ -56,21 +48,11 @@ SCENARIOS = [
 ]
 
 
-class Bench:
-    """A template host in the start state, copied afresh for every run."""
+class Bench(simstate.Bench):
+    """The shared template host, plus the devices a minimal plan keeps."""
 
     def __init__(self, cli, workdir: Path, scenario: Scenario):
-        self.cli = cli
-        self.workdir = workdir
-        self.scenario = scenario
-        self.config = workdir / f"{scenario.name}.yaml"
-        self.config.write_text(config_text({"start": scenario.start, "target": scenario.target}))
-        self.template = workdir / "template"
-        create_host(self.template, list(scenario.gpus))
-        self.apply(self.template, "start")
-        assert layouts(self.template) == scenario.start
-        (self.template / ".vgpu-dm-sim" / "writes.log").unlink()
-        self.before = snapshot(self.template)
+        super().__init__(cli, workdir, scenario)
         addresses = [g.address for g in SimState.load(self.template).gpus]
         # Devices of a type whose count does not shrink are kept by a minimal plan.
         self.kept = [
@@ -79,38 +61,13 @@ class Bench:
             if scenario.target[addresses.index(d[0])].get(d[1], 0)
             >= scenario.start[addresses.index(d[0])][d[1]]
         ]
-        self._runs = 0
-
-    def fresh(self) -> Path:
-        self._runs += 1
-        root = self.workdir / f"run{self._runs}"
-        shutil.copytree(self.template, root, symlinks=True)
-        return root
-
-    def args(self, root: Path, name: str) -> list[str]:
-        return ["apply", "--sim", str(root), "-f", str(self.config), "-c", name]
-
-    def apply(self, root: Path, name: str, code: int = 0):
-        result = self.cli(*self.args(root, name))
-        assert result.code == code, result.err
-        assert "Traceback" not in result.err
-        return result
 
     def baseline(self) -> int:
         """W: the number of control-file writes of start → target, from one run without faults."""
-        root = self.fresh()
-        self.apply(root, "target")
-        assert layouts(root) == self.scenario.target
-        assert set(self.kept) <= set(snapshot(root))
-        count = len(writes(root))
-        shutil.rmtree(root)
-        assert count > 0
+        count = len(super().baseline())
+        assert set(self.kept) <= set(snapshot(self.workdir / f"run{self._runs}"))
+        shutil.rmtree(self.workdir / f"run{self._runs}")
         return count
-
-
-def arm(cli, root: Path, *options: str) -> None:
-    result = cli("sim", "fault", str(root), *options)
-    assert result.code == 0, result.err
 
 
 def killed(run_cli, bench: Bench, root: Path, name: str = "target") -> None:

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import writes
-from tests.simstate import Device, config_text, layouts, snapshot
+from tests.simstate import Bench, Device, Scenario, arm, config_text, layouts, snapshot
 from vgpu_dm.sim.layout import SimState, create_host
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -51,14 +49,6 @@ def step_words(line: str) -> tuple[str, str]:
     return "create", ""
 
 
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    gpus: tuple[str, ...]
-    start: list[dict[str, int]]
-    target: list[dict[str, int]]
-
-
 SCENARIOS = [
     # Every GPU removes all its devices and creates others: mdev (PF) x 2 and vendor VFIO.
     Scenario(
@@ -76,50 +66,6 @@ SCENARIOS = [
     ),
 ]
 ERRNOS = (errno.EIO, errno.EBUSY, errno.ENOSPC)
-
-
-class Bench:
-    """A prepared template host in the start state, copied afresh for every run."""
-
-    def __init__(self, cli, workdir: Path, scenario: Scenario):
-        self.cli = cli
-        self.workdir = workdir
-        self.scenario = scenario
-        self.config = workdir / f"{scenario.name}.yaml"
-        self.config.write_text(config_text({"start": scenario.start, "target": scenario.target}))
-        self.template = workdir / "template"
-        create_host(self.template, list(scenario.gpus))
-        self.apply(self.template, "start")
-        assert layouts(self.template) == scenario.start
-        (self.template / ".vgpu-dm-sim" / "writes.log").unlink()
-        self.before = snapshot(self.template)
-        self._runs = 0
-
-    def fresh(self) -> Path:
-        self._runs += 1
-        root = self.workdir / f"run{self._runs}"
-        shutil.copytree(self.template, root, symlinks=True)
-        return root
-
-    def apply(self, root: Path, name: str, *extra: str, code: int = 0):
-        result = self.cli("apply", "--sim", str(root), "-f", str(self.config), "-c", name, *extra)
-        assert result.code == code, result.err
-        assert "Traceback" not in result.err
-        return result
-
-    def baseline(self) -> list[str]:
-        """The writes of the plan start → target, from one run without faults."""
-        root = self.fresh()
-        self.apply(root, "target")
-        assert layouts(root) == self.scenario.target
-        log = writes(root)
-        assert log, "the plan makes no writes"
-        return log
-
-
-def arm(cli, root: Path, *options: str) -> None:
-    result = cli("sim", "fault", str(root), *options)
-    assert result.code == 0, result.err
 
 
 # -- tests -----------------------------------------------------------------------------------------
