@@ -58,21 +58,18 @@ class Scenario:
     target: list[dict[str, int]]
 
 
-class Bench:
-    """A prepared template host in the start state, copied afresh for every run."""
+class TemplateHost:
+    """A simulated host prepared once in config ``start`` of ``config``, copied afresh for every run."""
 
-    def __init__(self, cli, workdir: Path, scenario: Scenario):
+    def __init__(self, cli, workdir: Path, gpus: list[str], config: str, start: str = "start"):
         self.cli = cli
         self.workdir = workdir
-        self.scenario = scenario
-        self.config = workdir / f"{scenario.name}.yaml"
-        self.config.write_text(config_text({"start": scenario.start, "target": scenario.target}))
+        self.config = workdir / "config.yaml"
+        self.config.write_text(config)
         self.template = workdir / "template"
-        create_host(self.template, list(scenario.gpus))
-        self.apply(self.template, "start")
-        assert layouts(self.template) == scenario.start
+        create_host(self.template, gpus)
+        self.apply(self.template, start)
         (self.template / ".vgpu-dm-sim" / "writes.log").unlink()
-        self.before = snapshot(self.template)
         self._runs = 0
 
     def fresh(self) -> Path:
@@ -89,6 +86,17 @@ class Bench:
         assert result.code == code, result.err
         assert "Traceback" not in result.err
         return result
+
+
+class Bench(TemplateHost):
+    """A template host in a scenario's start layout, with the plan start → target to replay."""
+
+    def __init__(self, cli, workdir: Path, scenario: Scenario):
+        self.scenario = scenario
+        text = config_text({"start": scenario.start, "target": scenario.target})
+        super().__init__(cli, workdir, list(scenario.gpus), text)
+        assert layouts(self.template) == scenario.start
+        self.before = snapshot(self.template)
 
     def baseline(self) -> list[str]:
         """The writes of the plan start → target, from one run without faults."""

@@ -10,7 +10,6 @@ whose holder was killed is free again.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ENTRY_POINT, writes
-from tests.simstate import layouts
+from tests.simstate import TemplateHost, layouts
 from vgpu_dm.host.lock import HostLock
 from vgpu_dm.sim.host import SimHostRoot
-from vgpu_dm.sim.layout import create_host
 
 CONFIG = """\
 version: v1
@@ -53,33 +51,11 @@ LAYOUTS = {
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-class Host:
+class Host(TemplateHost):
     """A 2 x T4 + L40S template in config "start", copied for each run."""
 
     def __init__(self, cli, workdir: Path):
-        self.cli = cli
-        self.workdir = workdir
-        self.config = workdir / "config.yaml"
-        self.config.write_text(CONFIG)
-        self.template = workdir / "template"
-        create_host(self.template, ["T4", "T4", "L40S"])
-        self.apply(self.template, "start")
-        (self.template / ".vgpu-dm-sim" / "writes.log").unlink()
-        self._runs = 0
-
-    def fresh(self) -> Path:
-        self._runs += 1
-        root = self.workdir / f"run{self._runs}"
-        shutil.copytree(self.template, root, symlinks=True)
-        return root
-
-    def args(self, root: Path, name: str, *extra: str) -> list[str]:
-        return ["apply", "--sim", str(root), "-f", str(self.config), "-c", name, *extra]
-
-    def apply(self, root: Path, name: str, *extra: str, code: int = 0):
-        result = self.cli(*self.args(root, name, *extra))
-        assert result.code == code, result.err
-        return result
+        super().__init__(cli, workdir, ["T4", "T4", "L40S"], CONFIG)
 
     def count(self, *names: str) -> int:
         """Writes made by applying ``names`` in turn to a fresh copy."""
