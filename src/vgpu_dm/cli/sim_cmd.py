@@ -16,6 +16,57 @@ def sim_group() -> None:
     """
 
 
+def _latency_options(func):
+    """The write-latency options shared by 'sim create' and 'sim latency'."""
+    options = [
+        click.option(
+            "--write-latency-ms",
+            type=click.FloatRange(min=0),
+            default=None,
+            metavar="MS",
+            help="Every vGPU create and remove write takes MS milliseconds (default 0).",
+        ),
+        click.option(
+            "--create-latency-ms",
+            type=click.FloatRange(min=0),
+            default=None,
+            metavar="MS",
+            help="Creates take MS milliseconds (overrides --write-latency-ms).",
+        ),
+        click.option(
+            "--remove-latency-ms",
+            type=click.FloatRange(min=0),
+            default=None,
+            metavar="MS",
+            help="Removes take MS milliseconds (overrides --write-latency-ms).",
+        ),
+        click.option(
+            "--serial-writes/--parallel-writes",
+            default=None,
+            help="Whether a slow write blocks writes to other GPUs (default: parallel, they overlap).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _latency(base, write_ms, create_ms, remove_ms, serial):
+    """``base`` (a WriteLatency) with the given options applied."""
+    from dataclasses import replace
+
+    changes = {}
+    if write_ms is not None:
+        changes.update(create_ms=write_ms, remove_ms=write_ms)
+    if create_ms is not None:
+        changes["create_ms"] = create_ms
+    if remove_ms is not None:
+        changes["remove_ms"] = remove_ms
+    if serial is not None:
+        changes["serial"] = serial
+    return replace(base, **changes)
+
+
 @sim_group.command("create")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option(
@@ -40,11 +91,23 @@ def sim_group() -> None:
     show_default=True,
     help="Whether vendor-VFIO GPUs support mixed-size (heterogeneous) vGPU mode.",
 )
-def create_cmd(directory: str, gpus: tuple[str, ...], framework: str, mixed_size: bool) -> None:
+@_latency_options
+def create_cmd(
+    directory: str,
+    gpus: tuple[str, ...],
+    framework: str,
+    mixed_size: bool,
+    write_latency_ms: float | None,
+    create_latency_ms: float | None,
+    remove_latency_ms: float | None,
+    serial_writes: bool | None,
+) -> None:
     """Create a simulated host in DIRECTORY (new or empty) with the given GPUs.
 
     Vendor-VFIO GPUs start with their SR-IOV VFs disabled, as after a reboot: apply enables them.
+    The latency options make the simulated driver slow, as a real one is (see 'sim latency').
     """
+    from vgpu_dm.sim.latency import WriteLatency
     from vgpu_dm.sim.layout import create_host
 
     vendor_vfio = None if framework == "auto" else framework == "vendor-vfio"
@@ -59,6 +122,10 @@ def create_cmd(directory: str, gpus: tuple[str, ...], framework: str, mixed_size
             else (f", {gpu.total_vfs} VFs not enabled" if gpu.total_vfs else "")
         )
         click.echo(f"GPU {i}: {gpu.address} {gpu.model} ({gpu.framework}{vfs})")
+    latency = _latency(WriteLatency(), write_latency_ms, create_latency_ms, remove_latency_ms, serial_writes)
+    if latency != WriteLatency():
+        latency.save(directory)
+        click.echo(f"write latency: {latency.describe()}")
     click.echo(f"simulated host ready: use --sim {directory} or VGPU_DM_SIM={directory}")
 
 
@@ -135,6 +202,44 @@ def fault_cmd(
     armed += [f"kill before write #{kill_at_write}"] if kill_at_write else []
     armed += [f"EIO on reads of *{p}*" for p in eio_reads]
     click.echo("faults: " + ("; ".join(armed) if armed else "none"))
+
+
+@sim_group.command("latency")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@_latency_options
+def latency_cmd(
+    directory: str,
+    write_latency_ms: float | None,
+    create_latency_ms: float | None,
+    remove_latency_ms: float | None,
+    serial_writes: bool | None,
+) -> None:
+    """Show or change how long the simulated driver takes per vGPU create and remove.
+
+    Options given change the setting, others keep theirs; 'sim fault' does not touch it.
+
+    \b
+    Example (a slow driver, removes faster than creates):
+      nvidia-vgpu-dm sim latency /tmp/host --create-latency-ms 30 --remove-latency-ms 10
+      nvidia-vgpu-dm sim latency /tmp/host --write-latency-ms 0     # back to instant
+    """
+    from vgpu_dm.sim.latency import WriteLatency
+
+    _require_sim(directory)
+    current = WriteLatency.load(directory)
+    latency = _latency(current, write_latency_ms, create_latency_ms, remove_latency_ms, serial_writes)
+    if latency != current:
+        latency.save(directory)
+    click.echo(f"write latency: {latency.describe()}")
+
+
+def _require_sim(directory: str) -> None:
+    from pathlib import Path
+
+    from vgpu_dm.host.root import SIM_MARKER
+
+    if not Path(directory, SIM_MARKER, "host.json").is_file():
+        raise click.UsageError(f"{directory} is not a simulated host (make one with 'sim create')")
 
 
 @sim_group.command("hold")

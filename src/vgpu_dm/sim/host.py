@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -14,6 +15,7 @@ from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER, HostRoot
 from vgpu_dm.sim import driver
 from vgpu_dm.sim.faults import Faults
+from vgpu_dm.sim.latency import WriteLatency
 from vgpu_dm.sim.layout import SimState
 
 WRITE_LOG = "writes.log"
@@ -32,6 +34,7 @@ class SimHostRoot(HostRoot):
                 f"'nvidia-vgpu-dm sim create {self.root} --gpu T4'"
             )
         self.faults = Faults.load(self.base)
+        self.latency = WriteLatency.load(self.base)
 
     def read_text(self, rel: str) -> str:
         self.faults.before_read(rel)
@@ -48,8 +51,13 @@ class SimHostRoot(HostRoot):
         self.faults.before_write(self.counters.writes, self.path(rel))
         with open(self.base / SIM_MARKER / WRITE_LOG, "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")
+        delay = self.latency.seconds_for(rel, data) if self.latency else 0.0
+        if delay and not self.latency.serial:
+            time.sleep(delay)  # the driver's work, outside the simulator's lock: other GPUs proceed
         lock = self._locked()
         try:
+            if delay and self.latency.serial:
+                time.sleep(delay)
             self._emulate(rel, data)
         finally:
             lock.close()
