@@ -6,12 +6,13 @@ ends either in its target state or exactly in its previous one (same types, same
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from vgpu_dm import journal, log
-from vgpu_dm.errors import ApplyError, HostError
+from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.lock import HostLock
 from vgpu_dm.host.model import MDEV, VENDOR_VFIO, TypeInfo, VGPUDevice
@@ -30,6 +31,18 @@ class ApplyOptions:
     keep_going: bool = False  # a failed GPU is rolled back alone; the others keep their change
     uuid_mode: str = RANDOM
     lock_timeout: float = 60.0
+    # Set by a signal handler (CLI) or the Kubernetes agent to stop: checked before every write, never
+    # in the middle of one; the run then rolls back what it changed and raises ApplyInterrupted.
+    stop: threading.Event | None = None
+
+
+class _Stop(Exception):
+    """Raised at a stop point when ``ApplyOptions.stop`` is set; carries the step not started."""
+
+
+def _stop_point(options: ApplyOptions, step: str) -> None:
+    if options.stop is not None and options.stop.is_set():
+        raise _Stop(step)
 
 
 @dataclass
@@ -71,7 +84,9 @@ def apply_config(
 ) -> Plan:
     """Plan and carry out the selected config; returns the plan that was executed."""
     options = options or ApplyOptions()
-    with HostLock(host, timeout=options.lock_timeout):
+    with HostLock(host, timeout=options.lock_timeout, stop=options.stop):
+        if options.stop is not None and options.stop.is_set():
+            raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
         recover(host, tools, force=options.force)
         inventory = Inventory(host, tools)
         plan = build_plan(entries, inventory, source, force=options.force)
@@ -80,8 +95,20 @@ def apply_config(
         pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
         if pending:
             # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
+            enabled: list[str] = []
             for gpu in pending:
+                if options.stop is not None and options.stop.is_set():
+                    raise ApplyInterrupted(
+                        "\n".join(
+                            [
+                                "apply interrupted before it changed any vGPU",
+                                *(f"{a}: SR-IOV virtual functions were enabled (harmless)" for a in enabled),
+                                "every other GPU is unchanged",
+                            ]
+                        )
+                    )
                 inventory.vfio.enable_vfs(gpu)
+                enabled.append(gpu.describe())
             inventory = Inventory(host, tools)
             plan = build_plan(entries, inventory, source, force=options.force)
             still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
@@ -144,15 +171,32 @@ def execute(
         try:
             for device in gp.remove:
                 step = f"remove {device.type_name} {device.key} from {gp.gpu.describe()}"
+                _stop_point(options, step)
                 backend.remove(device)
                 undo.removed.append(device)
             if gp.enable_mixed_size:
                 step = f"enable mixed-size vGPU mode on {gp.gpu.describe()}"
+                _stop_point(options, step)
                 backend.set_mixed_size(gp.gpu, True)
                 undo.mixed_size_on = True
             for ordinal, (vtype, uuid) in enumerate(zip(gp.create, new_uuids[gp.gpu.address], strict=True)):
                 step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
+                _stop_point(options, step)
                 undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid))
+        except _Stop:
+            _log.warning(f"stop requested: not starting '{step}'; rolling back the changes of this run")
+            report, clean = _rollback(done, inventory)
+            if not clean:
+                unclean.update(u.plan.gpu.address for u in done)
+            if unclean:
+                _keep_journal_only(host, unclean)
+            else:
+                journal.clear(host)
+            raise ApplyInterrupted(
+                "\n".join(
+                    [f"apply interrupted before step: {step}", *failures, *report, *_untouched(plan, done)]
+                )
+            ) from None
         except (OSError, HostError) as exc:
             failure = f"step failed: {step}: {_reason(exc)}"
             if not options.keep_going:
@@ -166,15 +210,24 @@ def execute(
             failures.extend(report)
             if not clean:
                 unclean.add(gp.gpu.address)
+    if options.stop is not None and options.stop.is_set():
+        _log.warning(
+            "the stop request came during the last write: the plan is complete, nothing to roll back"
+        )
     if unclean:
         # Those GPUs are neither here nor there: leave them in the journal for the next apply.
-        kept = journal.read(host)
-        if kept is not None:
-            journal.write(host, replace(kept, gpus=[g for g in kept.gpus if g.gpu in unclean]))
+        _keep_journal_only(host, unclean)
     else:
         journal.clear(host)
     if failures:
         raise ApplyError("\n".join([*failures, "--keep-going: the other GPUs kept their new devices"]))
+
+
+def _keep_journal_only(host: HostRoot, addresses: set[str]) -> None:
+    """Keep the journal only for GPUs a rollback could not restore, so the next apply retries them."""
+    kept = journal.read(host)
+    if kept is not None:
+        journal.write(host, replace(kept, gpus=[g for g in kept.gpus if g.gpu in addresses]))
 
 
 def _untouched(plan: Plan, done: list[_Undo]) -> list[str]:

@@ -51,3 +51,8 @@ class PlanError(VgpuDmError):
 
 class ApplyError(VgpuDmError):
     """A write failed while applying a plan."""
+
+
+class ApplyInterrupted(ApplyError):
+    """A stop was requested (SIGINT/SIGTERM, or the agent's stop event) while applying; the writes of
+    this run were rolled back and the message says what state every GPU is in."""

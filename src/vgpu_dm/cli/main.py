@@ -17,6 +17,8 @@ Exit codes:
   0  success: config applied (or nothing to do), assertion holds, config valid
   1  assertion false, or apply failed (the host is left as it was)
   2  usage error or invalid config file
+  130, 143  apply stopped by SIGINT / SIGTERM (128 + signal number); this run's
+            changes were rolled back first
 """
 
 _log = log.get()
@@ -184,12 +186,26 @@ def apply_cmd(
         _log.info("Selected vGPU device configuration is valid")
         return
     from vgpu_dm.apply import ApplyOptions, apply_config
+    from vgpu_dm.cli.signals import StopOnSignal
+    from vgpu_dm.errors import ApplyInterrupted
     from vgpu_dm.host.inventory import HostTools
     from vgpu_dm.host.root import open_host
 
     host = open_host(host_root, sim)
-    opts = ApplyOptions(force=force, keep_going=keep_going, uuid_mode=uuid_mode, lock_timeout=lock_timeout)
-    plan = apply_config(entries, host, HostTools(sriov_manage, nvidia_smi), spec.source, opts, name)
+    with StopOnSignal() as stopper:
+        opts = ApplyOptions(
+            force=force,
+            keep_going=keep_going,
+            uuid_mode=uuid_mode,
+            lock_timeout=lock_timeout,
+            stop=stopper.event,
+        )
+        try:
+            plan = apply_config(entries, host, HostTools(sriov_manage, nvidia_smi), spec.source, opts, name)
+        except ApplyInterrupted as exc:
+            for line in str(exc).splitlines():
+                _log.error(line)
+            raise Failure(stopper.exit_code) from None
     _log.debug(f"host reads: {host.counters.reads}, writes: {host.counters.writes}")
     if plan.is_noop:
         _log.info("Selected vGPU device configuration is already applied")

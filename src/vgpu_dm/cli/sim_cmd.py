@@ -173,6 +173,22 @@ def writes_cmd(directory: str) -> None:
     help="SIGKILL the tool right before its Nth write (0 = never).",
 )
 @click.option(
+    "--signal-at-write",
+    "signal_at_writes",
+    multiple=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Send the tool --signal right before its Nth write (as systemd/Kubernetes stop it); repeatable.",
+)
+@click.option(
+    "--signal",
+    "signal_name",
+    default="SIGTERM",
+    show_default=True,
+    metavar="NAME",
+    help="Signal sent by --signal-at-write (SIGTERM, SIGINT, ...).",
+)
+@click.option(
     "--eio-read",
     "eio_reads",
     multiple=True,
@@ -180,7 +196,13 @@ def writes_cmd(directory: str) -> None:
     help="Reads of paths containing TEXT fail with EIO; repeatable.",
 )
 def fault_cmd(
-    directory: str, fail_write: int, errno_name: str, kill_at_write: int, eio_reads: tuple[str, ...]
+    directory: str,
+    fail_write: int,
+    errno_name: str,
+    kill_at_write: int,
+    signal_at_writes: tuple[int, ...],
+    signal_name: str,
+    eio_reads: tuple[str, ...],
 ) -> None:
     """Arm faults on the simulated host (run without options to clear them).
 
@@ -195,11 +217,24 @@ def fault_cmd(
     code = getattr(errno, errno_name.upper(), None)
     if not isinstance(code, int):
         raise click.BadParameter(f"unknown errno name {errno_name!r}", param_hint="--errno")
+    import signal
+
+    signame = signal_name.upper()
+    signame = signame if signame.startswith("SIG") else f"SIG{signame}"
+    signum = getattr(signal, signame, None)
+    if not isinstance(signum, int):
+        raise click.BadParameter(f"unknown signal name {signal_name!r}", param_hint="--signal")
     Faults(
-        fail_write=fail_write, fail_errno=code, kill_at_write=kill_at_write, eio_reads=list(eio_reads)
+        fail_write=fail_write,
+        fail_errno=code,
+        kill_at_write=kill_at_write,
+        eio_reads=list(eio_reads),
+        signal_at_writes=list(signal_at_writes),
+        signal_number=int(signum),
     ).save(directory)
     armed = [f"fail write #{fail_write} with {errno_name.upper()}"] if fail_write else []
     armed += [f"kill before write #{kill_at_write}"] if kill_at_write else []
+    armed += [f"{signame} before write #{n}" for n in signal_at_writes]
     armed += [f"EIO on reads of *{p}*" for p in eio_reads]
     click.echo("faults: " + ("; ".join(armed) if armed else "none"))
 

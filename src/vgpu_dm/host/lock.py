@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from types import TracebackType
 
-from vgpu_dm.errors import HostError
+from vgpu_dm.errors import ApplyInterrupted, HostError
 from vgpu_dm.host.root import HostRoot
 
 LOCK_FILE = "run/nvidia-vgpu-dm.lock"
@@ -19,10 +20,17 @@ class HostLock:
     flock is released by the kernel when the holder dies, so a killed apply never leaves a stale lock.
     """
 
-    def __init__(self, host: HostRoot, timeout: float = 60.0, poll: float = 0.1):
+    def __init__(
+        self,
+        host: HostRoot,
+        timeout: float = 60.0,
+        poll: float = 0.1,
+        stop: threading.Event | None = None,
+    ):
         self.path = host.path(LOCK_FILE)
         self.timeout = timeout
         self.poll = poll
+        self.stop = stop  # a stop request ends the wait for another apply
         self._fd: int | None = None
 
     def _holder(self) -> str:
@@ -56,6 +64,12 @@ class HostLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if self.stop is not None and self.stop.is_set():
+                    os.close(fd)
+                    raise ApplyInterrupted(
+                        f"apply interrupted while waiting for the host lock ({self._holder()} holds it); "
+                        f"every GPU is unchanged"
+                    ) from None
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise HostError(

@@ -1,5 +1,6 @@
 """Fault injection for the simulated host: fail the Nth control-file write with an errno, make reads
-of matching paths fail with EIO, or SIGKILL the tool right before its Nth write.
+of matching paths fail with EIO, SIGKILL the tool right before its Nth write, or send it a catchable
+signal (SIGTERM, as systemd and Kubernetes do to stop it) right before chosen writes.
 
 Faults live in ``.vgpu-dm-sim/faults.json`` and count the writes of each tool process separately, so a
 test can arm a fault and then run the CLI as a separate process.
@@ -25,6 +26,8 @@ class Faults:
     fail_errno: int = errno.EIO
     kill_at_write: int = 0  # SIGKILL the process right before this write; 0 = none
     eio_reads: list[str] = field(default_factory=list)  # substrings of paths whose reads fail
+    signal_at_writes: list[int] = field(default_factory=list)  # send signal_number before these writes
+    signal_number: int = signal.SIGTERM
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Faults:
@@ -40,6 +43,10 @@ class Faults:
         """Called before the tool's ``position``-th write (1-based) is carried out."""
         if self.kill_at_write and position == self.kill_at_write:
             os.kill(os.getpid(), signal.SIGKILL)
+        if position in self.signal_at_writes:
+            # The handler runs at the next bytecode boundary, i.e. while this write is under way: the
+            # tool must still carry it out and only then stop.
+            os.kill(os.getpid(), self.signal_number)
         if self.fail_write and position == self.fail_write:
             raise OSError(self.fail_errno, f"{os.strerror(self.fail_errno)} (injected fault)", path)
 
