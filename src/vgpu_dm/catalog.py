@@ -5,7 +5,7 @@ Loaded lazily (it is only needed for names in ``list``, capacity fallbacks and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
@@ -24,6 +24,8 @@ class CatalogGPU:
     framebuffer_gb: int
     sriov_vfs: int | None
     vgpu_types: dict[str, int]  # type name → max instances per GPU
+    # MIG GPU-instance profile name (``1g.5gb``) → max instances; empty when not MIG-capable or unknown.
+    mig_gi_profiles: dict[str, int] = field(default_factory=dict)
 
     @property
     def min_vfs(self) -> int:
@@ -53,6 +55,7 @@ def load() -> tuple[CatalogGPU, ...]:
                 framebuffer_gb=int(item["framebuffer_gb"]),
                 sriov_vfs=vfs if isinstance(vfs, int) else None,
                 vgpu_types={str(k): int(v) for k, v in item["vgpu_types"].items()},
+                mig_gi_profiles={str(k): int(v) for k, v in (item.get("mig_gi_profiles") or {}).items()},
             )
         )
     return tuple(gpus)

@@ -215,9 +215,11 @@ def apply_cmd(
 
 def _register_more() -> None:
     from vgpu_dm.cli.list_cmd import list_cmd
+    from vgpu_dm.cli.mig_cmd import mig_config_cmd
     from vgpu_dm.cli.sim_cmd import sim_group
 
     cli.add_command(list_cmd)
+    cli.add_command(mig_config_cmd)
     cli.add_command(sim_group)
 
 
