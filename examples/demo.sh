@@ -2,8 +2,30 @@
 # The README's first command (`make demo`): the main job on a simulated 2 x T4 host, no GPU needed.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-host="${DEMO_DIR:-$(mktemp -d)/host}"
-rm -rf "$host"
+repo="$(cd "$here/.." && pwd -P)"
+scratch=""
+if [ -z "${DEMO_DIR:-}" ]; then scratch="$(cd "$(mktemp -d)" && pwd -P)"; fi
+host="${DEMO_DIR:-$scratch/host}"
+
+# Remove a simulated host left by an earlier demo, and nothing else: the path must be inside this
+# repository (or a fresh mktemp directory) and, if it exists, be a simulated host.
+clean() {
+  local dir parent
+  parent="$(cd "$(dirname "$1")" 2>/dev/null && pwd -P)" || { echo "demo: $1: parent directory missing" >&2; exit 2; }
+  dir="$parent/$(basename "$1")"
+  case "$(basename "$1")" in .|..|/) echo "demo: refusing to delete $1" >&2; exit 2 ;; esac
+  case "$dir" in
+    "$repo"/?*) ;;
+    *) if [ -z "$scratch" ] || [[ "$dir" != "$scratch"/?* ]]; then
+         echo "demo: refusing to delete $dir: not inside $repo" >&2; exit 2
+       fi ;;
+  esac
+  if [ -e "$dir" ] && [ ! -d "$dir/.vgpu-dm-sim" ]; then
+    echo "demo: refusing to delete $dir: it is not a simulated host" >&2; exit 2
+  fi
+  rm -rf -- "$dir"
+}
+clean "$host"
 export VGPU_DM_SIM="$host"
 
 step() { printf '\n$ %s\n' "$*"; }
@@ -30,7 +52,7 @@ echo "exit code $? (T4-small is applied)"
 
 # The same on a vendor-specific VFIO host (vGPU 17+): two H100s whose VFs start disabled.
 h100="$host-h100"
-rm -rf "$h100"
+clean "$h100"
 step nvidia-vgpu-dm sim create "$h100" --gpu H100 --gpu H100
 nvidia-vgpu-dm sim create "$h100" --gpu H100 --gpu H100
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from datetime import datetime, timezone
 
 LOGGER_NAME = "vgpu_dm"
+# Structured fields a log call may carry (``extra=fields(gpu=…)``); JSON logs show them beside msg.
+FIELDS = ("gpu", "address", "action", "type", "uuid")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _START = time.monotonic()
 _LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "fatal"}
 
@@ -17,13 +21,35 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _escape(char: str) -> str:
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    code = ord(char)
+    return named.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``), so a name read from a file or the
+    host can neither split a log line nor drive the terminal."""
+    return _CONTROL.sub(lambda m: _escape(m[0]), text)
+
+
+def fields(**values: object) -> dict[str, object]:
+    """``extra=`` for a log call: the structured fields (None values left out)."""
+    return {"fields": {k: v for k, v in values.items() if v is not None}}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    found = getattr(record, "fields", None)
+    return {k: found[k] for k in FIELDS if k in found} if isinstance(found, dict) else {}
+
+
 class TerminalFormatter(logging.Formatter):
     """``INFO[0003] message`` like logrus on a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
         level = _LEVELS.get(record.levelname, record.levelname.lower()).upper()[:4]
         elapsed = int(time.monotonic() - _START)
-        return f"{level}[{elapsed:04d}] {record.getMessage()}"
+        return f"{level}[{elapsed:04d}] {printable(record.getMessage())}"
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -32,14 +58,16 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         level = _LEVELS.get(record.levelname, record.levelname.lower())
-        return f"time={_quote(stamp)} level={level} msg={_quote(record.getMessage())}"
+        extra = "".join(f" {k}={_quote(str(v))}" for k, v in _fields(record).items())
+        return f"time={_quote(stamp)} level={level} msg={_quote(record.getMessage())}{extra}"
 
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds")
         level = _LEVELS.get(record.levelname, record.levelname.lower())
-        return json.dumps({"level": level, "msg": record.getMessage(), "time": stamp}, ensure_ascii=False)
+        line = {"level": level, "msg": record.getMessage(), "time": stamp, **_fields(record)}
+        return json.dumps(line, ensure_ascii=False)
 
 
 def setup(debug: bool = False, fmt: str = "text") -> logging.Logger:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLES, writes
+from tests.table import LIST_COLUMNS, parse_table
 
 T4_CONFIG = EXAMPLES / "config-t4.yaml"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -572,18 +573,21 @@ vgpu-configs:
 
     table = cli("list", "--sim", str(root))
     assert table.code == 0
-    lines = table.out.splitlines()
-    assert lines[0].split() == ["GPU", "ADDRESS", "MODEL", "FRAMEWORK", "VGPU", "TYPE", "UUID", "PARENT"]
-    rows = lines[1:]
+    rows = parse_table(table.out, LIST_COLUMNS)
     assert len(rows) == 2 + 1 + 2
+    # GPU columns are printed once per GPU, on its first row.
+    assert [r["GPU"] for r in rows] == ["0", "", "1", "2", ""]
+    rows = parse_table(table.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
     for v in t4:
-        row = next(r for r in rows if v["uuid"] in r)
-        assert row.split()[:2] == ["0", T4_0] and "T4-8Q" in row and row.endswith(T4_0)
-    gpu1 = [r for r in rows if r.startswith("1 ")]
-    assert len(gpu1) == 1 and T4_1 in gpu1[0] and gpu1[0].split()[-3:] == ["-", "-", "-"]
+        row = next(r for r in rows if r["UUID"] == v["uuid"])
+        assert (row["GPU"], row["ADDRESS"], row["VGPU TYPE"], row["PARENT"]) == ("0", T4_0, "T4-8Q", T4_0)
+        assert row["MODEL"] == "Tesla T4" and row["MIXED"] == "-" and row["HOLDER"] == "-"
+    gpu1 = [r for r in rows if r["GPU"] == "1"]
+    assert len(gpu1) == 1 and gpu1[0]["ADDRESS"] == T4_1
+    assert [gpu1[0][c] for c in ("VGPU TYPE", "UUID", "PARENT", "HOLDER")] == ["-"] * 4
     for v in a10:
-        row = next(r for r in rows if v["uuid"] in r)
-        assert row.startswith("2 ") and "NVIDIA A10" in row and row.endswith(v["parent"])
+        row = next(r for r in rows if r["UUID"] == v["uuid"])
+        assert row["GPU"] == "2" and row["MODEL"] == "NVIDIA A10" and row["PARENT"] == v["parent"]
 
 
 # -- choosing the host -----------------------------------------------------------------------------

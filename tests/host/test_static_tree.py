@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.table import LIST_COLUMNS, parse_table
 from vgpu_dm.device_id import DeviceID
 from vgpu_dm.host.inventory import Inventory
 from vgpu_dm.host.pci import discover_gpus
@@ -296,19 +297,20 @@ def test_list_host_root(cli, host):
     before = snapshot(host)
     result = cli("list", "--host-root", str(host))
     assert result.code == 0, result.err
-    lines = result.out.splitlines()
-    assert lines[0].split() == ["GPU", "ADDRESS", "MODEL", "FRAMEWORK", "VGPU", "TYPE", "UUID", "PARENT"]
-    rows = [line.split() for line in lines[1:]]
+    rows = parse_table(result.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
     assert len(rows) == 2 + 1 + 2
-    assert sorted(r[-2] for r in rows if r[0] == "0") == sorted(T4_VGPUS)
+    assert sorted(r["UUID"] for r in rows if r["GPU"] == "0") == sorted(T4_VGPUS)
     assert all(
-        r[:4] == ["0", T4, "Tesla", "T4"] and r[-1] == T4 and "T4-1Q" in r for r in rows if r[0] == "0"
+        (r["ADDRESS"], r["MODEL"], r["PARENT"], r["VGPU TYPE"]) == (T4, "Tesla T4", T4, "T4-1Q")
+        for r in rows
+        if r["GPU"] == "0"
     )
-    assert [r for r in rows if r[0] == "1"] == [["1", A40_VFIO, "NVIDIA", "A40", "none", "-", "-", "-"]]
-    a10_rows = {r[-2]: r for r in rows if r[0] == "2"}
+    (a40,) = [r for r in rows if r["GPU"] == "1"]
+    assert list(a40.values()) == ["1", A40_VFIO, "NVIDIA A40", "none", "-", "-", "-", "-", "-"]
+    a10_rows = {r["UUID"]: r for r in rows if r["GPU"] == "2"}
     assert set(a10_rows) == set(A10_VGPUS)
     for uuid, vf in zip(A10_VGPUS, A10_VGPU_VFS, strict=True):
-        assert a10_rows[uuid][-1] == vf and "A10-4Q" in a10_rows[uuid]
+        assert a10_rows[uuid]["PARENT"] == vf and a10_rows[uuid]["VGPU TYPE"] == "A10-4Q"
     for absent in (T4_AUDIO, NIC, NVSWITCH, IGPU, GVT_VGPU, *A10_VFS[1:10]):
         assert absent not in result.out
 

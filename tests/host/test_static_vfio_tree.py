@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.table import LIST_COLUMNS, parse_table
 from vgpu_dm.device_id import DeviceID
 from vgpu_dm.host.inventory import Inventory
 from vgpu_dm.host.pci import discover_gpus
@@ -322,23 +323,16 @@ def test_list_json_reports_each_gpu_and_its_vfs(cli, tree):
 def test_list_table_shows_short_names(cli, tree):
     result = cli("list", "--host-root", str(tree))
     assert result.code == 0, result.err
-    rows = [line.split() for line in result.out.splitlines()[1:]]
-    assert [
-        "2",
-        DC,
-        "NVIDIA",
-        "RTX",
-        "PRO",
-        "6000",
-        "Blackwell",
-        "Server",
-        "Edition",
+    rows = parse_table(result.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
+    dc = [r for r in rows if r["GPU"] == "2"]
+    assert dc[0]["MODEL"] == "NVIDIA RTX PRO 6000 Blackwell Server Edition"
+    assert (dc[0]["FRAMEWORK"], dc[0]["VGPU TYPE"], dc[0]["UUID"], dc[0]["PARENT"]) == (
         "vendor-vfio",
         "DC-8Q",
         "-",
         DC_VFS[0],
-    ] in rows
-    assert sum(1 for r in rows if "L40S-12Q" in r) == 3
+    )
+    assert sum(1 for r in rows if r["VGPU TYPE"] == "L40S-12Q") == 3
     assert "Blackwell DC-8Q" not in result.out  # the driver's long name is not shown as the type
 
 

@@ -213,7 +213,7 @@ def _valid_entries(draw: st.DrawFn) -> dict[str, Any]:
     }
     if draw(st.booleans()):
         entry["device-filter"] = draw(
-            st.sampled_from(["0x1EB810DE", "0x25B610DE:0x14A910DE", ""])
+            st.sampled_from(["0x1EB810DE", "0x25B610DE:0x14A910DE"])
             | st.lists(st.sampled_from(["0x1EB810DE", "0x20B510DE"]), min_size=1, max_size=2)
         )
     return entry

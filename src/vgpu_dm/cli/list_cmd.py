@@ -3,29 +3,55 @@
 from __future__ import annotations
 
 import json
+import re
 
 import click
 
 from vgpu_dm.cli import options
 
+_NOTE = re.compile(r"\s*\([^)]*\)\s*$")
 
-def inventory_report(host) -> list[dict]:
+
+def model_name(catalog_name: str) -> str:
+    """The product name without the catalog's trailing note ("NVIDIA A16 (one of 4 GPUs per board)")."""
+    return _NOTE.sub("", catalog_name) or catalog_name
+
+
+def _mixed_size(inventory, gpu, framework: str) -> str:
+    """on / off / unsupported for vendor-VFIO GPUs; "-" where this tool does not manage the mode."""
+    from vgpu_dm.errors import HostError
+
+    if framework != "vendor-vfio":
+        return "-"
+    try:
+        supported, enabled = inventory.vfio.mixed_size(gpu)
+    except HostError:
+        return "unknown"
+    if not supported:
+        return "unsupported"
+    return "on" if enabled else "off"
+
+
+def inventory_report(host, tools=None) -> list[dict]:
+    """Per GPU: identity, framework, mixed-size mode and vGPUs with the processes that hold them."""
     from vgpu_dm import catalog
     from vgpu_dm.host.inventory import Inventory
 
-    inventory = Inventory(host)
+    inventory = Inventory(host, tools)
     report = []
     for gpu in inventory.gpus:
         entry = catalog.for_device(gpu.device_id)
+        framework = inventory.framework(gpu)
         report.append(
             {
                 "index": gpu.index,
                 "address": gpu.address,
                 "device_id": str(gpu.device_id),
-                "model": entry.name if entry else "unknown NVIDIA GPU",
+                "model": model_name(entry.name) if entry else "unknown NVIDIA GPU",
                 "driver": gpu.driver,
                 "numa_node": gpu.numa_node,
-                "framework": inventory.framework(gpu),
+                "framework": framework,
+                "mixed_size": _mixed_size(inventory, gpu, framework),
                 "vgpus": [
                     {
                         "type": d.type_name,
@@ -33,6 +59,11 @@ def inventory_report(host) -> list[dict]:
                         "uuid": d.uuid,
                         "parent": d.parent,
                         "iommu_group": d.iommu_group,
+                        # Listing never refuses: an unreadable /proc just shows no holders.
+                        "holders": [
+                            {"pid": h.pid, "name": h.name}
+                            for h in inventory.holders.holders(d, required=False)
+                        ],
                     }
                     for d in inventory.devices(gpu)
                 ],
@@ -42,40 +73,82 @@ def inventory_report(host) -> list[dict]:
 
 
 def render_table(report: list[dict]) -> str:
-    header = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "VGPU TYPE", "UUID", "PARENT")
+    from vgpu_dm.log import printable
+
+    header = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER")
     rows = []
     for gpu in report:
-        first = (str(gpu["index"]), gpu["address"], gpu["model"], gpu["framework"])
+        first = (str(gpu["index"]), gpu["address"], gpu["model"], gpu["framework"], gpu["mixed_size"])
+        blank = ("",) * len(first)
         if not gpu["vgpus"]:
-            rows.append((*first, "-", "-", "-"))
-        for vgpu in gpu["vgpus"]:
-            rows.append((*first, vgpu["type"], vgpu["uuid"] or "-", vgpu["parent"]))
+            rows.append((*first, "-", "-", "-", "-"))
+        for n, vgpu in enumerate(gpu["vgpus"]):
+            holder = ", ".join(f"{h['pid']} {h['name']}" for h in vgpu["holders"]) or "-"
+            rows.append((*(blank if n else first), vgpu["type"], vgpu["uuid"] or "-", vgpu["parent"], holder))
     if not rows:
         return "no NVIDIA GPUs found"
+    rows = [tuple(printable(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows)
     )
 
 
+def journal_by_gpu(host) -> dict[str, dict]:
+    """GPU address → what the apply journal says about it (``*`` = every GPU: an unreadable journal)."""
+    from vgpu_dm import journal
+    from vgpu_dm.cli.journal_note import journal_note, journal_state
+
+    state = journal_state(host)
+    if state is None:
+        return {}
+    kind, _ = state
+    note = journal_note(host)
+    if kind == "unreadable":
+        return {"*": {"state": kind, "note": note}}
+    found = journal.read(host)
+    if found is None:  # finished between the two reads
+        return {}
+    common = {"state": kind, "pid": found.pid, "config": found.config, "started": found.started, "note": note}
+    return {
+        g.gpu: {**common, "framework": g.framework, "remove": g.remove, "create": g.create}
+        for g in found.gpus
+    }
+
+
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @options.host_root
 @options.sim
-def list_cmd(as_json: bool, host_root: str, sim: str | None) -> None:
+@options.nvidia_smi
+def list_cmd(as_json: bool, host_root: str, sim: str | None, nvidia_smi: str) -> None:
     """Show the host's NVIDIA GPUs, the vGPU framework each uses, and their vGPU devices.
+
+    MIXED is the mixed-size (heterogeneous) vGPU mode of vendor-VFIO GPUs; HOLDER is the process (a
+    VM) that has the vGPU open. An apply that was interrupted, or is running, is reported too.
 
     \b
     Example:
       nvidia-vgpu-dm list --sim /tmp/host
       nvidia-vgpu-dm list --json | jq '.[].vgpus | length'
     """
-    from vgpu_dm.cli.main import _journal_note
-    from vgpu_dm.host.root import open_host
+    from vgpu_dm.cli.host_select import open_cli_host
+    from vgpu_dm.cli.output import emit
+    from vgpu_dm.host.inventory import HostTools
 
-    host = open_host(host_root, sim)
-    report = inventory_report(host)
-    click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
-    note = _journal_note(host)
-    if note:
-        click.echo(f"warning: {note}; the next apply will undo it", err=True)
+    host = open_cli_host(host_root, sim)
+    report = inventory_report(host, HostTools(nvidia_smi=nvidia_smi))
+    pending = journal_by_gpu(host)
+    if as_json:
+        for gpu in report:
+            gpu["apply_journal"] = pending.get(gpu["address"]) or pending.get("*")
+        emit(json.dumps(report, indent=2))
+    else:
+        emit(render_table(report))
+    notes = {p["note"] for p in pending.values()}
+    if not notes:  # a journal that names no GPU still tells of an apply
+        from vgpu_dm.cli.journal_note import journal_note
+
+        notes = {journal_note(host)} - {None}
+    for note in sorted(notes):
+        click.echo(f"warning: {note}", err=True)

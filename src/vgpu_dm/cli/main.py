@@ -96,14 +96,15 @@ def assert_cmd(
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
+    from vgpu_dm.cli.host_select import open_cli_host
+    from vgpu_dm.cli.journal_note import journal_note
     from vgpu_dm.host.inventory import HostTools, Inventory
-    from vgpu_dm.host.root import open_host
     from vgpu_dm.plan import build_plan
 
-    host = open_host(host_root, sim)
-    pending = _journal_note(host)
+    host = open_cli_host(host_root, sim)
+    pending = journal_note(host)
     if pending:
-        _log.error(f"{pending}: the host may be half-changed; the next apply will put it right")
+        _log.error(pending)
         _log.error("assertion failure: selected configuration not currently applied")
         raise Failure(EXIT_FAILED)
     inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi))
@@ -111,8 +112,7 @@ def assert_cmd(
         # assert changes nothing, so who holds a vGPU does not matter here (force skips that check).
         plan = build_plan(entries, inventory, spec.source, force=True)
     except PlanError as exc:
-        for problem in exc.problems:
-            _log.error(problem)
+        log_problems(exc.problems)
         _log.error("assertion failure: selected configuration cannot be applied on this host")
         raise Failure(EXIT_FAILED) from None
     _log.debug(f"host reads: {host.counters.reads}")
@@ -125,22 +125,6 @@ def assert_cmd(
         _log.info(f"{gp.gpu.describe()}: has {have}, config {name!r} wants {want}")
     _log.error("assertion failure: selected configuration not currently applied")
     raise Failure(EXIT_FAILED)
-
-
-def _journal_note(host) -> str | None:
-    from vgpu_dm import journal
-    from vgpu_dm.host.lock import HostLock
-
-    try:
-        found = journal.read(host)
-    except ValueError as exc:
-        return str(exc)
-    if not found:
-        return None
-    running = HostLock(host).busy()
-    if running:
-        return f"an apply ({running}) is changing the host right now"
-    return f"found {found.describe()}"
 
 
 def _count_names(names: list[str]) -> str:
@@ -186,12 +170,12 @@ def apply_cmd(
         _log.info("Selected vGPU device configuration is valid")
         return
     from vgpu_dm.apply import ApplyOptions, apply_config
+    from vgpu_dm.cli.host_select import open_cli_host
     from vgpu_dm.cli.signals import StopOnSignal
     from vgpu_dm.errors import ApplyInterrupted
     from vgpu_dm.host.inventory import HostTools
-    from vgpu_dm.host.root import open_host
 
-    host = open_host(host_root, sim)
+    host = open_cli_host(host_root, sim)
     with StopOnSignal() as stopper:
         opts = ApplyOptions(
             force=force,
@@ -242,28 +226,46 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except ConfigError as exc:
         log.setup_if_needed()
-        for line in str(exc).splitlines():
-            _log.error(line)
+        log_problems([str(p) for p in exc.problems] or str(exc).splitlines())
         return EXIT_USAGE
     except PlanError as exc:
         log.setup_if_needed()
-        for problem in exc.problems:
-            _log.error(problem)
+        log_problems(exc.problems)
         _log.error("nothing was changed")
         return EXIT_FAILED
     except OSError as exc:
-        # Host I/O that failed outside a planned write (EIO on a sysfs read, an unreadable /proc …).
+        # Host I/O that failed outside a planned write (EIO on a sysfs read, an unreadable /proc …),
+        # or standard output that cannot be written (a full disk, a closed pipe).
+        from vgpu_dm.cli.output import StdoutError
+        from vgpu_dm.host.root import changes_made
+
         log.setup_if_needed()
-        where = f": {exc.filename}" if exc.filename else ""
-        _log.error(f"host I/O error: {exc.strerror or exc}{where}")
-        _log.error("the command stopped here; once the cause is fixed, run apply again to finish or undo")
+        if isinstance(exc, StdoutError):
+            _log.error(f"cannot write the result to standard output: {exc.strerror or exc}")
+        else:
+            where = f": {exc.filename}" if exc.filename else ""
+            _log.error(f"host I/O error: {exc.strerror or exc}{where}")
+        if changes_made():
+            _log.error("the command stopped here; once the cause is fixed, run apply again to finish or undo")
+        else:
+            _log.error("nothing was changed")
         return EXIT_FAILED
     except (ApplyError, HostError, VgpuDmError) as exc:
         log.setup_if_needed()
-        for line in str(exc).splitlines():
-            _log.error(line)
+        log_problems(str(exc).splitlines())
         return EXIT_FAILED
     return EXIT_OK
+
+
+MAX_PROBLEM_LINES = 50
+
+
+def log_problems(lines: list[str]) -> None:
+    """Log each problem on its own line; after the first MAX_PROBLEM_LINES, only how many more."""
+    for line in lines[:MAX_PROBLEM_LINES]:
+        _log.error(line)
+    if len(lines) > MAX_PROBLEM_LINES:
+        _log.error(f"... and {len(lines) - MAX_PROBLEM_LINES} more problems (fix these first)")
 
 
 def entry_point() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 config_file = click.option(
@@ -92,10 +94,27 @@ uuid_mode = click.option(
     "PCI address, the type and an ordinal, so VMs get the same UUIDs after a reboot.  "
     "[env: VGPU_DM_UUID_MODE]",
 )
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds >= 0 (float() alone accepts nan and inf)."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a finite number of seconds >= 0", param, ctx)
+        return seconds
+
+
 lock_timeout = click.option(
     "--lock-timeout",
     envvar="VGPU_DM_LOCK_TIMEOUT",
-    type=click.FloatRange(min=0),
+    type=Seconds(),
     default=60.0,
     show_default=True,
     metavar="SECONDS",

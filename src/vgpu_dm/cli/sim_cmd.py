@@ -115,7 +115,9 @@ def create_cmd(
         state = create_host(directory, list(gpus), vendor_vfio=vendor_vfio, mixed_size=mixed_size)
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
-    for i, gpu in enumerate(state.gpus):
+    # Indices are what configs use: position in PCI address order, not in the order of the --gpu options.
+    by_address = sorted(state.gpus, key=lambda g: g.address)
+    for i, gpu in enumerate(by_address):
         vfs = (
             f", {len(gpu.vfs)} VFs"
             if gpu.vfs
@@ -302,12 +304,13 @@ def hold_cmd(directory: str, device: str, name: str) -> None:
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("pid", type=int)
 def release_cmd(directory: str, pid: int) -> None:
-    """End the fake VM process PID made by 'sim hold'."""
-    import shutil
+    """End the fake VM process PID made by 'sim hold' (no other process of the simulated host)."""
     from pathlib import Path
 
-    proc = Path(directory, "proc", str(pid))
-    if not proc.is_dir():
-        raise click.UsageError(f"no fake process {pid} on the simulated host")
-    shutil.rmtree(proc)
+    from vgpu_dm.sim.processes import release_holder
+
+    try:
+        release_holder(Path(directory), pid)
+    except LookupError as exc:
+        raise click.UsageError(str(exc)) from None
     click.echo(f"pid {pid} released")

@@ -16,6 +16,18 @@ from vgpu_dm import log
 
 SIM_MARKER = ".vgpu-dm-sim"
 _log = log.get("host")
+# Changes this process made to the host (control-file writes, programs run to change it), so that an
+# error can say truthfully whether anything was changed.
+_changes = 0
+
+
+def note_change() -> None:
+    global _changes
+    _changes += 1
+
+
+def changes_made() -> int:
+    return _changes
 
 
 @dataclass
@@ -55,6 +67,7 @@ class HostRoot:
     def write_text(self, rel: str, data: str) -> None:
         """Write to an existing control file; never creates a file (a typo must not go unnoticed)."""
         self.counters.writes += 1
+        note_change()
         _log.debug(f"write {self.path(rel)} <- {data.strip()!r}")
         fd = os.open(self.path(rel), os.O_WRONLY)
         try:

@@ -12,7 +12,7 @@ from vgpu_dm import catalog, log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, is_pci_address
-from vgpu_dm.host.root import HostRoot
+from vgpu_dm.host.root import HostRoot, note_change
 from vgpu_dm.vgpu_type import short_type_name
 
 # Where learned type id → name tables are kept: creatable lists stop naming a type once the GPU is full.
@@ -222,6 +222,12 @@ class VendorVfioBackend:
         )
 
     def set_mixed_size(self, gpu: GPU, enabled: bool) -> None:
+        verb, action = ("enabling", "mixed-size-on") if enabled else ("disabling", "mixed-size-off")
+        _log.info(
+            f"{gpu.describe()}: {verb} mixed-size (heterogeneous) vGPU mode",
+            extra=log.fields(gpu=gpu.index, address=gpu.address, action=action),
+        )
+        note_change()
         proc = self._run([self.nvidia_smi, "vgpu", "-i", gpu.address, "-shm", "1" if enabled else "0"])
         if proc.returncode != 0:
             raise HostError(
@@ -248,6 +254,7 @@ class VendorVfioBackend:
                 f"(containerised drivers: /run/nvidia/driver/usr/lib/nvidia/sriov-manage)"
             )
         _log.info(f"{gpu.describe()}: enabling SR-IOV virtual functions (sriov-manage -e {gpu.address})")
+        note_change()
         proc = self._run([self.sriov_manage, "-e", gpu.address])
         if proc.returncode != 0:
             raise HostError(

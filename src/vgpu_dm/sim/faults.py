@@ -15,6 +15,7 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
 
 FAULTS_FILE = "faults.json"
@@ -34,7 +35,12 @@ class Faults:
         path = Path(root, SIM_MARKER, FAULTS_FILE)
         if not path.exists():
             return cls()
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise HostError(
+                f"the simulator's fault file {path} is corrupt ({exc}); clear it with 'sim fault'"
+            ) from None
 
     def save(self, root: str | os.PathLike[str]) -> None:
         Path(root, SIM_MARKER, FAULTS_FILE).write_text(json.dumps(asdict(self)))

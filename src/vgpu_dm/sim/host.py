@@ -12,7 +12,7 @@ from subprocess import CompletedProcess
 
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
-from vgpu_dm.host.root import SIM_MARKER, HostRoot
+from vgpu_dm.host.root import SIM_MARKER, HostRoot, note_change
 from vgpu_dm.sim import driver
 from vgpu_dm.sim.faults import Faults
 from vgpu_dm.sim.latency import WriteLatency
@@ -35,6 +35,9 @@ class SimHostRoot(HostRoot):
             )
         self.faults = Faults.load(self.base)
         self.latency = WriteLatency.load(self.base)
+        # Reads never need the driver state, so a corrupt one would first show at a write, after the
+        # journal is written; check it before anything is planned.
+        SimState.load(self.base)
 
     def read_text(self, rel: str) -> str:
         self.faults.before_read(rel)
@@ -47,6 +50,7 @@ class SimHostRoot(HostRoot):
 
     def write_text(self, rel: str, data: str) -> None:
         self.counters.writes += 1
+        note_change()
         _log.debug(f"write {self.path(rel)} <- {data.strip()!r} (simulated)")
         self.faults.before_write(self.counters.writes, self.path(rel))
         with open(self.base / SIM_MARKER / WRITE_LOG, "a") as log:

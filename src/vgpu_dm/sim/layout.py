@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vgpu_dm import catalog
+from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
 
 STATE_FILE = "host.json"
@@ -55,9 +56,17 @@ class SimState:
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> SimState:
-        raw = json.loads(Path(root, SIM_MARKER, STATE_FILE).read_text())
-        gpus = [SimGPU(**{**g, "types": [SimType(**t) for t in g["types"]]}) for g in raw["gpus"]]
-        return cls(gpus=gpus, next_group=raw.get("next_group", 100))
+        path = Path(root, SIM_MARKER, STATE_FILE)
+        try:
+            raw = json.loads(path.read_text())
+            gpus = [SimGPU(**{**g, "types": [SimType(**t) for t in g["types"]]}) for g in raw["gpus"]]
+            return cls(gpus=gpus, next_group=int(raw.get("next_group", 100)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # ValueError covers JSONDecodeError and UnicodeDecodeError.
+            raise HostError(
+                f"the simulator's state file {path} is corrupt ({type(exc).__name__}: {exc}); "
+                f"make a new simulated host with 'nvidia-vgpu-dm sim create'"
+            ) from None
 
     def gpu_of(self, address: str) -> SimGPU | None:
         for gpu in self.gpus:

@@ -4,8 +4,33 @@ at a vGPU's VFIO device node, which is exactly what the real in-use detection re
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
+
+from vgpu_dm.host.root import SIM_MARKER
+
+HOLDERS_FILE = "holders.json"  # pids made by add_holder; only these may be released
+
+
+def _made(base: Path) -> list[int]:
+    path = base / SIM_MARKER / HOLDERS_FILE
+    try:
+        return [int(p) for p in json.loads(path.read_text())]
+    except (FileNotFoundError, ValueError, TypeError):
+        return []
+
+
+def release_holder(base: Path, pid: int) -> None:
+    """End a fake VM made by add_holder; any other pid (the init process, …) raises LookupError."""
+    made = _made(base)
+    if pid not in made or not (base / "proc" / str(pid)).is_dir():
+        known = ", ".join(map(str, made)) or "none"
+        raise LookupError(f"pid {pid} is not a fake VM made by 'sim hold' (those are: {known})")
+    shutil.rmtree(base / "proc" / str(pid))
+    made.remove(pid)
+    (base / SIM_MARKER / HOLDERS_FILE).write_text(json.dumps(made))
 
 
 def add_holder(base: Path, node: str, name: str = "qemu-system-x86_64") -> int:
@@ -16,6 +41,7 @@ def add_holder(base: Path, node: str, name: str = "qemu-system-x86_64") -> int:
     (proc / str(pid) / "fd").mkdir(parents=True)
     (proc / str(pid) / "comm").write_text(name + "\n")
     os.symlink(node, proc / str(pid) / "fd" / "42")
+    (base / SIM_MARKER / HOLDERS_FILE).write_text(json.dumps([*_made(base), pid]))
     return pid
 
 

@@ -6,6 +6,7 @@ wrong scalar types and alias bombs are caught with a location instead of silentl
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ try:
 except ImportError:  # pragma: no cover - PyYAML built without libyaml
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
+NVIDIA_VENDOR = 0x10DE
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 # Nodes visited while walking; aliases make a small file expand, this bounds the expansion.
 MAX_NODES = 200_000
@@ -36,8 +38,16 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 def read_config_source(path: str) -> tuple[bytes, str]:
     """Read a config file (``-`` = stdin) with a size limit; returns (bytes, display name)."""
     if path == "-":
-        data = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
         name = "<stdin>"
+        # A closed stdin (``<&-``) leaves sys.stdin None; a bad descriptor fails on read.
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:
+            raise ConfigError(f"{name}: cannot read config file: standard input is closed (-f -)")
+        try:
+            data = stream.read(MAX_CONFIG_BYTES + 1)
+        except (OSError, ValueError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(f"{name}: cannot read config file from standard input (-f -): {why}") from None
     else:
         name = path
         try:
@@ -76,14 +86,18 @@ def _describe(node: yaml.Node) -> str:
 
 
 def _key_segment(key: str, quote: bool = False) -> str:
-    return f'"{key}"' if quote or not _PLAIN_KEY.fullmatch(key) else key
+    # JSON quoting escapes control characters, so a newline in a name cannot split a log line.
+    return json.dumps(key, ensure_ascii=False) if quote or not _PLAIN_KEY.fullmatch(key) else key
 
 
 class _Walker:
-    def __init__(self, source: str):
+    def __init__(self, source: str, size: int = 0):
         self.source = source
         self.problems: list[Problem] = []
         self.nodes = 0
+        # Without aliases every node takes at least one byte of the file, so a file of many small
+        # configs never reaches this limit; only repeated aliases do.
+        self.max_nodes = max(MAX_NODES, size)
         self._constructor = yaml.constructor.SafeConstructor()
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -95,8 +109,13 @@ class _Walker:
 
     def visit(self, node: yaml.Node, depth: int) -> None:
         self.nodes += 1
-        if self.nodes > MAX_NODES:
-            raise _TooBig(node, f"document expands to more than {MAX_NODES} nodes (alias bomb?); refusing it")
+        if self.nodes > self.max_nodes:
+            raise _TooBig(
+                node,
+                f"document expands to more than {self.max_nodes} YAML nodes (the limit is the file's size "
+                f"in bytes, at least {MAX_NODES}); only aliases (*name, <<: *name) that repeat large parts "
+                f"expand a file that far (an alias bomb); refusing it",
+            )
         if depth > MAX_DEPTH:
             raise _TooBig(node, f"document is nested deeper than {MAX_DEPTH} levels; refusing it")
 
@@ -203,9 +222,20 @@ class _Walker:
         if not items:
             self.error(node, "vgpu-configs", "must define at least one config")
         configs: dict[str, tuple[ConfigEntry, ...]] = {}
-        for name, _, value in items:
+        for name, key_node, value in items:
             path = f"vgpu-configs.{_key_segment(name)}"
             self.visit(value, 2)
+            if key_node.tag != _TAG + "str":
+                self.error(
+                    key_node,
+                    path,
+                    f"config name must be a string, got {_describe(key_node)}; quote it if it is meant "
+                    f'as a name ("{name}")',
+                )
+                continue
+            if name == "":
+                self.error(key_node, path, "config name must not be empty")
+                continue
             if not isinstance(value, yaml.SequenceNode):
                 self.error(value, path, f"expected a list of entries, got {_describe(value)}")
                 continue
@@ -294,6 +324,9 @@ class _Walker:
         self.visit(node, 4)
         if isinstance(node, yaml.SequenceNode):
             items = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+            if not items:
+                self.error(node, path, "empty list: leave device-filter out to select GPUs of every model")
+                return None
         else:
             items = [(path, node)]
         filters: list[DeviceID] = []
@@ -308,12 +341,29 @@ class _Walker:
                 good = False
                 continue
             if item.value == "":
-                continue  # upstream: an empty filter matches every GPU
+                # Upstream reads "" as "every GPU"; a filter that looks set but selects everything is
+                # more likely a templating slip than a wish, so it must be said by leaving the key out.
+                self.error(item, where, "empty device id: leave device-filter out to select every GPU")
+                good = False
+                continue
             try:
-                filters.append(DeviceID.parse(item.value))
+                parsed = DeviceID.parse(item.value)
             except InvalidDeviceID as exc:
                 self.error(item, where, str(exc))
                 good = False
+                continue
+            if parsed.vendor != NVIDIA_VENDOR:
+                # Only NVIDIA GPUs are ever matched, so any other vendor half would match nothing.
+                self.error(
+                    item,
+                    where,
+                    f"invalid device id {item.value!r}: the vendor half is 0x{parsed.vendor:04X}, not "
+                    f"NVIDIA's 0x10DE; expected 0xDDDDVVVV (device then vendor, e.g. 0x1EB810DE) with "
+                    f"an optional :0xSSSSVVVV subsystem part",
+                )
+                good = False
+                continue
+            filters.append(parsed)
         return tuple(filters) if good else None
 
     def vgpu_devices(self, node: yaml.Node, path: str) -> tuple[tuple[VGPUType, int], ...] | None:
@@ -412,7 +462,7 @@ def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
         raise ConfigError([Problem(source, 1, 1, "", f"invalid YAML/JSON: {exc}")]) from None
     except RecursionError:
         raise ConfigError([Problem(source, 1, 1, "", "document is nested too deeply; refusing it")]) from None
-    walker = _Walker(source)
+    walker = _Walker(source, len(text))
     try:
         configs = walker.document(root)
     except _TooBig as exc:
