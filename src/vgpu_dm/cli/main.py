@@ -212,6 +212,9 @@ _register_more()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of raising SystemExit (for in-process tests)."""
+    root = sys.modules.get("vgpu_dm.host.root")  # not imported yet: nothing counted, keep imports light
+    if root is not None:
+        root.reset_changes()
     try:
         cli.main(args=argv, prog_name="nvidia-vgpu-dm", standalone_mode=False)
     except Failure as exc:

@@ -30,6 +30,12 @@ def changes_made() -> int:
     return _changes
 
 
+def reset_changes() -> None:
+    """Start counting afresh (each CLI run; tests run many in one process)."""
+    global _changes
+    _changes = 0
+
+
 @dataclass
 class IOCounters:
     reads: int = 0
