@@ -4,6 +4,9 @@
   (url, ca_file, admin_token, admin_kubeconfig, kubeconfig_for_token, stop/start/restart, kubectl).
 - ``admin_client`` (session): a lightkube Client with the admin token.
 - ``k8s_node`` / ``k8s_namespace`` (function): a fresh Node / Namespace, deleted after the test.
+- ``deployed_rbac`` (session): deploy/kubernetes applied with `kubectl apply -k` and a token of its
+  ServiceAccount (see DeployedRBAC): run the agent with ``--kubeconfig deployed_rbac.kubeconfig
+  --namespace deployed_rbac.namespace`` to prove the shipped RBAC is enough.
 
 Without KUBEBUILDER_ASSETS the tests skip with a reason, except under CI=true, where they fail: CI
 must run them (`make test` prepares the assets when ../shared/envtest is present).
@@ -17,9 +20,11 @@ import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import pytest
 
+from tests.k8s import manifests
 from tests.k8s.envtest import APIServer, EnvtestError, client_from_kubeconfig
 
 __all__ = ["client_from_kubeconfig"]
@@ -109,6 +114,52 @@ def delete_namespace(apiserver: APIServer, name: str) -> None:
     apiserver.kubectl("delete", "namespace", name, "--wait=false")
     body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}, "spec": {"finalizers": []}}
     apiserver.request("PUT", f"/api/v1/namespaces/{name}/finalize", body=json.dumps(body).encode())
+
+
+@dataclass(frozen=True)
+class DeployedRBAC:
+    """deploy/kubernetes applied to the test server, and a token of the agent's ServiceAccount."""
+
+    namespace: str  # the operand namespace: the agent's --namespace / NAMESPACE (pods, Events)
+    serviceaccount: str
+    token: str
+    kubeconfig: str  # a kubeconfig file that authenticates as that ServiceAccount
+    agent_namespace: str  # where the DaemonSet and the ServiceAccount live
+
+    @property
+    def username(self) -> str:
+        return f"system:serviceaccount:{self.agent_namespace}:{self.serviceaccount}"
+
+
+@pytest.fixture(scope="session")
+def deployed_rbac(apiserver: APIServer) -> DeployedRBAC:
+    wiring = manifests.wiring(manifests.rendered())
+    # The operand namespace belongs to the GPU Operator; the deployment expects it to exist.
+    if apiserver.kubectl("get", "namespace", wiring.operand_namespace).returncode != 0:
+        apiserver.kubectl("create", "namespace", wiring.operand_namespace, check=True)
+    apply_deployment(apiserver)
+    token = apiserver.kubectl(
+        "create", "token", wiring.serviceaccount, "-n", wiring.agent_namespace, "--duration=6h", check=True
+    ).stdout.strip()
+    return DeployedRBAC(
+        namespace=wiring.operand_namespace,
+        serviceaccount=wiring.serviceaccount,
+        token=token,
+        kubeconfig=apiserver.kubeconfig_for_token(token),
+        agent_namespace=wiring.agent_namespace,
+    )
+
+
+def apply_deployment(apiserver: APIServer):
+    """`kubectl apply -k deploy/kubernetes`, as the README says.
+
+    --validate=false only because kubectl 1.32's client-side validation fetches the protobuf OpenAPI v2
+    document, which this 1.36 test server fails to produce (503); the schema is checked strictly
+    elsewhere: offline with kubernetes-validate and on this server with fieldValidation=Strict.
+    """
+    result = apiserver.kubectl("apply", "-k", str(manifests.DEPLOY_DIR), "--validate=false")
+    assert result.returncode == 0, f"kubectl apply -k failed:\n{result.stderr}"
+    return result
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

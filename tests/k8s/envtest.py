@@ -143,12 +143,19 @@ class APIServer:
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
 
-    def request(self, method: str, path: str, token: str | None = None, body: bytes | None = None):
+    def request(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, bytes]:
         """One raw HTTPS request (status, body bytes); for probes and tests that need the bare API."""
         req = urllib.request.Request(self.url + path, data=body, method=method)
         req.add_header("Authorization", f"Bearer {token or self.admin_token}")
         if body is not None:
-            req.add_header("Content-Type", "application/json")
+            req.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(req, context=self.ssl_context(), timeout=10) as resp:
                 return resp.status, resp.read()

@@ -1,0 +1,246 @@
+"""deploy/kubernetes and deploy/container checked offline: strict schema validation for every
+Kubernetes version from 1.30 that kubernetes-validate bundles, least-privilege RBAC, and the wiring
+between the DaemonSet, its ServiceAccount, the RBAC, the ConfigMap and the agent's flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+from kubernetes_validate.utils import ValidationError, all_versions
+
+from tests.k8s.manifests import DEPLOY_DIR, DOCKERFILE, REPO, env_of, one, rendered, source_docs, wiring
+from vgpu_dm.spec.loader import load_spec_file
+
+MIN_VERSION = (1, 30)
+VERSIONS = sorted(
+    {v for v in all_versions() if tuple(int(p) for p in v.split(".")[:2]) >= MIN_VERSION},
+    key=lambda v: tuple(int(p) for p in v.split(".")),
+)
+EXPECTED_KINDS = {
+    "Namespace",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "DaemonSet",
+}
+
+
+def _container(docs):
+    return one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_bundled_schemas_cover_1_30_to_the_test_server():
+    assert VERSIONS[0].startswith("1.30.")
+    assert any(v.startswith("1.36.") for v in VERSIONS), "no schema for the 1.36 test server"
+
+
+def test_kustomize_renders_every_object():
+    assert {d["kind"] for d in rendered()} == EXPECTED_KINDS
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rendered_manifests_validate_strictly(version):
+    for doc in rendered():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("version", [VERSIONS[0], VERSIONS[-1]])
+def test_source_files_validate_strictly(version):
+    docs = source_docs()
+    assert {d["kind"] for _, d in docs} == EXPECTED_KINDS - {"ConfigMap"}  # the ConfigMap is generated
+    for name, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except ValidationError as err:
+            raise AssertionError(f"deploy/kubernetes/{name}: {doc['kind']}: {err.message}") from err
+
+
+def test_strict_validation_catches_a_misspelt_field():
+    """The check above is worth something: a typo in the DaemonSet is refused, not ignored."""
+    docs = rendered()
+    ds = copy.deepcopy(one(docs, "DaemonSet"))
+    ds["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"httpGet": {"path": "/healthz"}}
+    with pytest.raises(ValidationError, match="livenesProbe"):
+        kubernetes_validate.validate(ds, VERSIONS[0], strict=True)
+
+
+def test_kustomize_reports_a_broken_kustomization(tmp_path):
+    broken = tmp_path / "kustomization.yaml"
+    broken.write_text("resources:\n  - missing.yaml\n")
+    result = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "missing.yaml" in result.stderr
+
+
+# -- RBAC ------------------------------------------------------------------------------------------
+
+
+def _rules(doc):
+    return {
+        (group, resource): sorted(rule["verbs"])
+        for rule in doc["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+
+
+def test_rbac_grants_exactly_what_the_agent_calls():
+    docs = rendered()
+    w = wiring(docs)
+    assert _rules(one(docs, "ClusterRole")) == {("", "nodes"): ["get", "list", "patch", "watch"]}
+    role = one(docs, "Role")
+    assert role["metadata"]["namespace"] == w.operand_namespace
+    # core/v1 Events (not events.k8s.io): what vgpu_dm.k8s creates, in its --namespace.
+    assert _rules(role) == {("", "pods"): ["list", "watch"], ("", "events"): ["create"]}
+    for doc in (one(docs, "ClusterRole"), role):
+        for rule in doc["rules"]:
+            assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames/nonResourceURLs"
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+            assert "update" not in rule["verbs"] and "secrets" not in rule["resources"]
+
+
+def test_bindings_point_at_the_daemonsets_serviceaccount():
+    docs = rendered()
+    w = wiring(docs)
+    sa = one(docs, "ServiceAccount")
+    assert (sa["metadata"]["namespace"], sa["metadata"]["name"]) == (w.agent_namespace, w.serviceaccount)
+    subject = {"kind": "ServiceAccount", "name": w.serviceaccount, "namespace": w.agent_namespace}
+    crb, rb = one(docs, "ClusterRoleBinding"), one(docs, "RoleBinding")
+    assert crb["subjects"] == [subject] and rb["subjects"] == [subject]
+    assert crb["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": one(docs, "ClusterRole")["metadata"]["name"],
+    }
+    assert rb["metadata"]["namespace"] == w.operand_namespace
+    assert rb["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": one(docs, "Role")["metadata"]["name"],
+    }
+
+
+# -- DaemonSet -------------------------------------------------------------------------------------
+
+
+def test_daemonset_runs_on_vgpu_nodes_with_the_host_root():
+    docs = rendered()
+    ds = one(docs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    container = _container(docs)
+    env = env_of(container)
+    assert one(docs, "Namespace")["metadata"]["name"] == ds["metadata"]["namespace"]
+    assert one(docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.workload.config": "vm-vgpu"}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert container["securityContext"]["privileged"] is True
+    assert container["securityContext"]["runAsUser"] == 0
+    host_root = env["HOST_ROOT_MOUNT"]["value"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert volumes[mounts[host_root]["name"]]["hostPath"]["path"] == "/"
+    assert not mounts[host_root].get("readOnly", False)
+    # Long enough for an apply interrupted by SIGTERM to roll back and restore the operands.
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind])
+
+
+def test_probes_hit_the_metrics_endpoint_the_agent_serves():
+    container = _container(rendered())
+    args = container["args"]
+    address = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-address="))
+    port = int(address.rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert ports.get(get["port"], get["port"]) == port
+
+
+def test_configmap_holds_the_example_and_the_default_config_exists(tmp_path):
+    docs = rendered()
+    container = _container(docs)
+    env = env_of(container)
+    config_file = Path(env["CONFIG_FILE"]["value"])
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_file.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    cm = one(docs, "ConfigMap")
+    # kustomize gave the generated ConfigMap a content hash; the volume must follow that name.
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    assert cm["metadata"]["namespace"] == one(docs, "DaemonSet")["metadata"]["namespace"]
+    content = cm["data"][config_file.name]
+    assert content == (REPO / "examples" / "config-t4.yaml").read_text()
+    assert content == (DEPLOY_DIR / "vgpu-config.yaml").read_text()
+    (tmp_path / config_file.name).write_text(content)
+    spec = load_spec_file(tmp_path / config_file.name)  # our own loader: every config in it is valid
+    assert env["DEFAULT_VGPU_CONFIG"]["value"] in spec.configs
+
+
+def test_image_tag_is_the_project_version():
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    image = _container(rendered())["image"]
+    assert version and image.rsplit(":", 1)[1] == version.group(1)
+
+
+# -- container image -------------------------------------------------------------------------------
+
+
+def _stages(dockerfile: str) -> tuple[list[str], list[list[str]]]:
+    """(instructions before the first FROM, one list of instructions per stage)."""
+    preamble: list[str] = []
+    stages: list[list[str]] = []
+    for raw in dockerfile.replace("\\\n", " ").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([line])
+        else:
+            (stages[-1] if stages else preamble).append(line)
+    return preamble, stages
+
+
+def test_dockerfile_final_stage_is_slim_and_non_root():
+    preamble, stages = _stages(DOCKERFILE.read_text())
+    assert len(stages) == 2, "a builder stage and a final stage"
+    builder, final = stages
+    assert any(re.match(r"ARG PYTHON_IMAGE=python:3\.\d+-slim", line) for line in preamble)
+    assert builder[0] == "FROM ${PYTHON_IMAGE} AS builder" and final[0] == "FROM ${PYTHON_IMAGE}"
+    assert any("pip wheel" in line and "--no-deps" in line for line in builder)
+    final_text = "\n".join(final)
+    # Nothing is built or fetched in the final stage: it only copies the builder's virtualenv.
+    assert not re.search(r"\b(apt-get|apk|gcc|build-essential|pip|RUN)\b", final_text)
+    assert "COPY --from=builder /opt/vgpu-dm /opt/vgpu-dm" in final
+    user = next(line.split()[1] for line in final if line.startswith("USER "))
+    assert user.split(":")[0] not in ("0", "root")
+    assert 'ENTRYPOINT ["nvidia-k8s-vgpu-dm"]' in final
+    assert "NVIDIA_VISIBLE_DEVICES=void" in final_text
+
+
+def test_distribution_has_both_programs_and_the_agent_extra():
+    """What the Dockerfile installs (the wheel with its k8s extra) provides the ENTRYPOINT program.
+
+    Read from the installed distribution's metadata (built from the same pyproject.toml as the wheel);
+    building a wheel here would need the network or the `wheel` package.
+    """
+    dist = metadata.distribution("vgpu-device-manager")
+    scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
+    assert scripts["nvidia-vgpu-dm"] == "vgpu_dm.cli.main:entry_point"
+    assert scripts["nvidia-k8s-vgpu-dm"] == "vgpu_dm.k8s.main:entry_point"
+    k8s_extra = {
+        re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower()
+        for req in dist.requires or []
+        if re.search(r"extra\s*==\s*.k8s.", req)
+    }
+    assert k8s_extra == {"lightkube", "prometheus-client"}
