@@ -18,6 +18,7 @@ from tests.k8s.envtest import KUBECTL
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO / "deploy" / "kubernetes"
+OVERLAY_DIR = REPO / "examples" / "kubernetes-overlay"  # the README's site overlay on DEPLOY_DIR
 DOCKERFILE = REPO / "deploy" / "container" / "Dockerfile"
 
 Doc = dict[str, Any]
@@ -32,19 +33,19 @@ def require_kubectl() -> None:
 
 
 @cache
-def _render() -> str:
+def _render(directory: Path) -> str:
     result = subprocess.run(
-        [KUBECTL, "kustomize", str(DEPLOY_DIR)], capture_output=True, text=True, timeout=60, check=False
+        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
     )
     if result.returncode != 0:
-        raise AssertionError(f"kubectl kustomize {DEPLOY_DIR} failed:\n{result.stderr}")
+        raise AssertionError(f"kubectl kustomize {directory} failed:\n{result.stderr}")
     return result.stdout
 
 
-def rendered() -> list[Doc]:
+def rendered(directory: Path = DEPLOY_DIR) -> list[Doc]:
     """The rendered manifests (a fresh copy each call, so tests may mutate them)."""
     require_kubectl()
-    return [doc for doc in yaml.safe_load_all(_render()) if doc]
+    return [doc for doc in yaml.safe_load_all(_render(directory)) if doc]
 
 
 def source_docs() -> list[tuple[str, Doc]]:

@@ -15,7 +15,17 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import ValidationError, all_versions
 
-from tests.k8s.manifests import DEPLOY_DIR, DOCKERFILE, REPO, env_of, one, rendered, source_docs, wiring
+from tests.k8s.manifests import (
+    DEPLOY_DIR,
+    DOCKERFILE,
+    OVERLAY_DIR,
+    REPO,
+    env_of,
+    one,
+    rendered,
+    source_docs,
+    wiring,
+)
 from vgpu_dm.spec.loader import load_spec_file
 
 MIN_VERSION = (1, 30)
@@ -23,6 +33,13 @@ VERSIONS = sorted(
     {v for v in all_versions() if tuple(int(p) for p in v.split(".")[:2]) >= MIN_VERSION},
     key=lambda v: tuple(int(p) for p in v.split(".")),
 )
+# The shipped deployment, and the README's site overlay on it (other image, configs, operand namespace):
+# each must be consistent on its own. The second value is the example its ConfigMap must hold.
+DEPLOYMENTS = {
+    "base": (DEPLOY_DIR, REPO / "examples" / "config-t4.yaml"),
+    "overlay": (OVERLAY_DIR, REPO / "examples" / "config-h100.yaml"),
+}
+deployments = pytest.mark.parametrize("which", list(DEPLOYMENTS))
 EXPECTED_KINDS = {
     "Namespace",
     "ServiceAccount",
@@ -44,13 +61,15 @@ def test_bundled_schemas_cover_1_30_to_the_test_server():
     assert any(v.startswith("1.36.") for v in VERSIONS), "no schema for the 1.36 test server"
 
 
-def test_kustomize_renders_every_object():
-    assert {d["kind"] for d in rendered()} == EXPECTED_KINDS
+@deployments
+def test_kustomize_renders_every_object(which):
+    assert {d["kind"] for d in rendered(DEPLOYMENTS[which][0])} == EXPECTED_KINDS
 
 
+@deployments
 @pytest.mark.parametrize("version", VERSIONS)
-def test_rendered_manifests_validate_strictly(version):
-    for doc in rendered():
+def test_rendered_manifests_validate_strictly(which, version):
+    for doc in rendered(DEPLOYMENTS[which][0]):
         kubernetes_validate.validate(doc, version, strict=True)
 
 
@@ -93,8 +112,9 @@ def _rules(doc):
     }
 
 
-def test_rbac_grants_exactly_what_the_agent_calls():
-    docs = rendered()
+@deployments
+def test_rbac_grants_exactly_what_the_agent_calls(which):
+    docs = rendered(DEPLOYMENTS[which][0])
     w = wiring(docs)
     assert _rules(one(docs, "ClusterRole")) == {("", "nodes"): ["get", "list", "patch", "watch"]}
     role = one(docs, "Role")
@@ -108,8 +128,9 @@ def test_rbac_grants_exactly_what_the_agent_calls():
             assert "update" not in rule["verbs"] and "secrets" not in rule["resources"]
 
 
-def test_bindings_point_at_the_daemonsets_serviceaccount():
-    docs = rendered()
+@deployments
+def test_bindings_point_at_the_daemonsets_serviceaccount(which):
+    docs = rendered(DEPLOYMENTS[which][0])
     w = wiring(docs)
     sa = one(docs, "ServiceAccount")
     assert (sa["metadata"]["namespace"], sa["metadata"]["name"]) == (w.agent_namespace, w.serviceaccount)
@@ -132,8 +153,9 @@ def test_bindings_point_at_the_daemonsets_serviceaccount():
 # -- DaemonSet -------------------------------------------------------------------------------------
 
 
-def test_daemonset_runs_on_vgpu_nodes_with_the_host_root():
-    docs = rendered()
+@deployments
+def test_daemonset_runs_on_vgpu_nodes_with_the_host_root(which):
+    docs = rendered(DEPLOYMENTS[which][0])
     ds = one(docs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     container = _container(docs)
@@ -155,8 +177,9 @@ def test_daemonset_runs_on_vgpu_nodes_with_the_host_root():
         assert {"cpu", "memory"} <= set(container["resources"][kind])
 
 
-def test_probes_hit_the_metrics_endpoint_the_agent_serves():
-    container = _container(rendered())
+@deployments
+def test_probes_hit_the_metrics_endpoint_the_agent_serves(which):
+    container = _container(rendered(DEPLOYMENTS[which][0]))
     args = container["args"]
     address = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-address="))
     port = int(address.rsplit(":", 1)[1])
@@ -167,8 +190,10 @@ def test_probes_hit_the_metrics_endpoint_the_agent_serves():
         assert ports.get(get["port"], get["port"]) == port
 
 
-def test_configmap_holds_the_example_and_the_default_config_exists(tmp_path):
-    docs = rendered()
+@deployments
+def test_configmap_holds_the_example_and_the_default_config_exists(which, tmp_path):
+    directory, example = DEPLOYMENTS[which]
+    docs = rendered(directory)
     container = _container(docs)
     env = env_of(container)
     config_file = Path(env["CONFIG_FILE"]["value"])
@@ -180,11 +205,23 @@ def test_configmap_holds_the_example_and_the_default_config_exists(tmp_path):
     assert volume["configMap"]["name"] == cm["metadata"]["name"]
     assert cm["metadata"]["namespace"] == one(docs, "DaemonSet")["metadata"]["namespace"]
     content = cm["data"][config_file.name]
-    assert content == (REPO / "examples" / "config-t4.yaml").read_text()
-    assert content == (DEPLOY_DIR / "vgpu-config.yaml").read_text()
+    # The copy kustomize packs must not drift from the example the README and the tests use.
+    assert content == example.read_text()
+    assert content == (directory / "vgpu-config.yaml").read_text()
     (tmp_path / config_file.name).write_text(content)
     spec = load_spec_file(tmp_path / config_file.name)  # our own loader: every config in it is valid
     assert env["DEFAULT_VGPU_CONFIG"]["value"] in spec.configs
+
+
+def test_overlay_moves_the_operand_namespace_and_the_image():
+    base, overlay = rendered(DEPLOY_DIR), rendered(OVERLAY_DIR)
+    assert wiring(base).operand_namespace == "gpu-operator"
+    assert wiring(overlay).operand_namespace == "nvidia-gpu-operator"
+    assert _container(overlay)["image"] == "registry.example.com/gpu/vgpu-device-manager:0.1.0"
+    # Everything but the Role and RoleBinding stays where the base puts it.
+    assert {(d["kind"], d["metadata"].get("namespace")) for d in overlay} - {
+        (d["kind"], d["metadata"].get("namespace")) for d in base
+    } == {("Role", "nvidia-gpu-operator"), ("RoleBinding", "nvidia-gpu-operator")}
 
 
 def test_image_tag_is_the_project_version():
