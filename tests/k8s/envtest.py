@@ -135,7 +135,13 @@ class APIServer:
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = False, kubeconfig: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run kubectl (admin unless ``kubeconfig`` is given); stdout/stderr captured as text."""
+        """Run kubectl (admin unless ``kubeconfig`` is given); stdout/stderr captured as text.
+
+        `create -f`/`apply` need ``--validate=false`` here: kubectl 1.32's client-side validation fetches
+        the protobuf OpenAPI v2 document, which this 1.36 server fails to produce (503, "failed to
+        download openapi"). To check fields strictly, send the request with ``fieldValidation=Strict``
+        (see tests/k8s/test_deploy.py).
+        """
         cmd = [KUBECTL, f"--kubeconfig={kubeconfig or self.admin_kubeconfig}", *args]
         # kubectl 1.32 against a 1.36 server prints a version-skew warning on stderr; harmless.
         return subprocess.run(cmd, input=input, capture_output=True, text=True, check=check, timeout=120)
