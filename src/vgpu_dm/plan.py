@@ -42,6 +42,13 @@ class Plan:
     gpus: tuple[GPUPlan, ...]
     unselected: tuple[GPU, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # Only with build_plan(strict=False), for previews: what would stop an apply, per GPU index
+    # (None: problems of the config as a whole, such as an index the host does not have).
+    problems: dict[int | None, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def all_problems(self) -> list[str]:
+        return [p for found in self.problems.values() for p in found]
 
     @property
     def changed(self) -> tuple[GPUPlan, ...]:
@@ -98,9 +105,17 @@ def _resolve(vtype: VGPUType, offered: dict[str, TypeInfo]) -> TypeInfo | None:
 
 
 def build_plan(
-    entries: tuple[ConfigEntry, ...], inventory: Inventory, source: str = "", force: bool = False
+    entries: tuple[ConfigEntry, ...],
+    inventory: Inventory,
+    source: str = "",
+    force: bool = False,
+    strict: bool = True,
 ) -> Plan:
-    """The plan for the selected config's entries; raises PlanError listing every problem found."""
+    """The plan for the selected config's entries; raises PlanError listing every problem found.
+
+    With ``strict=False`` (a preview) problems do not raise: they are returned in ``Plan.problems``,
+    and the GPUs that have them are left out of ``Plan.gpus``.
+    """
     gpus = inventory.gpus
     problems: list[str] = []
     where = f"{source}:" if source else ""
@@ -115,18 +130,23 @@ def build_plan(
     chosen = governing_entries(entries, gpus)
     plans: list[GPUPlan] = []
     notes: list[str] = []
+    by_gpu: dict[int | None, tuple[str, ...]] = {None: tuple(problems)} if problems else {}
     for gpu in gpus:
         entry = chosen.get(gpu.index)
         if entry is None:
             continue
+        before = len(problems)
         plan = _plan_gpu(gpu, entry, inventory, problems, notes, force)
         if plan is not None:
             _check_in_use(plan, inventory, force, problems, notes)
+        if len(problems) > before:
+            by_gpu[gpu.index] = tuple(problems[before:])
+        elif plan is not None:
             plans.append(plan)
-    if problems:
+    if problems and strict:
         raise PlanError(problems)
     unselected = tuple(g for g in gpus if g.index not in chosen)
-    return Plan(gpus=tuple(plans), unselected=unselected, notes=tuple(notes))
+    return Plan(gpus=tuple(plans), unselected=unselected, notes=tuple(notes), problems=by_gpu)
 
 
 def _plan_gpu(

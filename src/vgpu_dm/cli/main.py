@@ -146,6 +146,11 @@ def _count_names(names: list[str]) -> str:
 @options.keep_going
 @options.uuid_mode
 @options.lock_timeout
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Only show what would be done, per GPU (as the plan command does); write nothing, take no lock.",
+)
 def apply_cmd(
     config_file: str,
     selected_config: str | None,
@@ -158,6 +163,7 @@ def apply_cmd(
     keep_going: bool,
     uuid_mode: str,
     lock_timeout: float,
+    dry_run: bool,
 ) -> None:
     """Make the host's vGPU devices match the selected config.
 
@@ -168,6 +174,13 @@ def apply_cmd(
     spec, name, entries = load_selected(config_file, selected_config)
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
+        return
+    if dry_run:
+        from vgpu_dm.cli.plan_cmd import run_plan
+
+        code = run_plan((spec, name, entries), host_root, sim, sriov_manage, nvidia_smi, force, False)
+        if code:
+            raise Failure(code)
         return
     from vgpu_dm.apply import ApplyOptions, apply_config
     from vgpu_dm.cli.host_select import open_cli_host
@@ -198,13 +211,19 @@ def apply_cmd(
 
 
 def _register_more() -> None:
+    from vgpu_dm.cli.export_cmd import export_cmd
     from vgpu_dm.cli.list_cmd import list_cmd
     from vgpu_dm.cli.mig_cmd import mig_config_cmd
+    from vgpu_dm.cli.plan_cmd import plan_cmd
     from vgpu_dm.cli.sim_cmd import sim_group
+    from vgpu_dm.cli.types_cmd import types_cmd
 
     cli.add_command(list_cmd)
     cli.add_command(mig_config_cmd)
+    cli.add_command(plan_cmd)
     cli.add_command(sim_group)
+    cli.add_command(export_cmd)
+    cli.add_command(types_cmd)
 
 
 _register_more()

@@ -1,0 +1,202 @@
+"""``nvidia-vgpu-dm plan`` (and ``apply --dry-run``): what apply would keep, remove and create on each
+GPU, which config entry decides it, which VMs hold vGPUs that would go, and every problem — without
+writing anything or taking the host lock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+
+from vgpu_dm.cli import options
+
+
+def _counted(names: list[str]) -> list[dict]:
+    return [{"type": n, "count": c} for n, c in Counter(names).items()]
+
+
+def _device(device, inventory) -> dict:
+    holders = inventory.holders.holders(device, required=False)
+    return {
+        "type": device.type_name,
+        "uuid": device.uuid,
+        "parent": device.parent,
+        "holders": [{"pid": h.pid, "name": h.name} for h in holders],
+    }
+
+
+def plan_report(entries, inventory, source: str, name: str, force: bool = False) -> dict:
+    """The preview as data (what ``plan --json`` prints); built from plan.build_plan(strict=False)."""
+    from vgpu_dm import catalog
+    from vgpu_dm.cli.journal_note import journal_note
+    from vgpu_dm.cli.list_cmd import model_name
+    from vgpu_dm.plan import build_plan, governing_entries
+
+    plan = build_plan(entries, inventory, source, force=force, strict=False)
+    planned = {gp.gpu.index: gp for gp in plan.gpus}
+    chosen = governing_entries(entries, inventory.gpus)
+    gpus = []
+    for gpu in inventory.gpus:
+        entry = catalog.for_device(gpu.device_id)
+        item: dict = {
+            "index": gpu.index,
+            "address": gpu.address,
+            "model": model_name(entry.name) if entry else "unknown NVIDIA GPU",
+            "framework": inventory.framework(gpu),
+            "entry": None,
+        }
+        governing = chosen.get(gpu.index)
+        if governing is not None:
+            item["entry"] = {"path": governing.path, "line": governing.line}
+        gp = planned.get(gpu.index)
+        if gpu.index in plan.problems:
+            item["status"] = "problem"
+            item["problems"] = list(plan.problems[gpu.index])
+        elif governing is None:
+            item["status"] = "unselected"
+        elif gp is not None:
+            item["status"] = "change" if gp.changes else "unchanged"
+            item["keep"] = _counted([d.type_name for d in gp.keep])
+            item["remove"] = [_device(d, inventory) for d in gp.remove]
+            item["create"] = _counted([t.name for t in gp.create])
+            if gp.enable_vfs:
+                # The VFs come first; the vGPUs are then created as the config says.
+                item["enable_vfs"] = True
+                item["create"] = [{"type": t, "count": c} for t, c in gp.wanted.items()]
+            if gp.enable_mixed_size:
+                item["enable_mixed_size"] = True
+        gpus.append(item)
+    removals = sum(len(g.get("remove", [])) for g in gpus)
+    creations = sum(c["count"] for g in gpus for c in g.get("create", []) if g["status"] == "change")
+    return {
+        "config": name,
+        "file": source,
+        "gpus": gpus,
+        "changes": sum(1 for g in gpus if g["status"] == "change"),
+        "removals": removals,
+        "creations": creations,
+        "problems": [*plan.problems.get(None, ()), *[p for g in gpus for p in g.get("problems", [])]],
+        "notes": list(plan.notes),
+        "journal": journal_note(inventory.host),
+    }
+
+
+def _count_text(items: list[dict]) -> str:
+    return ", ".join(f"{c['count']} x {c['type']}" for c in items)
+
+
+def render_plan(report: dict) -> str:
+    """The preview as text for an operator."""
+    from vgpu_dm.log import printable
+
+    lines = []
+    for gpu in report["gpus"]:
+        head = f"GPU {gpu['index']}  {gpu['address']}  {gpu['model']}  {gpu['framework']}"
+        if gpu["entry"]:
+            head += f"  [{gpu['entry']['path']}, line {gpu['entry']['line']}]"
+        lines.append(head)
+        status = gpu["status"]
+        if status == "unselected":
+            lines.append("  no entry selects it: left alone")
+        elif status == "problem":
+            lines.extend(f"  problem: {p}" for p in gpu["problems"])
+        else:
+            if gpu.get("enable_vfs"):
+                lines.append(f"  enable   its SR-IOV virtual functions (sriov-manage -e {gpu['address']})")
+            if gpu["keep"]:
+                lines.append(f"  keep     {_count_text(gpu['keep'])}")
+            if gpu["remove"]:
+                lines.append(f"  remove   {_count_text(_counted([d['type'] for d in gpu['remove']]))}")
+            for device in gpu["remove"]:
+                if device["holders"]:
+                    held = ", ".join(f"pid {h['pid']} ({h['name']})" for h in device["holders"])
+                    key = device["uuid"] or device["parent"]
+                    lines.append(f"           {device['type']} {key} is IN USE by {held}")
+            if gpu.get("enable_mixed_size"):
+                lines.append("  enable   mixed-size (heterogeneous) vGPU mode")
+            if gpu["create"]:
+                lines.append(f"  create   {_count_text(gpu['create'])}")
+            if status == "unchanged":
+                lines.append("  already as the config wants: not touched")
+    problems = report["problems"]
+    general = [p for p in problems if not any(p in g.get("problems", []) for g in report["gpus"])]
+    lines.extend(f"problem: {p}" for p in general)
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    if report["journal"]:
+        lines.append(f"note: {report['journal']}")
+    if problems:
+        lines.append(
+            f"config {report['config']!r}: {len(problems)} problem(s); apply would stop before its first "
+            f"write (nothing was written)"
+        )
+    elif report["changes"]:
+        lines.append(
+            f"config {report['config']!r}: {report['changes']} GPU(s) would change ({report['removals']} "
+            f"removal(s), {report['creations']} creation(s)); nothing was written"
+        )
+    else:
+        lines.append(f"config {report['config']!r} is applied: apply would change nothing")
+    return "\n".join(printable(line) for line in lines)
+
+
+def run_plan(
+    loaded: tuple,
+    host_root: str,
+    sim: str | None,
+    sriov_manage: str,
+    nvidia_smi: str,
+    force: bool,
+    as_json: bool,
+) -> int:
+    """Print the preview; returns 0 when apply would succeed, 1 when it would stop on a problem."""
+    from vgpu_dm.cli.host_select import open_cli_host
+    from vgpu_dm.cli.output import emit
+    from vgpu_dm.host.inventory import HostTools, Inventory
+
+    spec, name, entries = loaded
+    host = open_cli_host(host_root, sim)
+    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi))
+    report = plan_report(entries, inventory, spec.source, name, force=force)
+    emit(json.dumps(report, indent=2) if as_json else render_plan(report))
+    return 1 if report["problems"] else 0
+
+
+@click.command("plan")
+@options.config_file
+@options.selected_config
+@options.host_root
+@options.sim
+@options.sriov_manage
+@options.nvidia_smi
+@options.force
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def plan_cmd(
+    config_file: str,
+    selected_config: str | None,
+    host_root: str,
+    sim: str | None,
+    sriov_manage: str,
+    nvidia_smi: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Show what apply would do, per GPU, without changing anything (same as apply --dry-run).
+
+    For each GPU: the config entry that decides it, the vGPUs that would be kept, removed (with the
+    process of a VM that holds one) and created, and every problem that would stop apply. Writes
+    nothing and does not wait for the host lock. Exit 0 if apply would succeed, 1 if it would stop.
+
+    \b
+    Example:
+      nvidia-vgpu-dm plan --sim /tmp/host -f examples/config-t4.yaml -c T4-small
+      nvidia-vgpu-dm plan -f config.yaml -c T4-small --json | jq '.gpus[] | select(.status=="change")'
+    """
+    from vgpu_dm.cli.main import Failure, load_selected
+
+    loaded = load_selected(config_file, selected_config)
+    code = run_plan(loaded, host_root, sim, sriov_manage, nvidia_smi, force, as_json)
+    if code:
+        raise Failure(code)
