@@ -12,7 +12,6 @@ import click
 
 from vgpu_dm.cli import options
 
-
 _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
 
