@@ -212,6 +212,7 @@ def apply_cmd(
 
 def _register_more() -> None:
     from vgpu_dm.cli.export_cmd import export_cmd
+    from vgpu_dm.cli.generate_cmd import generate_config_cmd
     from vgpu_dm.cli.list_cmd import list_cmd
     from vgpu_dm.cli.mig_cmd import mig_config_cmd
     from vgpu_dm.cli.plan_cmd import plan_cmd
@@ -223,6 +224,7 @@ def _register_more() -> None:
     cli.add_command(plan_cmd)
     cli.add_command(sim_group)
     cli.add_command(export_cmd)
+    cli.add_command(generate_config_cmd)
     cli.add_command(types_cmd)
 
 
