@@ -77,7 +77,7 @@ def admin_client(apiserver: APIServer):
 
 
 @pytest.fixture
-def k8s_node(request: pytest.FixtureRequest, admin_client) -> Iterator[str]:
+def k8s_node(request: pytest.FixtureRequest, apiserver: APIServer, admin_client) -> Iterator[str]:
     """A fresh Node (no kubelet behind it: nothing ever changes it but the test and the agent)."""
     from lightkube.models.meta_v1 import ObjectMeta
     from lightkube.resources.core_v1 import Node
@@ -87,7 +87,8 @@ def k8s_node(request: pytest.FixtureRequest, admin_client) -> Iterator[str]:
     try:
         yield name
     finally:
-        with contextlib.suppress(Exception):  # the API server may be stopped by a failed restart test
+        apiserver.ensure_running()  # a restart test that failed half-way may have left it stopped
+        with contextlib.suppress(Exception):
             admin_client.delete(Node, name)
 
 
@@ -107,8 +108,7 @@ def k8s_namespace(request: pytest.FixtureRequest, apiserver: APIServer, admin_cl
 
 def delete_namespace(apiserver: APIServer, name: str) -> None:
     """Delete a namespace although no namespace controller runs: remove its pods, then its finalizer."""
-    if not apiserver.running:
-        return
+    apiserver.ensure_running()
     # Pods bound to a node only get a deletionTimestamp; grace 0 removes them (what a kubelet does).
     apiserver.kubectl("delete", "pods", "--all", "-n", name, "--grace-period=0", "--force", "--wait=false")
     apiserver.kubectl("delete", "namespace", name, "--wait=false")

@@ -85,7 +85,17 @@ class APIServer:
         try:
             self._write_credentials()
             self._start_etcd()
-            self.start()
+            for attempt in range(3):
+                try:
+                    self.start()
+                    break
+                except EnvtestError:
+                    # Another process may have taken the probed port in between: retry on a new one.
+                    in_use = "address already in use" in _tail(self.workdir / "kube-apiserver.log", 5)
+                    if not in_use or attempt == 2:
+                        raise
+                    self.port = _free_port()
+                    self.url = f"https://127.0.0.1:{self.port}"
             self._write_kubeconfig(self.admin_kubeconfig, self.admin_token)
         except BaseException:
             self.teardown()
@@ -118,6 +128,12 @@ class APIServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def ensure_running(self) -> None:
+        """Start the API server again if a test stopped it and did not (e.g. failed half-way)."""
+        if not self.running:
+            self.stop()
+            self.start()
 
     @property
     def running(self) -> bool:

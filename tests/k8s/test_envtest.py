@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 
 from tests.k8s.conftest import require_assets, unique_name
-from tests.k8s.envtest import client_from_kubeconfig
+from tests.k8s.envtest import APIServer, client_from_kubeconfig
 
 
 def test_node_label_patch_reads_back(apiserver, admin_client, k8s_node):
@@ -66,6 +68,14 @@ def test_restart_keeps_data_and_url(apiserver, admin_client, k8s_node):
     assert client_from_kubeconfig(apiserver.admin_kubeconfig).get(Node, k8s_node).metadata.name == k8s_node
 
 
+def test_a_server_left_stopped_is_started_for_the_next_test(apiserver):
+    apiserver.stop()
+    assert not apiserver.running
+    apiserver.ensure_running()
+    assert apiserver.running
+    assert apiserver.kubectl("get", "--raw", "/readyz").stdout == "ok"
+
+
 def test_names_are_unique_dns_labels(request):
     names = {unique_name(request, "ns") for _ in range(50)}
     assert len(names) == 50
@@ -78,3 +88,19 @@ def test_missing_assets_skip_locally_and_fail_in_ci():
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
         require_assets({"CI": "true"})
     assert require_assets({"KUBEBUILDER_ASSETS": "/x", "CI": "true"}) == "/x"
+
+
+def test_setup_moves_to_another_port_when_its_port_is_taken():
+    """The probed free port can be taken before kube-apiserver binds it (parallel sessions)."""
+    server = APIServer(require_assets(os.environ))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", server.port))
+        squatter.listen()
+        taken = server.port
+        server.setup()
+        try:
+            assert server.port != taken and server.url.endswith(f":{server.port}")
+            assert server.kubectl("get", "--raw", "/readyz").stdout == "ok"
+        finally:
+            server.teardown()
+    assert not server.workdir.exists()
