@@ -2,26 +2,28 @@
 
 PyYAML's C composer gives a node tree with marks; we walk it ourselves so that duplicate keys,
 wrong scalar types and alias bombs are caught with a location instead of silently constructed.
+
+Parsing time is linear in the file size: the cyclic garbage collector is paused while the tree is
+built and walked (it would otherwise rescan the growing tree again and again, none of which is
+garbage), and plain scalars are not type-guessed while composing: they get a placeholder tag and
+are resolved only when the walk needs their type, which it rarely does (a count that is plainly
+decimal digits is an integer; a key only has to be told apart from null and the merge key).
 """
 
 from __future__ import annotations
 
+import gc
 import json
-import re
 import sys
 from pathlib import Path
 
 import yaml
+import yaml.resolver
 
 from vgpu_dm.device_id import DeviceID, InvalidDeviceID
 from vgpu_dm.errors import ConfigError, Problem
 from vgpu_dm.spec.model import ConfigEntry, Spec
 from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
-
-try:
-    from yaml import CSafeLoader as _Loader
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
 NVIDIA_VENDOR = 0x10DE
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
@@ -30,9 +32,88 @@ MAX_NODES = 200_000
 MAX_DEPTH = 64
 
 _TAG = "tag:yaml.org,2002:"
+_STR, _MAP, _SEQ = _TAG + "str", _TAG + "map", _TAG + "seq"
+# The tag of an untagged plain scalar until the walk asks for its type (see _tag).
+_PLAIN = "tag:vgpu-dm,2026:unresolved-plain-scalar"
+# What YAML 1.1 reads as null in a plain scalar (PyYAML's implicit null resolver).
+_NULL_WORDS = frozenset(("", "~", "null", "Null", "NULL"))
 _TOP_KEYS = ("version", "vgpu-configs")
 _ENTRY_KEYS = ("devices", "device-filter", "vgpu-devices")
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class _LazyResolver(yaml.resolver.Resolver):
+    """Tags only what needs no guessing while composing: collections, quoted and explicit scalars."""
+
+    def resolve(self, kind, value, implicit):
+        if kind is yaml.ScalarNode:
+            return _PLAIN if implicit[0] else _STR
+        if self.yaml_path_resolvers:  # pragma: no cover - none are registered on this class
+            return super().resolve(kind, value, implicit)
+        return _MAP if kind is yaml.MappingNode else _SEQ
+
+
+try:
+    from yaml.cyaml import CParser
+
+    _LIBYAML = True
+
+    class _Loader(CParser, yaml.constructor.SafeConstructor, _LazyResolver):
+        def __init__(self, stream):
+            CParser.__init__(self, stream)
+            yaml.constructor.SafeConstructor.__init__(self)
+            _LazyResolver.__init__(self)
+
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    _LIBYAML = False
+
+    class _Loader(  # type: ignore[no-redef]
+        yaml.reader.Reader,
+        yaml.scanner.Scanner,
+        yaml.parser.Parser,
+        yaml.composer.Composer,
+        yaml.constructor.SafeConstructor,
+        _LazyResolver,
+    ):
+        def __init__(self, stream):
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            _LazyResolver.__init__(self)
+
+
+_resolver: yaml.resolver.Resolver | None = None
+
+
+def _tag(node: yaml.Node) -> str:
+    """The node's YAML tag, guessing a plain scalar's type (PyYAML's YAML 1.1 rules) on first use."""
+    tag = node.tag
+    if tag == _PLAIN:
+        global _resolver
+        if _resolver is None:
+            _resolver = yaml.resolver.Resolver()
+        tag = node.tag = _resolver.resolve(yaml.ScalarNode, node.value, (True, False))
+    return tag
+
+
+def _is_null(node: yaml.Node) -> bool:
+    tag = node.tag
+    if tag == _PLAIN:
+        return node.value in _NULL_WORDS
+    return tag == _TAG + "null"
+
+
+def _is_merge_key(node: yaml.Node) -> bool:
+    tag = node.tag
+    if tag == _PLAIN:
+        return node.value == "<<"
+    return tag == _TAG + "merge"
+
+
+def _is_str(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and _tag(node) == _STR
 
 
 def read_config_source(path: str) -> tuple[bytes, str]:
@@ -67,7 +148,7 @@ def _kind(node: yaml.Node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    tag = node.tag.removeprefix(_TAG)
+    tag = _tag(node).removeprefix(_TAG)
     return {
         "str": "a string",
         "int": "an integer",
@@ -80,14 +161,15 @@ def _kind(node: yaml.Node) -> str:
 
 
 def _describe(node: yaml.Node) -> str:
-    if isinstance(node, yaml.ScalarNode) and node.tag != _TAG + "null":
+    if isinstance(node, yaml.ScalarNode) and not _is_null(node):
         return f"{_kind(node)} ({node.value!r})"
     return _kind(node)
 
 
 def _key_segment(key: str, quote: bool = False) -> str:
     # JSON quoting escapes control characters, so a newline in a name cannot split a log line.
-    return json.dumps(key, ensure_ascii=False) if quote or not _PLAIN_KEY.fullmatch(key) else key
+    plain = key and _KEY_CHARS.issuperset(key)
+    return json.dumps(key, ensure_ascii=False) if quote or not plain else key
 
 
 class _Walker:
@@ -133,7 +215,7 @@ class _Walker:
         items: dict[str, tuple[str, yaml.Node, yaml.Node]] = {}
         seen: dict[str, yaml.Node] = {}  # keys written in this mapping itself
         for key_node, value_node, own in pairs:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _TAG + "null":
+            if not isinstance(key_node, yaml.ScalarNode) or _is_null(key_node):
                 self.error(key_node, path, f"keys must be strings, got {_describe(key_node)}")
                 continue
             key = key_node.value
@@ -161,7 +243,7 @@ class _Walker:
         merged: list[tuple[yaml.Node, yaml.Node, bool]] = []
         for key_node, value_node in node.value:
             self.visit(key_node, depth + 1)
-            if key_node.tag != _TAG + "merge":
+            if not _is_merge_key(key_node):
                 own.append((key_node, value_node, True))
                 continue
             self.visit(value_node, depth + 1)
@@ -183,7 +265,12 @@ class _Walker:
 
     def integer(self, node: yaml.Node) -> int | None:
         """The value of an integer scalar, or None (also for a bad explicit ``!!int "abc"``)."""
-        if not (isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "int"):
+        if not isinstance(node, yaml.ScalarNode):
+            return None
+        value = node.value
+        if node.tag == _PLAIN and value.isascii() and value.isdigit() and (value[0] != "0" or value == "0"):
+            return int(value)  # plain decimal digits: an int under every YAML 1.1 rule
+        if _tag(node) != _TAG + "int":
             return None
         try:
             return self._constructor.construct_yaml_int(node)
@@ -194,7 +281,7 @@ class _Walker:
     def document(self, root: yaml.Node | None) -> dict[str, tuple[ConfigEntry, ...]]:
         if root is None:
             return {}
-        if isinstance(root, yaml.ScalarNode) and root.tag == _TAG + "null":
+        if isinstance(root, yaml.ScalarNode) and _is_null(root):
             return {}
         items = self.mapping(root, "", 0, "the top level of a vgpu config file")
         if items is None:
@@ -209,7 +296,7 @@ class _Walker:
         else:
             vnode = keys["version"][1]
             self.visit(vnode, 1)
-            if not (isinstance(vnode, yaml.ScalarNode) and vnode.tag == _TAG + "str" and vnode.value == "v1"):
+            if not (_is_str(vnode) and vnode.value == "v1"):
                 self.error(vnode, "version", f"unsupported version {_describe(vnode)}; expected v1")
         if "vgpu-configs" not in keys:
             return {}
@@ -225,7 +312,7 @@ class _Walker:
         for name, key_node, value in items:
             path = f"vgpu-configs.{_key_segment(name)}"
             self.visit(value, 2)
-            if key_node.tag != _TAG + "str":
+            if _tag(key_node) != _STR:
                 self.error(
                     key_node,
                     path,
@@ -287,7 +374,7 @@ class _Walker:
 
     def devices(self, node: yaml.Node, path: str) -> tuple[bool, tuple[int, ...] | None] | None:
         self.visit(node, 4)
-        if isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "str":
+        if _is_str(node):
             if node.value == "all":
                 return True, None
             self.error(node, path, f"expected 'all' or a list of GPU indices, got {_describe(node)}")
@@ -333,9 +420,9 @@ class _Walker:
         good = True
         for where, item in items:
             self.visit(item, 5)
-            if not (isinstance(item, yaml.ScalarNode) and item.tag == _TAG + "str"):
+            if not _is_str(item):
                 hint = ""
-                if isinstance(item, yaml.ScalarNode) and item.tag == _TAG + "int":
+                if isinstance(item, yaml.ScalarNode) and _tag(item) == _TAG + "int":
                     hint = ' (an unquoted 0x... is read as a number by YAML; quote it: "0x1EB810DE")'
                 self.error(item, where, f"expected a device id string, got {_describe(item)}{hint}")
                 good = False
@@ -440,6 +527,17 @@ def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
             ) from None
     else:
         text = data
+    # Nothing in the node tree is garbage until we are done with it: do not let the collector rescan it.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse(text, source)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _parse(text: str, source: str) -> Spec:
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
@@ -450,7 +548,7 @@ def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
     except yaml.reader.ReaderError as exc:  # a control character: locate it instead of saying 1:1
         char = exc.character if isinstance(exc.character, int) else ord(exc.character)
         position = exc.position
-        if _Loader is not yaml.SafeLoader:  # libyaml counts bytes of the UTF-8 encoding
+        if _LIBYAML:  # libyaml counts bytes of the UTF-8 encoding
             position = len(text.encode("utf-8", "replace")[:position].decode("utf-8", "ignore"))
         line, col = _line_col(text, position)
         message = f"invalid YAML/JSON: unacceptable character #x{char:04x}: {exc.reason}"
