@@ -5,9 +5,9 @@ Loaded lazily (it is only needed for names in ``list``, capacity fallbacks and t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 
 import yaml
 
@@ -34,7 +34,10 @@ class CatalogGPU:
 
 @cache
 def load() -> tuple[CatalogGPU, ...]:
-    text = resources.files("vgpu_dm").joinpath("data/gpu-catalog.yaml").read_text(encoding="utf-8")
+    # Next to this module in the installed package (importlib.resources would cost more start-up time
+    # than the read itself).
+    with open(os.path.join(os.path.dirname(__file__), "data", "gpu-catalog.yaml"), encoding="utf-8") as fh:
+        text = fh.read()
     try:
         loader = yaml.CSafeLoader
     except AttributeError:  # pragma: no cover

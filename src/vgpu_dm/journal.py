@@ -18,7 +18,7 @@ from vgpu_dm.host.pci import is_pci_address
 from vgpu_dm.host.root import HostRoot
 
 JOURNAL_FILE = "run/nvidia-vgpu-dm/journal.json"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _check(gpu: str, device: VGPUDevice) -> None:
     """Journal records end up in sysfs paths: only well-formed ones are used."""
     if not (is_pci_address(gpu) and is_pci_address(device.parent) and device.gpu == gpu):
         raise ValueError(f"bad device record for GPU {gpu!r}")
-    if device.uuid is not None and not _UUID.fullmatch(device.uuid):
+    if device.uuid is not None and not re.fullmatch(_UUID, device.uuid):
         raise ValueError(f"bad UUID {device.uuid!r}")
     if not isinstance(device.type_id, int) or isinstance(device.type_id, bool) or device.type_id <= 0:
         raise ValueError(f"bad type id {device.type_id!r}")

@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vgpu_dm import catalog
 from vgpu_dm.errors import PlanError
 from vgpu_dm.host.inventory import Inventory
 from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
@@ -259,6 +258,8 @@ def _known_but_full(gpu: GPU, vtype: VGPUType, backend, current: list[VGPUDevice
     """A vendor-VFIO GPU lists nothing creatable while full; accept a catalog type to resolve later."""
     if backend.framework != VENDOR_VFIO or not current:
         return None
+    from vgpu_dm import catalog
+
     entry = catalog.for_device(gpu.device_id)
     if entry is None or vtype.name not in entry.vgpu_types:
         return None
@@ -317,6 +318,8 @@ def _plan_enable_vfs(
     inventory: Inventory,
 ) -> GPUPlan | None:
     """Plan for an SR-IOV GPU whose VFs are off: check what the catalog knows, then enable them."""
+    from vgpu_dm import catalog
+
     model = catalog.for_device(gpu.device_id)
     if model is not None:
         bad = [

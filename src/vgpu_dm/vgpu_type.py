@@ -12,11 +12,10 @@ _MIG_SUFFIX = {"ME": "+me", "NOME": "-me", "MEALL": "+me.all", "GFX": "+gfx"}
 # Order in which a trailing attribute is stripped when the driver only knows the bare name.
 STRIP_ORDER = ("MEALL", "NOME", "ME", "GFX")
 
+# Pattern strings, compiled (and cached) by re on first use rather than at import.
 _GB = r"(?:0|[1-9][0-9]*)"
-_TIME_SLICED = re.compile(rf"(?P<gpu>[A-Z0-9]+(?:-[A-Za-z]+)*)-(?P<gb>{_GB})(?P<series>[ABCQ])")
-_MIG_BACKED = re.compile(
-    rf"(?P<gpu>[A-Z0-9]+)-(?P<g>[1-9])-(?P<gb>{_GB})(?P<series>[ABCQ])(?P<attr>MEALL|NOME|ME|GFX)?"
-)
+_TIME_SLICED = rf"(?P<gpu>[A-Z0-9]+(?:-[A-Za-z]+)*)-(?P<gb>{_GB})(?P<series>[ABCQ])"
+_MIG_BACKED = rf"(?P<gpu>[A-Z0-9]+)-(?P<g>[1-9])-(?P<gb>{_GB})(?P<series>[ABCQ])(?P<attr>MEALL|NOME|ME|GFX)?"
 
 
 class InvalidVGPUType(ValueError):
@@ -37,10 +36,10 @@ class VGPUType:
     def parse(cls, text: str) -> VGPUType:
         if not isinstance(text, str):
             raise InvalidVGPUType(f"vGPU type must be a string, got {type(text).__name__}")
-        m = _TIME_SLICED.fullmatch(text)
+        m = re.fullmatch(_TIME_SLICED, text)
         if m:
             return cls(m["gpu"], 0, int(m["gb"]), m["series"])
-        m = _MIG_BACKED.fullmatch(text)
+        m = re.fullmatch(_MIG_BACKED, text)
         if m:
             return cls(m["gpu"], int(m["g"]), int(m["gb"]), m["series"], m["attr"] or "")
         raise InvalidVGPUType(

@@ -32,8 +32,44 @@ class Failure(Exception):
         self.code = code
 
 
+# Commands defined in their own modules: name -> (module, attribute).
+LAZY_COMMANDS = {
+    "export": ("vgpu_dm.cli.export_cmd", "export_cmd"),
+    "generate-config": ("vgpu_dm.cli.generate_cmd", "generate_config_cmd"),
+    "list": ("vgpu_dm.cli.list_cmd", "list_cmd"),
+    "mig-config": ("vgpu_dm.cli.mig_cmd", "mig_config_cmd"),
+    "plan": ("vgpu_dm.cli.plan_cmd", "plan_cmd"),
+    "sim": ("vgpu_dm.cli.sim_cmd", "sim_group"),
+    "types": ("vgpu_dm.cli.types_cmd", "types_cmd"),
+}
+
+
+class _LazyGroup(click.Group):
+    """The command group; commands other than apply and assert are imported only when used or listed.
+
+    Start-up time is dominated by imports, and the node agent runs ``assert`` on every label change.
+    """
+
+    lazy_commands = LAZY_COMMANDS
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in self.lazy_commands:
+            import importlib
+
+            module, attribute = self.lazy_commands[cmd_name]
+            command = getattr(importlib.import_module(module), attribute)
+            self.add_command(command, cmd_name)
+        return command
+
+
 @click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EPILOG,
 )
 @click.option(
     "-d",
@@ -208,27 +244,6 @@ def apply_cmd(
         _log.info("Selected vGPU device configuration is already applied")
     else:
         _log.info("Selected vGPU device configuration successfully applied")
-
-
-def _register_more() -> None:
-    from vgpu_dm.cli.export_cmd import export_cmd
-    from vgpu_dm.cli.generate_cmd import generate_config_cmd
-    from vgpu_dm.cli.list_cmd import list_cmd
-    from vgpu_dm.cli.mig_cmd import mig_config_cmd
-    from vgpu_dm.cli.plan_cmd import plan_cmd
-    from vgpu_dm.cli.sim_cmd import sim_group
-    from vgpu_dm.cli.types_cmd import types_cmd
-
-    cli.add_command(list_cmd)
-    cli.add_command(mig_config_cmd)
-    cli.add_command(plan_cmd)
-    cli.add_command(sim_group)
-    cli.add_command(export_cmd)
-    cli.add_command(generate_config_cmd)
-    cli.add_command(types_cmd)
-
-
-_register_more()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-import uuid as uuidlib
 
-from vgpu_dm import catalog
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, link_name
@@ -17,8 +15,8 @@ from vgpu_dm.vgpu_type import short_type_name
 
 MDEV_BUS = "sys/class/mdev_bus"
 MDEV_DEVICES = "sys/bus/mdev/devices"
-_TYPE_DIR = re.compile(r"nvidia-(\d+)")
-_MAX_INSTANCE = re.compile(r"max_instance=(\d+)")
+_TYPE_DIR = r"nvidia-(\d+)"
+_MAX_INSTANCE = r"max_instance=(\d+)"
 
 
 class MdevBackend:
@@ -74,7 +72,7 @@ class MdevBackend:
                 continue
             parent = os.path.basename(os.path.dirname(target.rstrip("/")))
             type_dir = link_name(self.host, f"{MDEV_DEVICES}/{uuid}/mdev_type") or ""
-            m = _TYPE_DIR.fullmatch(type_dir)
+            m = re.fullmatch(_TYPE_DIR, type_dir)
             if not m:
                 continue  # not an NVIDIA vGPU
             gpu = self._pf_of.get(parent, parent)
@@ -108,7 +106,7 @@ class MdevBackend:
         for parent in self.parents(gpu):
             base = f"{PCI_DEVICES}/{parent}/mdev_supported_types"
             for type_dir in self.host.listdir(base):
-                m = _TYPE_DIR.fullmatch(type_dir)
+                m = re.fullmatch(_TYPE_DIR, type_dir)
                 if not m:
                     continue
                 type_id = int(m[1])
@@ -118,7 +116,7 @@ class MdevBackend:
                     short = short_type_name(full) or type_dir
                     self._names[(gpu.address, type_id)] = short
                     desc = self.host.read_optional(f"{base}/{type_dir}/description") or ""
-                    mi = _MAX_INSTANCE.search(desc)
+                    mi = re.search(_MAX_INSTANCE, desc)
                     totals[short] = [type_id, full or short, 0, int(mi[1]) if mi else None]
                 name = self._names[(gpu.address, type_id)]
                 totals[name][2] += _to_int(self.host.read_optional(f"{base}/{type_dir}/available_instances"))
@@ -147,6 +145,8 @@ class MdevBackend:
             return vtype.available + len(same)
         if vtype.max_instances is not None:
             return vtype.max_instances
+        from vgpu_dm import catalog
+
         return catalog.max_instances(vtype.name)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class MdevBackend:
                 # Creating never frees room, so skip this parent for the rest of the run (reads stay linear).
                 self._full.add((candidate, vtype.name))
                 continue
-            new = uuid or str(uuidlib.uuid4())
+            new = uuid or _random_uuid()
             self.host.write_text(f"{base}/create", new)
             return VGPUDevice(
                 gpu=gpu.address,
@@ -186,3 +186,9 @@ def _to_int(text: str | None) -> int:
         return int((text or "0").strip())
     except ValueError:
         return 0
+
+
+def _random_uuid() -> str:
+    import uuid  # only creating needs it (it pulls in platform, which costs start-up)
+
+    return str(uuid.uuid4())

@@ -15,13 +15,13 @@ from vgpu_dm.host.root import HostRoot
 PCI_DEVICES = "sys/bus/pci/devices"
 NVIDIA_VENDOR = 0x10DE
 GPU_CLASSES = (0x030000, 0x030200)  # VGA controller, 3D controller
-_VIRTFN = re.compile(r"virtfn(\d+)")
-_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_VIRTFN = r"virtfn(\d+)"
+_ADDRESS = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
 
 
 def is_pci_address(text: str) -> bool:
     """True for a canonical PCI address such as ``0000:3b:00.0``."""
-    return bool(_ADDRESS.fullmatch(text))
+    return bool(re.fullmatch(_ADDRESS, text))
 
 
 def _hex(text: str | None) -> int | None:
@@ -71,7 +71,7 @@ def link_name(host: HostRoot, rel: str) -> str | None:
 def _virtfns(host: HostRoot, dev: str, entries: list[str]) -> tuple[str, ...]:
     found: list[tuple[int, str]] = []
     for entry in entries:
-        m = _VIRTFN.fullmatch(entry)
+        m = re.fullmatch(_VIRTFN, entry)
         if m:
             target = link_name(host, f"{dev}/{entry}")
             if target:

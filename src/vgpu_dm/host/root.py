@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vgpu_dm import log
+
+if TYPE_CHECKING:
+    import subprocess
 
 SIM_MARKER = ".vgpu-dm-sim"
 _log = log.get("host")
@@ -120,6 +123,8 @@ class HostRoot:
         self, argv: Sequence[str], chroot: str | None = None, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
         """Run a host program without a shell; below a host root other than /, inside it (chroot)."""
+        import subprocess  # only apply on some GPUs runs programs; keep it off the start-up path
+
         cmd = list(argv)
         chroot = chroot or (self.root if self.root != "/" else None)
         if chroot:

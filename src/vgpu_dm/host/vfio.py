@@ -5,10 +5,9 @@ listing what the VF can take right now.
 
 from __future__ import annotations
 
-import json
 import re
 
-from vgpu_dm import catalog, log
+from vgpu_dm import log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, is_pci_address
@@ -18,8 +17,8 @@ from vgpu_dm.vgpu_type import short_type_name
 # Where learned type id → name tables are kept: creatable lists stop naming a type once the GPU is full.
 LEARNED_DIR = "var/lib/nvidia-vgpu-dm/types"
 UNRESOLVED = -1
-_HETERO_CAPABLE = re.compile(r"Heterogen\w*\s+Multi-vGPU\s*:\s*(\w+)", re.IGNORECASE)
-_HETERO_MODE = re.compile(r"vGPU Heterogeneous Mode\s*:\s*(\w+)", re.IGNORECASE)
+_HETERO_CAPABLE = r"(?i)Heterogen\w*\s+Multi-vGPU\s*:\s*(\w+)"
+_HETERO_MODE = r"(?i)vGPU Heterogeneous Mode\s*:\s*(\w+)"
 
 _log = log.get("vfio")
 
@@ -98,6 +97,8 @@ class VendorVfioBackend:
             text = self.host.read_optional(f"{LEARNED_DIR}/{gpu.address}.json")
             names: dict[int, str] = {}
             if text:
+                import json
+
                 try:
                     names = {int(k): str(v) for k, v in json.loads(text).items()}
                 except (ValueError, AttributeError):
@@ -110,6 +111,8 @@ class VendorVfioBackend:
         if all(names.get(k) == v for k, v in found.items()):
             return
         names.update(found)
+        import json
+
         self.host.save_state(f"{LEARNED_DIR}/{gpu.address}.json", json.dumps(names, sort_keys=True))
 
     def _creatable(self, vf: str) -> dict[int, str]:
@@ -188,6 +191,8 @@ class VendorVfioBackend:
 
     def framebuffer_gb(self, gpu: GPU) -> int | None:
         """The GPU's framebuffer: from the catalog, else implied by the largest type it offers."""
+        from vgpu_dm import catalog
+
         entry = catalog.for_device(gpu.device_id)
         if entry:
             return entry.framebuffer_gb
@@ -195,6 +200,8 @@ class VendorVfioBackend:
         return max(sizes) or None if sizes else None
 
     def capacity(self, gpu: GPU, vtype: TypeInfo, current: list[VGPUDevice]) -> int | None:
+        from vgpu_dm import catalog
+
         known = catalog.max_instances(vtype.name)
         if known is not None:
             return known
@@ -214,8 +221,8 @@ class VendorVfioBackend:
             raise HostError(
                 f"{gpu.describe()}: 'nvidia-smi -q' failed: {(proc.stderr or proc.stdout).strip()}"
             )
-        capable = _HETERO_CAPABLE.search(proc.stdout)
-        mode = _HETERO_MODE.search(proc.stdout)
+        capable = re.search(_HETERO_CAPABLE, proc.stdout)
+        mode = re.search(_HETERO_MODE, proc.stdout)
         return (
             bool(capable and capable[1].lower() == "supported"),
             bool(mode and mode[1].lower() == "enabled"),

@@ -9,11 +9,9 @@ test can arm a fault and then run the CLI as a separate process.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
@@ -32,18 +30,26 @@ class Faults:
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Faults:
-        path = Path(root, SIM_MARKER, FAULTS_FILE)
-        if not path.exists():
-            return cls()
         try:
-            return cls(**json.loads(path.read_text()))
+            with open(os.path.join(root, SIM_MARKER, FAULTS_FILE)) as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            return cls()
+        import json
+
+        try:
+            return cls(**json.loads(text))
         except (ValueError, TypeError) as exc:
+            path = os.path.join(root, SIM_MARKER, FAULTS_FILE)
             raise HostError(
                 f"the simulator's fault file {path} is corrupt ({exc}); clear it with 'sim fault'"
             ) from None
 
     def save(self, root: str | os.PathLike[str]) -> None:
-        Path(root, SIM_MARKER, FAULTS_FILE).write_text(json.dumps(asdict(self)))
+        import json
+
+        with open(os.path.join(root, SIM_MARKER, FAULTS_FILE), "w") as fh:
+            fh.write(json.dumps(asdict(self)))
 
     def before_write(self, position: int, path: str) -> None:
         """Called before the tool's ``position``-th write (1-based) is carried out."""

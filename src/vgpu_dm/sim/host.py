@@ -7,16 +7,20 @@ import fcntl
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from subprocess import CompletedProcess
+from typing import TYPE_CHECKING
 
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER, HostRoot, note_change
-from vgpu_dm.sim import driver
 from vgpu_dm.sim.faults import Faults
 from vgpu_dm.sim.latency import WriteLatency
-from vgpu_dm.sim.layout import SimState
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from subprocess import CompletedProcess
+
+# The driver emulation (and pathlib, json, the catalog) is imported on the first write only: a
+# read-only command such as assert on a simulated host costs no more start-up than on a real one.
 
 WRITE_LOG = "writes.log"
 _log = log.get("sim")
@@ -27,24 +31,31 @@ class SimHostRoot(HostRoot):
 
     def __init__(self, root: str | os.PathLike[str]):
         super().__init__(root)
-        self.base = Path(self.root)
-        if not (self.base / SIM_MARKER / "host.json").is_file():
+        if not os.path.isfile(os.path.join(self.root, SIM_MARKER, "host.json")):
             raise HostError(
                 f"{self.root} is not a simulated host; create one with "
                 f"'nvidia-vgpu-dm sim create {self.root} --gpu T4'"
             )
-        self.faults = Faults.load(self.base)
-        self.latency = WriteLatency.load(self.base)
+        self.faults = Faults.load(self.root)
+        self.latency = WriteLatency.load(self.root)
         # Reads never need the driver state, so a corrupt one would first show at a write, after the
         # journal is written; check it before anything is planned.
-        SimState.load(self.base)
+        from vgpu_dm.sim.layout import SimState
+
+        SimState.load(self.root)
+
+    @property
+    def base(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.root)
 
     def read_text(self, rel: str) -> str:
         self.faults.before_read(rel)
         return super().read_text(rel)
 
     def _locked(self):
-        fh = open(self.base / SIM_MARKER / "driver.lock", "a")  # noqa: SIM115 - closed by caller
+        fh = open(os.path.join(self.root, SIM_MARKER, "driver.lock"), "a")  # noqa: SIM115 - closed by caller
         fcntl.flock(fh, fcntl.LOCK_EX)
         return fh
 
@@ -53,7 +64,7 @@ class SimHostRoot(HostRoot):
         note_change()
         _log.debug(f"write {self.path(rel)} <- {data.strip()!r} (simulated)")
         self.faults.before_write(self.counters.writes, self.path(rel))
-        with open(self.base / SIM_MARKER / WRITE_LOG, "a") as log:
+        with open(os.path.join(self.root, SIM_MARKER, WRITE_LOG), "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")
         delay = self.latency.seconds_for(rel, data) if self.latency else 0.0
         if delay and not self.latency.serial:
@@ -67,6 +78,11 @@ class SimHostRoot(HostRoot):
             lock.close()
 
     def _emulate(self, rel: str, data: str) -> None:
+        from pathlib import Path
+
+        from vgpu_dm.sim import driver
+        from vgpu_dm.sim.layout import SimState
+
         full = self.path(rel)
         if not os.path.lexists(full):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), full)
@@ -90,6 +106,7 @@ class SimHostRoot(HostRoot):
     ) -> CompletedProcess[str]:
         """Stand in for the host programs the tool runs: sriov-manage and nvidia-smi."""
         from vgpu_dm.sim import vfio_driver
+        from vgpu_dm.sim.layout import SimState
 
         program = os.path.basename(argv[0])
         lock = self._locked()
@@ -106,5 +123,8 @@ class SimHostRoot(HostRoot):
 
 def write_log(root: str | os.PathLike[str]) -> list[str]:
     """Every write the tool made to the simulated host, oldest first (``path<TAB>data``)."""
-    path = Path(root, SIM_MARKER, WRITE_LOG)
-    return path.read_text().splitlines() if path.exists() else []
+    try:
+        with open(os.path.join(root, SIM_MARKER, WRITE_LOG)) as fh:
+            return fh.read().splitlines()
+    except FileNotFoundError:
+        return []

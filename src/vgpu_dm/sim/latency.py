@@ -10,10 +10,8 @@ Settings live in ``.vgpu-dm-sim/latency.json``, separate from the faults, so cle
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from vgpu_dm.host.root import SIM_MARKER
 
@@ -28,13 +26,20 @@ class WriteLatency:
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> WriteLatency:
-        path = Path(root, SIM_MARKER, LATENCY_FILE)
-        if not path.exists():
+        try:
+            with open(os.path.join(root, SIM_MARKER, LATENCY_FILE)) as fh:
+                text = fh.read()
+        except FileNotFoundError:
             return cls()
-        return cls(**json.loads(path.read_text()))
+        import json
+
+        return cls(**json.loads(text))
 
     def save(self, root: str | os.PathLike[str]) -> None:
-        Path(root, SIM_MARKER, LATENCY_FILE).write_text(json.dumps(asdict(self)))
+        import json
+
+        with open(os.path.join(root, SIM_MARKER, LATENCY_FILE), "w") as fh:
+            fh.write(json.dumps(asdict(self)))
 
     def __bool__(self) -> bool:
         return bool(self.create_ms or self.remove_ms)

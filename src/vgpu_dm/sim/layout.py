@@ -6,10 +6,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vgpu_dm import catalog
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
+
+if TYPE_CHECKING:
+    from vgpu_dm import catalog
 
 STATE_FILE = "host.json"
 _BUSES = (0x3B, 0x5E, 0x86, 0xAF, 0xD8, 0x18, 0x1A, 0x1C, 0x41, 0x45, 0x4B, 0x61, 0x81, 0x85, 0xC1, 0xC5)
@@ -123,6 +126,8 @@ def create_host(
     mixed_size: bool = True,
 ) -> SimState:
     """Create a simulated host at ``root`` (an empty or missing directory) with the given GPUs."""
+    from vgpu_dm import catalog
+
     base = Path(root)
     if base.exists() and any(base.iterdir()):
         raise FileExistsError(f"{base} is not empty; choose a new directory for the simulated host")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 import yaml.resolver
@@ -26,6 +26,10 @@ from vgpu_dm.spec.model import ConfigEntry, Spec
 from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
 
 NVIDIA_VENDOR = 0x10DE
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 # Nodes visited while walking; aliases make a small file expand, this bounds the expansion.
 MAX_NODES = 200_000
