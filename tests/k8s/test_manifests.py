@@ -273,7 +273,7 @@ def test_distribution_has_both_programs_and_the_agent_extra():
     """
     dist = metadata.distribution("vgpu-device-manager")
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
-    assert scripts["nvidia-vgpu-dm"] == "vgpu_dm.cli.main:entry_point"
+    assert scripts["nvidia-vgpu-dm"] == "vgpu_dm.cli:run"
     k8s_extra = {
         re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower()
         for req in dist.requires or []
