@@ -91,12 +91,30 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     show_default=True,
     help="Whether vendor-VFIO GPUs support mixed-size (heterogeneous) vGPU mode.",
 )
+@click.option(
+    "--mig-reset",
+    type=click.Choice(["required", "immediate"]),
+    default="required",
+    show_default=True,
+    help="Whether a MIG mode change waits for a GPU reset (nvidia-mig-parted resets the GPUs) or takes "
+    "effect at once.",
+)
+@click.option(
+    "--mig-off-with-vfs",
+    type=click.Choice(["refuse", "allow"]),
+    default="refuse",
+    show_default=True,
+    help="Whether MIG mode can be switched off while SR-IOV VFs are enabled (refused on vendor-VFIO hosts; "
+    "unknown on mdev hosts).",
+)
 @_latency_options
 def create_cmd(
     directory: str,
     gpus: tuple[str, ...],
     framework: str,
     mixed_size: bool,
+    mig_reset: str,
+    mig_off_with_vfs: str,
     write_latency_ms: float | None,
     create_latency_ms: float | None,
     remove_latency_ms: float | None,
@@ -112,7 +130,13 @@ def create_cmd(
 
     vendor_vfio = None if framework == "auto" else framework == "vendor-vfio"
     try:
-        state = create_host(directory, list(gpus), vendor_vfio=vendor_vfio, mixed_size=mixed_size)
+        state = create_host(
+            directory,
+            list(gpus),
+            vendor_vfio=vendor_vfio,
+            mixed_size=mixed_size,
+            options={"mig_reset": mig_reset, "mig_off_with_vfs": mig_off_with_vfs},
+        )
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
     # Indices are what configs use: position in PCI address order, not in the order of the --gpu options.
@@ -123,7 +147,8 @@ def create_cmd(
             if gpu.vfs
             else (f", {gpu.total_vfs} VFs not enabled" if gpu.total_vfs else "")
         )
-        click.echo(f"GPU {i}: {gpu.address} {gpu.model} ({gpu.framework}{vfs})")
+        mig = ", MIG-capable" if gpu.mig_profiles else ""
+        click.echo(f"GPU {i}: {gpu.address} {gpu.model} ({gpu.framework}{vfs}{mig})")
     latency = _latency(WriteLatency(), write_latency_ms, create_latency_ms, remove_latency_ms, serial_writes)
     if latency != WriteLatency():
         latency.save(directory)
@@ -197,6 +222,13 @@ def writes_cmd(directory: str) -> None:
     metavar="TEXT",
     help="Reads of paths containing TEXT fail with EIO; repeatable.",
 )
+@click.option(
+    "--mig-parted",
+    "mig_parted",
+    type=click.Choice(["reset", "fail"]),
+    help="Make the simulated nvidia-mig-parted apply fail: reset = its GPU reset fails (a client holds "
+    "the GPU) so a MIG mode change stays pending; fail = an error before it changes anything.",
+)
 def fault_cmd(
     directory: str,
     fail_write: int,
@@ -205,6 +237,7 @@ def fault_cmd(
     signal_at_writes: tuple[int, ...],
     signal_name: str,
     eio_reads: tuple[str, ...],
+    mig_parted: str | None,
 ) -> None:
     """Arm faults on the simulated host (run without options to clear them).
 
@@ -233,11 +266,13 @@ def fault_cmd(
         eio_reads=list(eio_reads),
         signal_at_writes=list(signal_at_writes),
         signal_number=int(signum),
+        mig_parted=mig_parted or "",
     ).save(directory)
     armed = [f"fail write #{fail_write} with {errno_name.upper()}"] if fail_write else []
     armed += [f"kill before write #{kill_at_write}"] if kill_at_write else []
     armed += [f"{signame} before write #{n}" for n in signal_at_writes]
     armed += [f"EIO on reads of *{p}*" for p in eio_reads]
+    armed += [f"nvidia-mig-parted apply fails ({mig_parted})"] if mig_parted else []
     click.echo("faults: " + ("; ".join(armed) if armed else "none"))
 
 

@@ -120,7 +120,11 @@ class HostRoot:
         return os.path.lexists(self.path(rel))
 
     def run(
-        self, argv: Sequence[str], chroot: str | None = None, timeout: float = 300
+        self,
+        argv: Sequence[str],
+        chroot: str | None = None,
+        timeout: float = 300,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a host program without a shell; below a host root other than /, inside it (chroot)."""
         import subprocess  # only apply on some GPUs runs programs; keep it off the start-up path
@@ -130,7 +134,7 @@ class HostRoot:
         if chroot:
             cmd = ["chroot", chroot, *cmd]
         _log.debug(f"run {cmd}")
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, input=input)
 
 
 def open_host(root: str | None = None, sim: str | None = None) -> HostRoot:

@@ -51,8 +51,13 @@ def mdev_devices(base: Path, gpu: SimGPU) -> list[tuple[str, str, SimType]]:
 
 def gpu_room(gpu: SimGPU, vtype: SimType, placed: list[SimType]) -> int:
     """How many more ``vtype`` fit on the GPU next to ``placed`` (equal-size mode)."""
+    if gpu.mig_mode:
+        # In MIG mode only MIG-backed types, and only into GPU instances with room (reference 2.4).
+        from vgpu_dm.sim import mig
+
+        return mig.room(gpu, vtype) if vtype.mig_backed else 0
     if vtype.mig_backed:
-        return 0  # MIG mode is off in the simulator
+        return 0  # no GPU instances without MIG mode
     if any(t.mig_backed or t.framebuffer_gb != vtype.framebuffer_gb for t in placed):
         return 0
     return max(vtype.max_instances - len(placed), 0)
@@ -120,6 +125,13 @@ def mdev_create(base: Path, state: SimState, parent: str, type_id: int, data: st
     )
     if avail <= 0:
         raise _fail(NO_ROOM, path, f"no room for another {vtype.name} on {parent}")
+    if vtype.mig_backed:
+        from vgpu_dm.sim import mig
+
+        try:
+            mig.place(gpu, vtype, uuid)
+        except mig.MigError as exc:
+            raise _fail(NO_ROOM, path, str(exc)) from None
     pdir = base / PCI_DIR / parent
     ddir = pdir / uuid
     ddir.mkdir()
@@ -158,4 +170,9 @@ def mdev_remove(base: Path, state: SimState, parent: str, uuid: str, data: str, 
             link.unlink()
     gpu = state.gpu_of(parent)
     if gpu:
+        if uuid in gpu.mig_hosts:
+            from vgpu_dm.sim import mig
+
+            mig.release(gpu, uuid)
+            state.save(base)
         refresh_gpu(base, gpu)

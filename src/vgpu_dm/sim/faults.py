@@ -1,6 +1,7 @@
 """Fault injection for the simulated host: fail the Nth control-file write with an errno, make reads
-of matching paths fail with EIO, SIGKILL the tool right before its Nth write, or send it a catchable
-signal (SIGTERM, as systemd and Kubernetes do to stop it) right before chosen writes.
+of matching paths fail with EIO, SIGKILL the tool right before its Nth write, send it a catchable
+signal (SIGTERM, as systemd and Kubernetes do to stop it) right before chosen writes, or make the
+simulated nvidia-mig-parted fail.
 
 Faults live in ``.vgpu-dm-sim/faults.json`` and count the writes of each tool process separately, so a
 test can arm a fault and then run the CLI as a separate process.
@@ -27,6 +28,9 @@ class Faults:
     eio_reads: list[str] = field(default_factory=list)  # substrings of paths whose reads fail
     signal_at_writes: list[int] = field(default_factory=list)  # send signal_number before these writes
     signal_number: int = signal.SIGTERM
+    # The simulated nvidia-mig-parted: "reset" = its GPU reset fails (mode change stays pending),
+    # "fail" = it fails before changing anything; "" = works.
+    mig_parted: str = ""
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Faults:

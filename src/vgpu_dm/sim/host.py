@@ -102,16 +102,25 @@ class SimHostRoot(HostRoot):
             raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)} (read-only attribute)", full)
 
     def run(
-        self, argv: Sequence[str], chroot: str | None = None, timeout: float = 300
+        self,
+        argv: Sequence[str],
+        chroot: str | None = None,
+        timeout: float = 300,
+        input: str | None = None,
     ) -> CompletedProcess[str]:
-        """Stand in for the host programs the tool runs: sriov-manage and nvidia-smi."""
+        """Stand in for the host programs the tool runs: sriov-manage, nvidia-smi, nvidia-mig-parted."""
         from vgpu_dm.sim import vfio_driver
         from vgpu_dm.sim.layout import SimState
 
         program = os.path.basename(argv[0])
+        _log.debug(f"run {list(argv)} (simulated)")
         lock = self._locked()
         try:
             state = SimState.load(self.base)
+            if program == "nvidia-mig-parted":
+                from vgpu_dm.sim import mig_parted
+
+                return mig_parted.run(self.base, list(argv), input, env={})
             if program == "sriov-manage":
                 return vfio_driver.sriov_manage(self.base, state, list(argv))
             if program == "nvidia-smi":

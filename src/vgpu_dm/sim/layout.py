@@ -44,12 +44,31 @@ class SimGPU:
     framebuffer_gb: int = 0
     mixed_capable: bool = False
     mixed_enabled: bool = False
+    # MIG (see sim/mig.py): instance profile → max count; empty = not MIG-capable in the simulator.
+    mig_profiles: dict[str, int] = field(default_factory=dict)
+    mig_mode: bool = False  # current MIG mode
+    mig_pending: bool | None = None  # a mode set that waits for a GPU reset
+    gpu_instances: list[dict] = field(default_factory=list)  # {"id", "profile", "start"}
+    mig_hosts: dict[str, int] = field(default_factory=dict)  # vGPU (mdev UUID or VF) → GPU instance id
+    mig_types: dict[str, int] = field(default_factory=dict)  # vGPU (mdev UUID or VF) → type id
+
+
+# Host behaviours the reference does not settle; each is a choice when the host is created.
+DEFAULT_OPTIONS = {
+    # "required": a MIG mode change stays pending until a GPU reset (the vGPU host path per
+    # gpu-operator PR #2603 and NVML's nvmlDeviceSetMigMode); "immediate": it takes effect at once.
+    "mig_reset": "required",
+    # Whether MIG mode may be switched off while SR-IOV VFs are enabled ("refuse" is observed on
+    # vendor-VFIO hosts, host-interfaces.md 3.6; unknown on mdev hosts).
+    "mig_off_with_vfs": "refuse",
+}
 
 
 @dataclass
 class SimState:
     gpus: list[SimGPU]
     next_group: int = 100
+    options: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
 
     def save(self, root: str | os.PathLike[str]) -> None:
         path = Path(root, SIM_MARKER, STATE_FILE)
@@ -63,7 +82,8 @@ class SimState:
         try:
             raw = json.loads(path.read_text())
             gpus = [SimGPU(**{**g, "types": [SimType(**t) for t in g["types"]]}) for g in raw["gpus"]]
-            return cls(gpus=gpus, next_group=int(raw.get("next_group", 100)))
+            options = {**DEFAULT_OPTIONS, **raw.get("options", {})}
+            return cls(gpus=gpus, next_group=int(raw.get("next_group", 100)), options=options)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # ValueError covers JSONDecodeError and UnicodeDecodeError.
             raise HostError(
@@ -124,6 +144,7 @@ def create_host(
     gpu_names: list[str],
     vendor_vfio: bool | None = None,
     mixed_size: bool = True,
+    options: dict[str, str] | None = None,
 ) -> SimState:
     """Create a simulated host at ``root`` (an empty or missing directory) with the given GPUs."""
     from vgpu_dm import catalog
@@ -157,6 +178,10 @@ def create_host(
     # Non-GPU devices a discovery must skip: a host bridge and an NVIDIA HD-audio function.
     _pci_device(base, "0000:00:00.0", {"vendor": "0x8086", "device": "0x2020", "class": "0x060000"}, None, 1)
     state = SimState(gpus=[])
+    for key, value in (options or {}).items():
+        if key not in DEFAULT_OPTIONS:
+            raise ValueError(f"unknown simulator option {key!r}")
+        state.options[key] = value
     group = 10
     for i, entry in enumerate(entries):
         bus = _BUSES[i]
@@ -187,6 +212,8 @@ def create_host(
             types=types,
             framebuffer_gb=entry.framebuffer_gb,
             mixed_capable=mixed_size and framework == "vendor-vfio",
+            # MIG is simulated on Ampere and Hopper, whose instance profiles the catalog knows.
+            mig_profiles=dict(entry.mig_gi_profiles) if entry.arch in ("Ampere", "Hopper") else {},
         )
         attrs = {
             "vendor": "0x10de",

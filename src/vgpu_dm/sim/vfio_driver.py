@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from vgpu_dm.sim import mig
 from vgpu_dm.sim.driver import PCI_DIR, _fail, type_by_id
 from vgpu_dm.sim.layout import SimGPU, SimState, SimType, enable_vfs
 
@@ -32,7 +33,7 @@ def creatable(gpu: SimGPU, placed: list[SimType]) -> list[SimType]:
     """Types a free VF offers next to ``placed``."""
     from vgpu_dm.sim.driver import gpu_room
 
-    if not gpu.mixed_enabled:
+    if not gpu.mixed_enabled or gpu.mig_mode:
         return [t for t in gpu.types if gpu_room(gpu, t, placed) > 0]
     used = sum(t.framebuffer_gb or 0.5 for t in placed)
     return [
@@ -82,10 +83,33 @@ def set_vgpu_type(base: Path, state: SimState, vf: str, data: str, path: str) ->
         if current != 0:
             raise _fail(errno.EPERM, path, "a vGPU already exists on this VF; write 0 first")
         offered = {t.type_id for t in creatable(gpu, placed_types(base, gpu))}
+        vtype = type_by_id(gpu, type_id)
+        if type_id not in offered and vtype is not None and vtype.mig_backed:
+            # Observed: a MIG-backed type without a suitable GPU instance fails with EIO
+            # (dmesg "NVRM: Failed to add vgpu create request: 0x38"), reference 3.3.
+            raise _fail(errno.EIO, path, f"no GPU instance can host {vtype.name}")
         if type_id not in offered:
             raise _fail(errno.EINVAL, path, f"type {type_id} is not creatable on {vf} now")
+        if vtype.mig_backed:
+            mig.place(gpu, vtype, vf)
+    if type_id == 0:
+        mig.release(gpu, vf)
     (base / PCI_DIR / vf / "nvidia/current_vgpu_type").write_text(f"{type_id}\n")
+    state.save(base)
     refresh_vfio(base, gpu)
+
+
+def _drop_mdevs(base: Path, vf: str) -> None:
+    """Disabling VFs takes the mdevs on them along (their bus links and VFIO group nodes too)."""
+    from vgpu_dm.sim.driver import UUID_RE
+
+    vf_dir = base / PCI_DIR / vf
+    for entry in os.listdir(vf_dir):
+        if UUID_RE.fullmatch(entry):
+            group = os.path.basename(os.readlink(vf_dir / entry / "iommu_group"))
+            for link in (base / "sys/bus/mdev/devices" / entry, base / "dev/vfio" / group):
+                if os.path.lexists(link):
+                    link.unlink()
 
 
 def _result(argv: list[str], code: int, out: str = "", err: str = "") -> subprocess.CompletedProcess[str]:
@@ -107,20 +131,27 @@ def sriov_manage(base: Path, state: SimState, argv: list[str]) -> subprocess.Com
             if not gpu.vfs:
                 state.next_group = enable_vfs(base, gpu, state.next_group) + 1
                 gpu.mixed_enabled = False  # the rebind resets heterogeneous mode
+                gpu.gpu_instances = []  # ... and destroys MIG GPU instances (MIG mode survives)
         else:
             out.append(f"Disabling VFs on {gpu.address}\n")
             pf_dir = base / PCI_DIR / gpu.address
             for n, vf in enumerate(gpu.vfs):
+                _drop_mdevs(base, vf)
                 (pf_dir / f"virtfn{n}").unlink()
                 (base / "sys/bus/pci/devices" / vf).unlink()
+                if os.path.lexists(base / "sys/class/mdev_bus" / vf):
+                    (base / "sys/class/mdev_bus" / vf).unlink()
                 shutil.rmtree(base / PCI_DIR / vf)
             gpu.vfs = []
             (pf_dir / "sriov_numvfs").write_text("0\n")
             gpu.mixed_enabled = False
+            gpu.gpu_instances, gpu.mig_hosts, gpu.mig_types = [], {}, {}
     state.save(base)
+    from vgpu_dm.sim.driver import refresh_gpu
+
     for gpu in targets:
-        if gpu.framework == "vendor-vfio":
-            refresh_vfio(base, gpu)
+        if gpu.framework != "mdev-pf":
+            refresh_gpu(base, gpu)
     return _result(argv, 0, out="".join(out))
 
 
