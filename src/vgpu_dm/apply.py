@@ -34,6 +34,8 @@ class ApplyOptions:
     # Set by a signal handler (CLI) or the Kubernetes agent to stop: checked before every write, never
     # in the middle of one; the run then rolls back what it changed and raises ApplyInterrupted.
     stop: threading.Event | None = None
+    # Do not run nvidia-mig-parted: MIG mode and GPU instances are left as they are.
+    skip_mig: bool = False
 
 
 class _Stop(Exception):
@@ -88,6 +90,11 @@ def apply_config(
         if options.stop is not None and options.stop.is_set():
             raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
         recover(host, tools, force=options.force)
+        if not options.skip_mig:
+            # MIG mode and GPU instances first: the vGPUs are planned on what they offer afterwards.
+            from vgpu_dm.mig.step import prepare_mig
+
+            prepare_mig(entries, config_name, host, tools, source, options.force, options)
         inventory = Inventory(host, tools)
         plan = build_plan(entries, inventory, source, force=options.force)
         if options.uuid_mode == STABLE and any(gp.framework != VENDOR_VFIO for gp in plan.changed):

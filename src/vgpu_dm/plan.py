@@ -162,13 +162,6 @@ def _plan_gpu(
     label = f"{gpu.describe()} [{entry.path}]"
     if not wanted:
         return GPUPlan(gpu, framework, entry, {}, remove=tuple(current))
-    mig = [t.name for t in wanted if t.is_mig_backed]
-    if mig:
-        problems.append(
-            f"{label}: MIG-backed vGPU types ({', '.join(mig)}) need nvidia-mig-parted support, "
-            f"which this version does not have yet"
-        )
-        return None
     if backend is None:
         if inventory.vfio.needs_vfs(gpu):
             return _plan_enable_vfs(gpu, entry, wanted, label, problems, inventory)
@@ -184,8 +177,14 @@ def _plan_gpu(
         info = _resolve(vtype, offered) or _known_but_full(gpu, vtype, backend, current)
         if info is None:
             choices = ", ".join(sorted(offered, key=_type_sort_key)) or "none"
+            hint = (
+                "; MIG-backed types are offered only in MIG mode with free GPU instances of their "
+                "profile (apply prepares them with nvidia-mig-parted unless --skip-mig)"
+                if vtype.is_mig_backed
+                else ""
+            )
             problems.append(
-                f"{label}: vGPU type {vtype.name} is not supported on this GPU (it offers: {choices})"
+                f"{label}: vGPU type {vtype.name} is not supported on this GPU (it offers: {choices}){hint}"
             )
             ok = False
         elif info.name in resolved:
@@ -197,8 +196,20 @@ def _plan_gpu(
             resolved[info.name] = (info, count)
     if not ok:
         return None
+    if entry.is_mig_backed and all(d.type_name in resolved for d in current):
+        # Nothing leaves the GPU's instances, so a type the driver offers nowhere cannot be created.
+        have = Counter(d.type_name for d in current)
+        stuck = [n for n, (info, count) in resolved.items() if count > have[n] and info.available == 0]
+        if stuck:
+            problems.append(
+                f"{label}: {', '.join(stuck)} cannot be created now: MIG-backed types need MIG mode and a "
+                f"GPU instance of their profile with room (apply prepares them with nvidia-mig-parted "
+                f"unless --skip-mig)"
+            )
+            return None
+    # MIG-backed vGPUs of different sizes sit in different GPU instances: not a mixed-size mode matter.
     sizes = {framebuffer_of(name) for name in resolved}
-    mixed = len(sizes) > 1
+    mixed = len(sizes) > 1 and not entry.is_mig_backed
     enable_mixed = False
     if mixed:
         verdict = _mixed_size_verdict(gpu, backend, resolved)
@@ -206,7 +217,7 @@ def _plan_gpu(
             problems.append(f"{label}: {verdict}")
             return None
         enable_mixed = not verdict
-    if not _fits(gpu, backend, resolved, current, mixed, label, problems, notes):
+    if not _fits(gpu, backend, resolved, current, mixed, label, problems, notes, entry.is_mig_backed):
         return None
     keep: list[VGPUDevice] = []
     remove: list[VGPUDevice] = []
@@ -284,11 +295,12 @@ def _mixed_size_verdict(gpu: GPU, backend, resolved: dict[str, tuple[TypeInfo, i
     return enabled
 
 
-def _fits(gpu, backend, resolved, current, mixed, label, problems, notes) -> bool:
+def _fits(gpu, backend, resolved, current, mixed, label, problems, notes, per_type=False) -> bool:
     total = sum(count for _, count in resolved.values())
     for info, count in resolved.values():
         cap = backend.capacity(gpu, info, current)
-        need = count if mixed else total
+        # Equal-size mode shares one budget; mixed sizes and MIG-backed types have one per type.
+        need = count if mixed or per_type else total
         if cap is None:
             notes.append(f"{label}: the maximum number of {info.name} is unknown; the driver will decide")
         elif need > cap:

@@ -187,6 +187,8 @@ def _count_names(names: list[str]) -> str:
     is_flag=True,
     help="Only show what would be done, per GPU (as the plan command does); write nothing, take no lock.",
 )
+@options.mig_parted
+@options.skip_mig
 def apply_cmd(
     config_file: str,
     selected_config: str | None,
@@ -200,12 +202,17 @@ def apply_cmd(
     uuid_mode: str,
     lock_timeout: float,
     dry_run: bool,
+    mig_parted: str,
+    skip_mig: bool,
 ) -> None:
     """Make the host's vGPU devices match the selected config.
 
     Everything is checked before the first write (types offered by each GPU, counts that fit); GPUs
     that already match are not touched and devices that can stay are kept. If a write fails, the
     GPUs changed so far are put back exactly as they were.
+
+    MIG-backed types: nvidia-mig-parted first sets MIG mode and the GPU instances the config needs (a
+    time-sliced config switches MIG off); GPUs whose MIG layout changes lose their vGPUs first.
     """
     spec, name, entries = load_selected(config_file, selected_config)
     if valid_config:
@@ -232,9 +239,11 @@ def apply_cmd(
             uuid_mode=uuid_mode,
             lock_timeout=lock_timeout,
             stop=stopper.event,
+            skip_mig=skip_mig,
         )
+        tools = HostTools(sriov_manage, nvidia_smi, mig_parted)
         try:
-            plan = apply_config(entries, host, HostTools(sriov_manage, nvidia_smi), spec.source, opts, name)
+            plan = apply_config(entries, host, tools, spec.source, opts, name)
         except ApplyInterrupted as exc:
             for line in str(exc).splitlines():
                 _log.error(line)

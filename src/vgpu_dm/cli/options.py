@@ -120,3 +120,19 @@ lock_timeout = click.option(
     metavar="SECONDS",
     help="How long to wait for another apply on this host to finish.  [env: VGPU_DM_LOCK_TIMEOUT]",
 )
+mig_parted = click.option(
+    "--mig-parted",
+    envvar="VGPU_DM_MIG_PARTED",
+    metavar="PATH",
+    default="nvidia-mig-parted",
+    show_default=True,
+    help="nvidia-mig-parted, run (inside the host root) to set MIG mode and GPU instances for MIG-backed "
+    "vGPU types, and to switch MIG off for time-sliced ones.  [env: VGPU_DM_MIG_PARTED]",
+)
+skip_mig = click.option(
+    "--skip-mig",
+    envvar="VGPU_DM_SKIP_MIG",
+    is_flag=True,
+    help="Do not run nvidia-mig-parted: use the MIG mode and GPU instances the GPUs have.  "
+    "[env: VGPU_DM_SKIP_MIG]",
+)

@@ -21,6 +21,7 @@ class HostTools:
 
     sriov_manage: str = DEFAULT_SRIOV_MANAGE
     nvidia_smi: str = "nvidia-smi"
+    mig_parted: str = "nvidia-mig-parted"
 
 
 class Inventory:

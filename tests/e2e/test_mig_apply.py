@@ -1,0 +1,207 @@
+"""apply with MIG-backed types on simulated hosts: nvidia-mig-parted (simulated) prepares MIG mode and
+GPU instances first; failures leave the vGPUs as they were."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.simstate import arm, layouts, snapshot
+from vgpu_dm.sim import mig_parted
+from vgpu_dm.sim.host import write_log
+from vgpu_dm.sim.layout import SimState, create_host
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "examples" / "config-mig.yaml"
+
+
+def instances(root: Path) -> list[dict[str, int]]:
+    return [dict(Counter(gi["profile"] for gi in g.gpu_instances)) for g in SimState.load(root).gpus]
+
+
+def mig_modes(root: Path) -> list[bool]:
+    return [g.mig_mode for g in SimState.load(root).gpus]
+
+
+def step(cli, root: Path, name: str) -> None:
+    """apply, then assert with nvidia-vgpu-dm and with (simulated) nvidia-mig-parted."""
+    result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", name)
+    assert result.code == 0, result.err
+    assert "Traceback" not in result.err
+    held = cli("assert", "--sim", str(root), "-f", str(CONFIG), "-c", name)
+    assert held.code == 0, held.err
+    translated = cli("mig-config", "-f", str(CONFIG), "-c", name)
+    assert translated.code == 0
+    proc = mig_parted.run(root, ["nvidia-mig-parted", "assert", "-f", "-"], translated.out, env={})
+    assert proc.returncode == 0, proc.stderr
+    # Nothing left to do: a second apply writes nothing and runs no MIG change.
+    logged = len(write_log(root))
+    again = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", name)
+    assert again.code == 0 and len(write_log(root)) == logged
+    assert "nvidia-mig-parted" not in again.err
+
+
+SEQUENCES = {
+    "A100": [
+        ("A100-1-5C", {"A100-1-5C": 7}, {"1g.5gb": 7}),
+        ("A100-2-10C", {"A100-2-10C": 3}, {"2g.10gb": 3}),
+        ("A100-40C", {"A100-40C": 1}, None),
+    ],
+    "H200": [
+        ("H200-1-18C", {"H200-1-18C": 7}, {"1g.18gb": 7}),
+        ("H200-2-35C", {"H200-2-35C": 3}, {"2g.35gb": 3}),
+        ("H200-70C", {"H200-70C": 2}, None),
+        ("H200-1-18C", {"H200-1-18C": 7}, {"1g.18gb": 7}),
+    ],
+}
+
+
+@pytest.mark.parametrize("gpu", ["A100", "H200"])
+@pytest.mark.parametrize("vendor_vfio", [False, True], ids=["mdev", "vendor-vfio"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"mig_reset": "immediate", "mig_off_with_vfs": "allow"}],
+    ids=["reset-required", "immediate-and-off-with-vfs"],
+)
+def test_mig_sequence_on_two_gpus(cli, workdir, gpu, vendor_vfio, options) -> None:
+    root = workdir / "host"
+    create_host(root, [gpu, gpu], vendor_vfio=vendor_vfio, options=options)
+    for name, vgpus, profiles in SEQUENCES[gpu]:
+        step(cli, root, name)
+        assert layouts(root) == [vgpus, vgpus], name
+        assert mig_modes(root) == [profiles is not None] * 2, name
+        assert instances(root) == [profiles or {}] * 2, name
+
+
+def test_mixed_entries_across_gpus(cli, workdir) -> None:
+    root = workdir / "host"
+    create_host(root, ["A100", "A100"])
+    step(cli, root, "A100-mixed")
+    assert layouts(root) == [{"A100-3-20C": 1, "A100-2-10C": 1, "A100-1-5CME": 1}, {"A100-20C": 2}]
+    assert mig_modes(root) == [True, False]
+    assert instances(root) == [{"3g.20gb": 1, "2g.10gb": 1, "1g.5gb+me": 1}, {}]
+
+
+def _start(cli, workdir: Path, gpu: str, name: str) -> Path:
+    root = workdir / "host"
+    create_host(root, [gpu, gpu])
+    step(cli, root, name)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("gpu", "start", "target"),
+    [
+        ("A100", "A100-1-5C", "A100-2-10C"),
+        ("A100", "A100-40C", "A100-1-5C"),
+        ("H200", "H200-70C", "H200-1-18C"),
+        ("H200", "H200-1-18C", "H200-2-35C"),
+    ],
+)
+def test_failing_mig_parted_leaves_the_vgpus_as_they_were(cli, workdir, gpu, start, target) -> None:
+    root = _start(cli, workdir, gpu, start)
+    before, gis, modes = snapshot(root), instances(root), mig_modes(root)
+    arm(cli, root, "--mig-parted", "fail")
+    result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", target)
+    assert result.code == 1
+    assert "nvidia-mig-parted apply" in result.err and "injected fault" in result.err
+    assert "were put back as they were" in result.err
+    # The same vGPUs (same UUIDs on mdev, same VFs on vendor VFIO), the same MIG state.
+    assert snapshot(root) == before
+    assert (instances(root), mig_modes(root)) == (gis, modes)
+    assert cli("assert", "--sim", str(root), "-f", str(CONFIG), "-c", start).code == 0
+    arm(cli, root)
+    step(cli, root, target)
+
+
+@pytest.mark.parametrize(
+    ("gpu", "start", "target"), [("A100", "A100-2-10C", "A100-40C"), ("H200", "H200-70C", "H200-2-35C")]
+)
+def test_mode_change_waiting_for_a_reset_is_reported(cli, workdir, gpu, start, target) -> None:
+    root = _start(cli, workdir, gpu, start)
+    before = snapshot(root)
+    arm(cli, root, "--mig-parted", "reset")
+    result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", target)
+    assert result.code == 1
+    assert "the MIG mode change needs a GPU reset or a reboot" in result.err
+    assert "error resetting all GPUs" in result.err  # mig-parted's own output is shown
+    assert snapshot(root) == before
+    assert "Traceback" not in result.err
+    arm(cli, root)
+    step(cli, root, target)
+
+
+def test_in_use_vgpu_blocks_a_mig_change_before_any_write(cli, workdir) -> None:
+    root = _start(cli, workdir, "A100", "A100-1-5C")
+    uuid = snapshot(root)[0][2]
+    assert cli("sim", "hold", str(root), uuid).code == 0
+    logged, gis = len(write_log(root)), instances(root)
+    result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-2-10C")
+    assert result.code == 1
+    assert f"{uuid} is in use by" in result.err and "MIG layout changes" in result.err
+    assert len(write_log(root)) == logged and instances(root) == gis
+    # --force goes ahead; the simulated driver refuses to pull the vGPU from under the VM (EBUSY), so
+    # the removal step fails and is rolled back before mig-parted ever runs.
+    before = snapshot(root)
+    forced = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-2-10C", "--force")
+    assert forced.code == 1 and "Device or resource busy" in forced.err
+    assert snapshot(root) == before and instances(root) == gis
+
+
+def test_skip_mig_and_missing_mig_parted(cli, workdir) -> None:
+    root = workdir / "host"
+    create_host(root, ["A100"])
+    skipped = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C", "--skip-mig")
+    assert skipped.code == 1
+    assert "A100-1-5C cannot be created now" in skipped.err and "MIG mode" in skipped.err
+    assert write_log(root) == [] and mig_modes(root) == [False]
+    missing = cli(
+        "apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C", "--mig-parted", "/opt/none/mig"
+    )
+    assert (
+        missing.code == 1
+        and "need nvidia-mig-parted" in missing.err
+        and "/opt/none/mig not found" in missing.err
+    )
+    assert write_log(root) == []
+    # A time-sliced config does not need it: MIG mode is left alone.
+    plain = cli(
+        "apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-40C", "--mig-parted", "/opt/none/mig"
+    )
+    assert plain.code == 0, plain.err
+    assert layouts(root) == [{"A100-40C": 1}]
+
+
+def test_t4_host_never_runs_mig_parted(cli, workdir) -> None:
+    root = workdir / "host"
+    create_host(root, ["T4"])
+    result = cli(
+        "apply",
+        "--sim",
+        str(root),
+        "-f",
+        str(REPO / "examples/config-t4.yaml"),
+        "-c",
+        "T4-small",
+        "--mig-parted",
+        "/opt/none/mig",
+    )
+    assert result.code == 0, result.err
+
+
+def test_broken_mig_parted_after_vfs_were_disabled_is_reported(cli, workdir) -> None:
+    """Leaving MIG mode needs the VFs off first, and disabling them destroys the GPU instances; when
+    mig-parted then fails outright it cannot rebuild them either, so the MIG-backed vGPUs cannot come
+    back. The run says so, exits 1, and the next apply converges."""
+    root = _start(cli, workdir, "A100", "A100-2-10C")
+    arm(cli, root, "--mig-parted", "fail")
+    result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-40C")
+    assert result.code == 1
+    assert "injected fault" in result.err
+    assert "the previous MIG layout could not be restored" in result.err
+    assert "NOT all vGPUs restored" in result.err and "run apply again" in result.err
+    arm(cli, root)
+    step(cli, root, "A100-40C")
+    step(cli, root, "A100-2-10C")
