@@ -196,8 +196,9 @@ def _plan_gpu(
             resolved[info.name] = (info, count)
     if not ok:
         return None
-    if entry.is_mig_backed and all(d.type_name in resolved for d in current):
-        # Nothing leaves the GPU's instances, so a type the driver offers nowhere cannot be created.
+    if entry.is_mig_backed and all(d.type_name in resolved or not _mig_backed(d.type_name) for d in current):
+        # No other MIG-backed vGPU leaves an instance (time-sliced ones mean MIG mode is off), so a type
+        # the driver offers nowhere cannot be created.
         have = Counter(d.type_name for d in current)
         stuck = [n for n, (info, count) in resolved.items() if count > have[n] and info.available == 0]
         if stuck:
@@ -330,6 +331,15 @@ def _plan_enable_vfs(
     inventory: Inventory,
 ) -> GPUPlan | None:
     """Plan for an SR-IOV GPU whose VFs are off: check what the catalog knows, then enable them."""
+    if entry.is_mig_backed:
+        # Enabling VFs rebinds the GPU and destroys its GPU instances (reference 3.2): MIG-backed types
+        # need the VFs first, then the instances, which the MIG step of apply does in that order.
+        problems.append(
+            f"{label}: MIG-backed types need the GPU's SR-IOV virtual functions enabled before its GPU "
+            f"instances are made, and they are not enabled (apply does both, in that order, unless "
+            f"--skip-mig)"
+        )
+        return None
     from vgpu_dm import catalog
 
     model = catalog.for_device(gpu.device_id)
@@ -378,6 +388,13 @@ def _plan_enable_vfs(
             problems.append(f"{label}: {what} need {used:g} GB of framebuffer, but the GPU has {fb} GB")
             return None
     return GPUPlan(gpu, "sriov-vfs-off", entry, {t.name: c for t, c in wanted.items()}, enable_vfs=True)
+
+
+def _mig_backed(name: str) -> bool:
+    try:
+        return VGPUType.parse(name).is_mig_backed
+    except ValueError:
+        return False
 
 
 def _type_sort_key(name: str) -> tuple:

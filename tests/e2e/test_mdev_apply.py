@@ -92,11 +92,13 @@ def apply_ok(cli, root: Path, cfg: str, name: str | None = None) -> list[str]:
     return writes(root)[before:]
 
 
-def refused(cli, root: Path, command: str, cfg: str, name: str | None = None, stdin: str | None = None):
+def refused(
+    cli, root: Path, command: str, cfg: str, name: str | None = None, stdin: str | None = None, extra=()
+):
     """Run a command that must exit 1 and leave the host exactly as it was; returns the result."""
     before_writes = writes(root)
     before_devices = report(cli, root)
-    args = [command, "--sim", str(root), "-f", cfg] + (["-c", name] if name else [])
+    args = [command, "--sim", str(root), "-f", cfg] + (["-c", name] if name else []) + list(extra)
     result = cli(*args, stdin=stdin)
     assert result.code == 1, (result.out, result.err)
     assert writes(root) == before_writes
@@ -359,13 +361,14 @@ vgpu-configs:
       vgpu-devices: {"A100-5C": 8}
 """,
     )
-    result = refused(cli, root, "apply", cfg, "mig")
+    # Without the MIG step (--skip-mig) MIG mode is off and there are no GPU instances.
+    result = refused(cli, root, "apply", cfg, "mig", extra=["--skip-mig"])
     assert "A100-1-5C" in result.err
     assert "MIG" in result.err
     assert "GPU 0 (0000:3b:00.0)" in result.err
     # The same host takes a time-sliced layout.
     assert len(apply_ok(cli, root, cfg, "sliced")) == 8
-    assert refused(cli, root, "apply", cfg, "mig").code == 1
+    assert refused(cli, root, "apply", cfg, "mig", extra=["--skip-mig"]).code == 1
 
 
 # -- minimal, idempotent changes -------------------------------------------------------------------

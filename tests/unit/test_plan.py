@@ -331,7 +331,8 @@ def test_all_problems_are_collected_across_gpus(make_host):
     assert by_gpu[1].startswith("GPU 1 (0000:5e:00.0) [vgpu-configs.c[1]]: 17 x T4-1Q requested")
     assert by_gpu[2].startswith("GPU 2 (0000:86:00.0) [vgpu-configs.c[2]]: A10-1Q, A10-2Q have different")
     assert by_gpu[3].startswith("GPU 3 (0000:af:00.0) [vgpu-configs.c[3]]: 7 x A10-4Q requested")
-    assert by_gpu[4].startswith("GPU 4 (0000:d8:00.0) [vgpu-configs.c[4]]: MIG-backed vGPU types (A100-1-5C)")
+    # Planning alone (no MIG step): MIG mode is off, so the MIG-backed type cannot be created.
+    assert by_gpu[4].startswith("GPU 4 (0000:d8:00.0) [vgpu-configs.c[4]]: A100-1-5C cannot be created now")
     # Nothing was changed by the failed planning.
     assert [d.uuid for g in inventory(root).gpus for d in inventory(root).devices(g)] == before
 
