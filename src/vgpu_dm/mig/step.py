@@ -106,6 +106,11 @@ def prepare_mig(
             _log.info(f"{gpu.describe()}: {verb} {what} (nvidia-mig-parted)")
         else:
             _log.info(f"{gpu.describe()}: MIG mode off (nvidia-mig-parted)")
+    stop = getattr(options, "stop", None)
+    if stop is not None and stop.is_set():
+        from vgpu_dm.errors import ApplyInterrupted
+
+        raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
     work = _Work()
     _remove_vgpus(changing, by_index, inventory, force, options, name, work)
     try:
