@@ -52,9 +52,9 @@ def host_runs(monkeypatch):
     calls: list[list[str]] = []
     original = SimHostRoot.run
 
-    def spy(self, argv, chroot=None, timeout=300):
+    def spy(self, argv, chroot=None, timeout=300, **kwargs):
         calls.append(list(argv))
-        return original(self, argv, chroot, timeout)
+        return original(self, argv, chroot, timeout, **kwargs)
 
     monkeypatch.setattr(SimHostRoot, "run", spy)
     return calls
