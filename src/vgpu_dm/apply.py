@@ -9,10 +9,12 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError
+from vgpu_dm.explain import log_discovery, log_plan
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.lock import HostLock
 from vgpu_dm.host.model import MDEV, VENDOR_VFIO, TypeInfo, VGPUDevice
@@ -36,6 +38,8 @@ class ApplyOptions:
     stop: threading.Event | None = None
     # Do not run nvidia-mig-parted: MIG mode and GPU instances are left as they are.
     skip_mig: bool = False
+    # Called as progress(writes done, writes planned) after each write (the CLI's bar on a terminal).
+    progress: Callable[[int, int], None] | None = None
 
 
 class _Stop(Exception):
@@ -96,7 +100,9 @@ def apply_config(
 
             prepare_mig(entries, config_name, host, tools, source, options.force, options)
         inventory = Inventory(host, tools)
+        log_discovery(inventory)
         plan = build_plan(entries, inventory, source, force=options.force)
+        log_plan(plan)
         if options.uuid_mode == STABLE and any(gp.framework != VENDOR_VFIO for gp in plan.changed):
             machine_id(host)  # fail before anything is touched, sriov-manage included
         pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
@@ -117,7 +123,9 @@ def apply_config(
                 inventory.vfio.enable_vfs(gpu)
                 enabled.append(gpu.describe())
             inventory = Inventory(host, tools)
+            log_discovery(inventory)
             plan = build_plan(entries, inventory, source, force=options.force)
+            log_plan(plan)
             still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
             if still:
                 raise HostError(f"virtual functions did not appear after sriov-manage -e: {', '.join(still)}")
@@ -167,11 +175,30 @@ def execute(
     done: list[_Undo] = []
     failures: list[str] = []
     unclean: set[str] = set()
-    for gp in plan.changed:
+    total = plan.writes
+    written = 0
+
+    def wrote(action: str, gpu: GPU, device: VGPUDevice) -> None:
+        nonlocal written
+        written += 1
+        _log.debug(
+            f"{gpu.describe()}: {action}d {device.type_name} {device.key}",
+            extra=log.fields(
+                gpu=gpu.index, address=gpu.address, action=action, type=device.type_name, uuid=device.uuid
+            ),
+        )
+        if options.progress is not None:
+            options.progress(written, total)
+
+    changed = plan.changed
+    for number, gp in enumerate(changed, 1):
         backend = inventory.backend_for(gp.gpu)
         if backend is None:  # pragma: no cover - the plan only changes GPUs that have a backend
             raise HostError(f"{gp.gpu.describe()}: no vGPU backend")
-        _log.info(summary(gp))
+        _log.info(
+            f"[{number}/{len(changed)}] {summary(gp)}",
+            extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="change"),
+        )
         undo = _Undo(gp)
         done.append(undo)
         step = ""
@@ -181,6 +208,7 @@ def execute(
                 _stop_point(options, step)
                 backend.remove(device)
                 undo.removed.append(device)
+                wrote("remove", gp.gpu, device)
             if gp.enable_mixed_size:
                 step = f"enable mixed-size vGPU mode on {gp.gpu.describe()}"
                 _stop_point(options, step)
@@ -190,6 +218,11 @@ def execute(
                 step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
                 _stop_point(options, step)
                 undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid))
+                wrote("create", gp.gpu, undo.created[-1])
+            _log.info(
+                f"[{number}/{len(changed)}] {gp.gpu.describe()}: done",
+                extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="done"),
+            )
         except _Stop:
             _log.warning(f"stop requested: not starting '{step}'; rolling back the changes of this run")
             report, clean = _rollback(done, inventory)

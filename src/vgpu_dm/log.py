@@ -49,7 +49,9 @@ class TerminalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         level = _LEVELS.get(record.levelname, record.levelname.lower()).upper()[:4]
         elapsed = int(time.monotonic() - _START)
-        return f"{level}[{elapsed:04d}] {printable(record.getMessage())}"
+        # A progress bar owns the current line: erase it first; the bar redraws itself below.
+        erase = "\r\x1b[K" if bar.active else ""
+        return f"{erase}{level}[{elapsed:04d}] {printable(record.getMessage())}"
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -70,8 +72,22 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+# What setup() was last called with, so options given after the subcommand can change one of them.
+settings = {"debug": False, "fmt": "text"}
+
+
+class _Bar:
+    """A progress bar drawn on the terminal below the log lines (see cli/progress.py)."""
+
+    active = False
+
+
+bar = _Bar()
+
+
 def setup(debug: bool = False, fmt: str = "text") -> logging.Logger:
     """Configure the project logger once per process (the CLI calls this first)."""
+    settings.update(debug=debug, fmt=fmt)
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)

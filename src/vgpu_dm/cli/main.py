@@ -63,6 +63,8 @@ class _LazyGroup(click.Group):
             module, attribute = self.lazy_commands[cmd_name]
             command = getattr(importlib.import_module(module), attribute)
             self.add_command(command, cmd_name)
+        if command is not None:
+            options.add_global_options(command)
         return command
 
 
@@ -144,6 +146,9 @@ def assert_cmd(
         _log.error("assertion failure: selected configuration not currently applied")
         raise Failure(EXIT_FAILED)
     inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi))
+    from vgpu_dm.explain import log_discovery, log_plan
+
+    log_discovery(inventory)
     try:
         # assert changes nothing, so who holds a vGPU does not matter here (force skips that check).
         plan = build_plan(entries, inventory, spec.source, force=True)
@@ -151,6 +156,7 @@ def assert_cmd(
         log_problems(exc.problems)
         _log.error("assertion failure: selected configuration cannot be applied on this host")
         raise Failure(EXIT_FAILED) from None
+    log_plan(plan)
     _log.debug(f"host reads: {host.counters.reads}")
     if plan.is_noop:
         _log.info("Selected vGPU device configuration is currently applied")
@@ -232,6 +238,9 @@ def apply_cmd(
     from vgpu_dm.host.inventory import HostTools
 
     host = open_cli_host(host_root, sim)
+    from vgpu_dm.cli.progress import TerminalBar
+
+    bar = TerminalBar() if TerminalBar.wanted() else None
     with StopOnSignal() as stopper:
         opts = ApplyOptions(
             force=force,
@@ -240,6 +249,7 @@ def apply_cmd(
             lock_timeout=lock_timeout,
             stop=stopper.event,
             skip_mig=skip_mig,
+            progress=bar,
         )
         tools = HostTools(sriov_manage, nvidia_smi, mig_parted)
         try:
@@ -248,6 +258,9 @@ def apply_cmd(
             for line in str(exc).splitlines():
                 _log.error(line)
             raise Failure(stopper.exit_code) from None
+        finally:
+            if bar is not None:
+                bar.close()
     _log.debug(f"host reads: {host.counters.reads}, writes: {host.counters.writes}")
     if plan.is_noop:
         _log.info("Selected vGPU device configuration is already applied")

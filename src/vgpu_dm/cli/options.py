@@ -136,3 +136,43 @@ skip_mig = click.option(
     help="Do not run nvidia-mig-parted: use the MIG mode and GPU instances the GPUs have.  "
     "[env: VGPU_DM_SKIP_MIG]",
 )
+
+
+def _late_global(ctx: click.Context, param: click.Parameter, value):
+    """-d / --log-format given after the subcommand: set up logging again with that one changed."""
+    from click.core import ParameterSource
+
+    from vgpu_dm import log
+
+    if ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+        log.setup(**{**log.settings, ("debug" if param.name == "debug" else "fmt"): value})
+    return value
+
+
+def add_global_options(command: click.Command) -> None:
+    """Accept the global options after ``command`` (and each subcommand of a group) too:
+    ``nvidia-vgpu-dm apply … -d``. Idempotent."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_global_options(sub)
+        return
+    if any(p.name == "debug" for p in command.params):
+        return
+    command.params.append(
+        click.Option(
+            ["-d", "--debug"],
+            is_flag=True,
+            expose_value=False,
+            callback=_late_global,
+            help="Same as the global -d (may come after the command).",
+        )
+    )
+    command.params.append(
+        click.Option(
+            ["--log-format"],
+            type=click.Choice(["text", "json"]),
+            expose_value=False,
+            callback=_late_global,
+            help="Same as the global --log-format (may come after the command).",
+        )
+    )

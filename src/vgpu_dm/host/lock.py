@@ -8,10 +8,12 @@ import threading
 import time
 from types import TracebackType
 
+from vgpu_dm import log
 from vgpu_dm.errors import ApplyInterrupted, HostError
 from vgpu_dm.host.root import HostRoot
 
 LOCK_FILE = "run/nvidia-vgpu-dm.lock"
+_log = log.get("lock")
 
 
 class HostLock:
@@ -59,11 +61,19 @@ class HostLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.timeout
+        waiting = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not waiting:
+                    waiting = True
+                    # Otherwise a wait of up to --lock-timeout looks like a hang.
+                    _log.info(
+                        f"waiting for the host lock: another nvidia-vgpu-dm ({self._holder()}) is applying; "
+                        f"up to {self.timeout:g} s (--lock-timeout)"
+                    )
                 if self.stop is not None and self.stop.is_set():
                     os.close(fd)
                     raise ApplyInterrupted(
@@ -77,6 +87,8 @@ class HostLock:
                         f"gave up after waiting {self.timeout:g} s (--lock-timeout)"
                     ) from None
                 time.sleep(self.poll)
+        if waiting:
+            _log.info("got the host lock")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
