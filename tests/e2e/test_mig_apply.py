@@ -205,3 +205,33 @@ def test_broken_mig_parted_after_vfs_were_disabled_is_reported(cli, workdir) -> 
     arm(cli, root)
     step(cli, root, "A100-40C")
     step(cli, root, "A100-2-10C")
+
+
+@pytest.mark.parametrize("after_reboot", ["keep", "lose"])
+@pytest.mark.parametrize("gpu", ["A100", "H200"])
+def test_apply_after_a_reboot_rebuilds_mig_and_vgpus(cli, workdir, gpu, after_reboot) -> None:
+    """VFs, vGPUs and GPU instances do not survive a reboot (MIG mode may); apply at boot rebuilds them."""
+    root = workdir / "host"
+    create_host(root, [gpu], options={"mig_after_reboot": after_reboot})
+    name = f"{gpu}-1-18C" if gpu == "H200" else "A100-1-5C"
+    step(cli, root, name)
+    wanted = layouts(root)
+    rebooted = cli("sim", "reboot", str(root))
+    assert rebooted.code == 0 and "GPU instance(s)" in rebooted.out
+    assert layouts(root) == [{}] and instances(root) == [{}]
+    assert mig_modes(root) == [after_reboot == "keep"]
+    assert SimState.load(root).gpus[0].vfs == []
+    assert cli("assert", "--sim", str(root), "-f", str(CONFIG), "-c", name).code == 1
+    step(cli, root, name)
+    assert layouts(root) == wanted
+
+
+def test_reboot_completes_a_pending_mode_change(cli, workdir) -> None:
+    root = _start(cli, workdir, "A100", "A100-40C")
+    arm(cli, root, "--mig-parted", "reset")
+    assert cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C").code == 1
+    arm(cli, root)
+    assert mig_modes(root) == [False, False]
+    assert cli("sim", "reboot", str(root)).code == 0
+    assert mig_modes(root) == [True, True]
+    step(cli, root, "A100-1-5C")

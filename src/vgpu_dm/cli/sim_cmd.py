@@ -107,6 +107,13 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     help="Whether MIG mode can be switched off while SR-IOV VFs are enabled (refused on vendor-VFIO hosts; "
     "unknown on mdev hosts).",
 )
+@click.option(
+    "--mig-after-reboot",
+    type=click.Choice(["keep", "lose"]),
+    default="keep",
+    show_default=True,
+    help="Whether MIG mode survives 'sim reboot' (GPU instances never do).",
+)
 @_latency_options
 def create_cmd(
     directory: str,
@@ -115,6 +122,7 @@ def create_cmd(
     mixed_size: bool,
     mig_reset: str,
     mig_off_with_vfs: str,
+    mig_after_reboot: str,
     write_latency_ms: float | None,
     create_latency_ms: float | None,
     remove_latency_ms: float | None,
@@ -135,7 +143,11 @@ def create_cmd(
             list(gpus),
             vendor_vfio=vendor_vfio,
             mixed_size=mixed_size,
-            options={"mig_reset": mig_reset, "mig_off_with_vfs": mig_off_with_vfs},
+            options={
+                "mig_reset": mig_reset,
+                "mig_off_with_vfs": mig_off_with_vfs,
+                "mig_after_reboot": mig_after_reboot,
+            },
         )
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
@@ -349,3 +361,15 @@ def release_cmd(directory: str, pid: int) -> None:
     except LookupError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"pid {pid} released")
+
+
+@sim_group.command("reboot")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def reboot_cmd(directory: str) -> None:
+    """Reboot the simulated host: VFs, vGPUs, MIG GPU instances, mixed-size mode, /run and the fake VMs
+    are gone; a pending MIG mode change takes effect (see 'sim create --mig-after-reboot').
+    """
+    from vgpu_dm.sim.reboot import reboot
+
+    for line in reboot(directory):
+        click.echo(line)

@@ -61,6 +61,9 @@ DEFAULT_OPTIONS = {
     # Whether MIG mode may be switched off while SR-IOV VFs are enabled ("refuse" is observed on
     # vendor-VFIO hosts, host-interfaces.md 3.6; unknown on mdev hosts).
     "mig_off_with_vfs": "refuse",
+    # MIG mode after a reboot: "keep" (host-interfaces.md 3.2: it survives, GPU instances do not) or
+    # "lose" (gpu-operator PR #2603 reports it lost on the vGPU host path).
+    "mig_after_reboot": "keep",
 }
 
 

@@ -112,6 +112,23 @@ def _drop_mdevs(base: Path, vf: str) -> None:
                     link.unlink()
 
 
+def disable_vfs(base: Path, gpu: SimGPU) -> None:
+    """Remove the GPU's VFs with whatever they carry; the rebind also resets heterogeneous mode and
+    destroys MIG GPU instances (host-interfaces.md 3.2)."""
+    pf_dir = base / PCI_DIR / gpu.address
+    for n, vf in enumerate(gpu.vfs):
+        _drop_mdevs(base, vf)
+        (pf_dir / f"virtfn{n}").unlink()
+        (base / "sys/bus/pci/devices" / vf).unlink()
+        if os.path.lexists(base / "sys/class/mdev_bus" / vf):
+            (base / "sys/class/mdev_bus" / vf).unlink()
+        shutil.rmtree(base / PCI_DIR / vf)
+    gpu.vfs = []
+    (pf_dir / "sriov_numvfs").write_text("0\n")
+    gpu.mixed_enabled = False
+    gpu.gpu_instances, gpu.mig_hosts, gpu.mig_types = [], {}, {}
+
+
 def _result(argv: list[str], code: int, out: str = "", err: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(argv, code, out, err)
 
@@ -134,18 +151,7 @@ def sriov_manage(base: Path, state: SimState, argv: list[str]) -> subprocess.Com
                 gpu.gpu_instances = []  # ... and destroys MIG GPU instances (MIG mode survives)
         else:
             out.append(f"Disabling VFs on {gpu.address}\n")
-            pf_dir = base / PCI_DIR / gpu.address
-            for n, vf in enumerate(gpu.vfs):
-                _drop_mdevs(base, vf)
-                (pf_dir / f"virtfn{n}").unlink()
-                (base / "sys/bus/pci/devices" / vf).unlink()
-                if os.path.lexists(base / "sys/class/mdev_bus" / vf):
-                    (base / "sys/class/mdev_bus" / vf).unlink()
-                shutil.rmtree(base / PCI_DIR / vf)
-            gpu.vfs = []
-            (pf_dir / "sriov_numvfs").write_text("0\n")
-            gpu.mixed_enabled = False
-            gpu.gpu_instances, gpu.mig_hosts, gpu.mig_types = [], {}, {}
+            disable_vfs(base, gpu)
     state.save(base)
     from vgpu_dm.sim.driver import refresh_gpu
 

@@ -1,0 +1,68 @@
+"""A simulated reboot: what a real host loses when it restarts (host-interfaces.md 3.2).
+
+SR-IOV VFs, vGPUs (mdevs and vendor-VFIO types), MIG GPU instances and mixed-size mode are gone; a
+pending MIG mode change takes effect (a reboot resets the GPU), and MIG mode itself stays or is lost
+by the host option ``mig_after_reboot``; ``/run`` (a tmpfs: lock, journal) is empty and the fake VM
+processes have ended.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, refresh_all
+from vgpu_dm.sim.layout import SimState
+from vgpu_dm.sim.vfio_driver import disable_vfs
+
+
+def reboot(root: str | os.PathLike[str]) -> list[str]:
+    """Reboot the simulated host at ``root``; returns one line per GPU saying what it lost."""
+    base = Path(root)
+    proc = base / "proc"
+    for pid in os.listdir(proc):
+        if pid.isdigit() and pid != "1":
+            shutil.rmtree(proc / pid)
+    run = base / "run"
+    for entry in os.listdir(run):
+        path = run / entry
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    state = SimState.load(base)
+    lines = []
+    for gpu in state.gpus:
+        lost = []
+        instances = len(gpu.gpu_instances)
+        if gpu.framework == "mdev-pf":
+            devices = mdev_devices(base, gpu)
+            for parent, uuid, _ in devices:
+                ddir = base / PCI_DIR / parent / uuid
+                type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
+                group = os.path.basename(os.readlink(ddir / "iommu_group"))
+                for link in (
+                    base / "sys/bus/mdev/devices" / uuid,
+                    base / PCI_DIR / parent / "mdev_supported_types" / type_dir / "devices" / uuid,
+                    base / "dev/vfio" / group,
+                ):
+                    if os.path.lexists(link):
+                        link.unlink()
+                shutil.rmtree(ddir)
+            if devices:
+                lost.append(f"{len(devices)} vGPU(s)")
+        elif gpu.vfs:
+            lost.append(f"{len(gpu.vfs)} VFs and their vGPUs")
+            disable_vfs(base, gpu)
+        if instances:
+            lost.append(f"{instances} GPU instance(s)")
+        gpu.gpu_instances, gpu.mig_hosts, gpu.mig_types = [], {}, {}
+        gpu.mixed_enabled = False
+        if gpu.mig_pending is not None:
+            gpu.mig_mode, gpu.mig_pending = gpu.mig_pending, None
+        if gpu.mig_mode and state.options["mig_after_reboot"] == "lose":
+            gpu.mig_mode = False
+            lost.append("MIG mode")
+        mode = ", MIG mode on" if gpu.mig_mode else ""
+        lines.append(f"{gpu.address}: lost {', '.join(lost) or 'nothing'}{mode}")
+    state.save(base)
+    refresh_all(base, state)
+    return lines
