@@ -272,3 +272,47 @@ def test_types_on_vendor_vfio_before_and_after_vfs_exist(cli, sim_host, tmp_path
     assert offered["L40S-4Q"]["available"] == 12 - 5
     assert offered["L40S-4Q"]["type_id"] > 0
     assert Counter(t["available"] > 0 for t in after["types"])[True] == 2  # 4C and 4Q
+
+
+def test_apply_dry_run_json_and_its_usage(cli, sim_host):
+    root = sim_host("T4")
+    as_json = cli("apply", "--dry-run", "--json", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-small")
+    assert as_json.code == 0
+    assert json.loads(as_json.out)["gpus"][0]["create"] == [{"type": "T4-1Q", "count": 16}]
+    alone = cli("apply", "--json", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-small")
+    assert alone.code == 2 and "--json goes with --dry-run" in alone.err
+    assert writes(root) == []
+
+
+def test_plan_says_the_mig_step_comes_first_on_mig_capable_gpus(cli, sim_host):
+    root = sim_host("A100")
+    example = str(EXAMPLES / "config-example.yaml")
+    report = plan_json(cli, root, "-f", example, "-c", "A100-1-5C", code=1)
+    assert any("nvidia-mig-parted set MIG mode and GPU instances on GPU 0" in n for n in report["notes"])
+    text = cli("plan", "--sim", str(root), "-f", example, "-c", "A100-1-5C")
+    assert "apply's MIG step runs first and may change what they offer" in text.out
+    assert writes(root) == []
+
+
+# -- list ----------------------------------------------------------------------------------------------
+LIST_COLUMNS = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER")
+
+
+def test_list_shows_holders_mixed_size_mode_and_plain_model_names(cli, sim_host, tmp_path):
+    root = sim_host("T4", "L40S", "A16")
+    cfg = per_gpu_config(tmp_path, "c", [{"T4-8Q": 2}, {"L40S-12Q": 2, "L40S-4Q": 4}, {}])
+    assert cli("apply", "--sim", str(root), "-f", cfg).code == 0
+    uuid = json.loads(cli("list", "--json", "--sim", str(root)).out)[0]["vgpus"][0]["uuid"]
+    pid = int(cli("sim", "hold", str(root), uuid, "--name", "vm-web").out.split()[1])
+    table = cli("list", "--sim", str(root))
+    rows = parse_table(table.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
+    held = next(r for r in rows if r["UUID"] == uuid)
+    assert held["HOLDER"] == f"{pid} vm-web"
+    assert {r["MIXED"] for r in rows if r["GPU"] == "1"} == {"on"}
+    assert [r["MODEL"] for r in rows if r["GPU"] == "2"] == ["NVIDIA A16"]  # no "(one of 4 GPUs per board)"
+    gpus = json.loads(cli("list", "--json", "--sim", str(root)).out)
+    assert gpus[0]["vgpus"][0]["holders"] == [{"pid": pid, "name": "vm-web"}]
+    assert [g["mixed_size"] for g in gpus] == ["-", "on", "-"]
+    plain = sim_host("L40S", mixed_size=False)
+    cli("apply", "--sim", str(plain), "-f", per_gpu_config(tmp_path, "one", [{"L40S-4Q": 1}]))
+    assert json.loads(cli("list", "--json", "--sim", str(plain)).out)[0]["mixed_size"] == "unsupported"

@@ -193,6 +193,7 @@ def _count_names(names: list[str]) -> str:
     is_flag=True,
     help="Only show what would be done, per GPU (as the plan command does); write nothing, take no lock.",
 )
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @options.mig_parted
 @options.skip_mig
 def apply_cmd(
@@ -208,6 +209,7 @@ def apply_cmd(
     uuid_mode: str,
     lock_timeout: float,
     dry_run: bool,
+    as_json: bool,
     mig_parted: str,
     skip_mig: bool,
 ) -> None:
@@ -220,6 +222,8 @@ def apply_cmd(
     MIG-backed types: nvidia-mig-parted first sets MIG mode and the GPU instances the config needs (a
     time-sliced config switches MIG off); GPUs whose MIG layout changes lose their vGPUs first.
     """
+    if as_json and not dry_run:
+        raise click.UsageError("--json goes with --dry-run (apply itself logs to stderr)")
     spec, name, entries = load_selected(config_file, selected_config)
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
@@ -227,7 +231,7 @@ def apply_cmd(
     if dry_run:
         from vgpu_dm.cli.plan_cmd import run_plan
 
-        code = run_plan((spec, name, entries), host_root, sim, sriov_manage, nvidia_smi, force, False)
+        code = run_plan((spec, name, entries), host_root, sim, sriov_manage, nvidia_smi, force, as_json)
         if code:
             raise Failure(code)
         return

@@ -68,6 +68,10 @@ def plan_report(entries, inventory, source: str, name: str, force: bool = False)
             if gp.enable_mixed_size:
                 item["enable_mixed_size"] = True
         gpus.append(item)
+    notes = list(plan.notes)
+    mig = _mig_note(entries, inventory, chosen)
+    if mig:
+        notes.append(mig)
     removals = sum(len(g.get("remove", [])) for g in gpus)
     creations = sum(c["count"] for g in gpus for c in g.get("create", []) if g["status"] == "change")
     return {
@@ -78,9 +82,23 @@ def plan_report(entries, inventory, source: str, name: str, force: bool = False)
         "removals": removals,
         "creations": creations,
         "problems": [*plan.problems.get(None, ()), *[p for g in gpus for p in g.get("problems", [])]],
-        "notes": list(plan.notes),
+        "notes": notes,
         "journal": journal_note(inventory.host),
     }
+
+
+def _mig_note(entries, inventory, chosen) -> str | None:
+    """apply's MIG step (nvidia-mig-parted) runs before the vGPU plan; the preview does not run it."""
+    from vgpu_dm.mig.step import mig_capable
+
+    gpus = [g for g in inventory.gpus if g.index in chosen and g.sriov_capable and mig_capable(g)]
+    if not any(e.is_mig_backed for e in entries) and not gpus:
+        return None
+    which = ", ".join(str(g.index) for g in gpus) or "the selected GPUs"
+    return (
+        f"apply first has nvidia-mig-parted set MIG mode and GPU instances on GPU {which} as the config "
+        f"needs (unless --skip-mig); this preview shows the vGPU changes on the GPUs as they are now"
+    )
 
 
 def _count_text(items: list[dict]) -> str:
@@ -127,7 +145,13 @@ def render_plan(report: dict) -> str:
         lines.append(f"note: {note}")
     if report["journal"]:
         lines.append(f"note: {report['journal']}")
-    if problems:
+    mig_first = any("nvidia-mig-parted set MIG mode" in n for n in report["notes"])
+    if problems and mig_first:
+        lines.append(
+            f"config {report['config']!r}: {len(problems)} problem(s) with the GPUs as they are now; apply's "
+            f"MIG step runs first and may change what they offer (nothing was written)"
+        )
+    elif problems:
         lines.append(
             f"config {report['config']!r}: {len(problems)} problem(s); apply would stop before its first "
             f"write (nothing was written)"
