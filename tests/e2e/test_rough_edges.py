@@ -38,6 +38,8 @@ def test_sim_create_prints_gpu_indices_in_pci_order(cli, tmp_path):
     assert printed == [["GPU", f"{g['index']}:", g["address"]] for g in listed]
     assert printed[0] == ["GPU", "0:", "0000:18:00.0"]
     assert "NVIDIA A10" in result.out.splitlines()[0]
+    a16 = cli("sim", "create", str(tmp_path / "a16"), "--gpu", "A16")
+    assert a16.out.splitlines()[0] == "GPU 0: 0000:3b:00.0 NVIDIA A16 (mdev-vf, 16 VFs)"  # no catalog note
 
 
 # -- device filters --------------------------------------------------------------------------------

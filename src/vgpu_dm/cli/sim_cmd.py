@@ -151,6 +151,8 @@ def create_cmd(
         )
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
+    from vgpu_dm.cli.list_cmd import model_name
+
     # Indices are what configs use: position in PCI address order, not in the order of the --gpu options.
     by_address = sorted(state.gpus, key=lambda g: g.address)
     for i, gpu in enumerate(by_address):
@@ -160,7 +162,7 @@ def create_cmd(
             else (f", {gpu.total_vfs} VFs not enabled" if gpu.total_vfs else "")
         )
         mig = ", MIG-capable" if gpu.mig_profiles else ""
-        click.echo(f"GPU {i}: {gpu.address} {gpu.model} ({gpu.framework}{vfs}{mig})")
+        click.echo(f"GPU {i}: {gpu.address} {model_name(gpu.model)} ({gpu.framework}{vfs}{mig})")
     latency = _latency(WriteLatency(), write_latency_ms, create_latency_ms, remove_latency_ms, serial_writes)
     if latency != WriteLatency():
         latency.save(directory)
