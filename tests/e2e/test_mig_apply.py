@@ -235,3 +235,29 @@ def test_reboot_completes_a_pending_mode_change(cli, workdir) -> None:
     assert cli("sim", "reboot", str(root)).code == 0
     assert mig_modes(root) == [True, True]
     step(cli, root, "A100-1-5C")
+
+
+def test_plan_shows_the_mig_step_and_writes_nothing(cli, workdir) -> None:
+    import json
+
+    root = workdir / "host"
+    create_host(root, ["A100", "T4"])
+    shown = cli("plan", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C")
+    assert shown.code == 0, shown.err
+    assert (
+        "mig      MIG mode on, GPU instances 7 x 1g.5gb" in shown.out
+        and "create   7 x A100-1-5C" in shown.out
+    )
+    assert write_log(root) == [] and mig_modes(root) == [False, False]
+    step(cli, root, "A100-1-5C")
+    report = json.loads(cli("plan", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-40C", "--json").out)
+    gpu0 = report["gpus"][0]
+    assert gpu0["status"] == "change" and gpu0["mig"] == {"enabled": False, "instances": {}}
+    assert [d["type"] for d in gpu0["remove"]] == ["A100-1-5C"] * 7
+    assert gpu0["create"] == [{"type": "A100-40C", "count": 1}]
+    dry = cli("apply", "--dry-run", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-2-10C")
+    assert dry.code == 0 and "GPU instances 3 x 2g.10gb" in dry.out
+    assert layouts(root) == [{"A100-1-5C": 7}, {}]
+    # Applied: the plan has nothing to do, and no MIG line.
+    again = cli("plan", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C")
+    assert again.code == 0 and "mig " not in again.out and "is applied" in again.out

@@ -287,10 +287,11 @@ def test_apply_dry_run_json_and_its_usage(cli, sim_host):
 def test_plan_says_the_mig_step_comes_first_on_mig_capable_gpus(cli, sim_host):
     root = sim_host("A100")
     example = str(EXAMPLES / "config-example.yaml")
-    report = plan_json(cli, root, "-f", example, "-c", "A100-1-5C", code=1)
-    assert any("nvidia-mig-parted set MIG mode and GPU instances on GPU 0" in n for n in report["notes"])
+    # The (simulated) nvidia-mig-parted is asked, read-only, what apply's MIG step would change.
+    report = plan_json(cli, root, "-f", example, "-c", "A100-1-5C", code=0)
+    assert report["gpus"][0]["mig"] == {"enabled": True, "instances": {"1g.5gb": 7}}
     text = cli("plan", "--sim", str(root), "-f", example, "-c", "A100-1-5C")
-    assert "apply's MIG step runs first and may change what they offer" in text.out
+    assert "mig      MIG mode on, GPU instances 7 x 1g.5gb" in text.out
     assert writes(root) == []
 
 

@@ -32,11 +32,18 @@ def plan_report(entries, inventory, source: str, name: str, force: bool = False)
     from vgpu_dm import catalog
     from vgpu_dm.cli.journal_note import journal_note
     from vgpu_dm.cli.list_cmd import model_name
+    from vgpu_dm.errors import HostError
     from vgpu_dm.plan import build_plan, governing_entries
 
     plan = build_plan(entries, inventory, source, force=force, strict=False)
     planned = {gp.gpu.index: gp for gp in plan.gpus}
     chosen = governing_entries(entries, inventory.gpus)
+    try:
+        mig = _mig_changes(entries, name, inventory, source)
+        mig_note = None
+    except HostError as exc:
+        # nvidia-mig-parted cannot be asked (missing): say in general terms that apply runs it first.
+        mig, mig_note = {}, f"{_mig_note(entries, inventory, chosen) or ''} ({exc})"
     gpus = []
     for gpu in inventory.gpus:
         entry = catalog.for_device(gpu.device_id)
@@ -67,11 +74,12 @@ def plan_report(entries, inventory, source: str, name: str, force: bool = False)
                 item["create"] = [{"type": t, "count": c} for t, c in gp.wanted.items()]
             if gp.enable_mixed_size:
                 item["enable_mixed_size"] = True
+        if gpu.index in mig and governing is not None:
+            _with_mig_step(item, mig[gpu.index], governing, inventory, gpu)
         gpus.append(item)
     notes = list(plan.notes)
-    mig = _mig_note(entries, inventory, chosen)
-    if mig:
-        notes.append(mig)
+    if mig_note:
+        notes.append(mig_note)
     removals = sum(len(g.get("remove", [])) for g in gpus)
     creations = sum(c["count"] for g in gpus for c in g.get("create", []) if g["status"] == "change")
     return {
@@ -101,6 +109,38 @@ def _mig_note(entries, inventory, chosen) -> str | None:
     )
 
 
+def _mig_changes(entries, name: str, inventory, source: str) -> dict[int, dict]:
+    """GPU index → the mig-parted entry apply's MIG step would apply first (asks mig-parted assert only)."""
+    from vgpu_dm.mig.step import changing_gpus
+
+    found = changing_gpus(entries, name, inventory, source)
+    if found is None:
+        return {}
+    _, per_gpu, changing = found
+    return {i: per_gpu[i] for i in changing}
+
+
+# The plan's own verdict on MIG-backed types that no GPU instance can take yet: the MIG step makes them.
+_WAITS_FOR_MIG = "cannot be created now: MIG-backed types need"
+
+
+def _with_mig_step(item: dict, mig_entry: dict, entry, inventory, gpu) -> None:
+    """The GPU's MIG layout changes first: all its vGPUs go, then the config's are created."""
+    problems = [
+        p for p in item.get("problems", []) if _WAITS_FOR_MIG not in p and "enabled before its GPU" not in p
+    ]
+    item["mig"] = {"enabled": mig_entry["mig-enabled"], "instances": dict(mig_entry.get("mig-devices") or {})}
+    if problems:
+        item["status"], item["problems"] = "problem", problems
+        return
+    item.pop("problems", None)
+    item["status"] = "change"
+    item["keep"] = []
+    item["remove"] = [_device(d, inventory) for d in inventory.devices(gpu)]
+    item["create"] = [{"type": t.name, "count": c} for t, c in entry.wanted().items()]
+    item.pop("enable_vfs", None)
+
+
 def _count_text(items: list[dict]) -> str:
     return ", ".join(f"{c['count']} x {c['type']}" for c in items)
 
@@ -121,6 +161,13 @@ def render_plan(report: dict) -> str:
         elif status == "problem":
             lines.extend(f"  problem: {p}" for p in gpu["problems"])
         else:
+            if "mig" in gpu:
+                mig = gpu["mig"]
+                if mig["enabled"]:
+                    what = ", ".join(f"{n} x {p}" for p, n in mig["instances"].items())
+                    lines.append(f"  mig      MIG mode on, GPU instances {what} (nvidia-mig-parted, first)")
+                else:
+                    lines.append("  mig      MIG mode off (nvidia-mig-parted, first)")
             if gpu.get("enable_vfs"):
                 lines.append(f"  enable   its SR-IOV virtual functions (sriov-manage -e {gpu['address']})")
             if gpu["keep"]:

@@ -62,39 +62,14 @@ def prepare_mig(
     options: Any = None,
 ) -> bool:
     """Run the MIG step; returns True if it changed anything. Raises before any write when it cannot."""
-    from vgpu_dm.plan import governing_entries
 
     tools = tools or HostTools()
-    wants_mig = any(e.is_mig_backed for e in entries)
     inventory = Inventory(host, tools)
-    chosen = governing_entries(entries, inventory.gpus)
     by_index = {g.index: g for g in inventory.gpus}
-    # MIG GPUs are SR-IOV GPUs: others never need the catalog looked at.
-    if not wants_mig and not any(by_index[i].sriov_capable and mig_capable(by_index[i]) for i in chosen):
+    found = changing_gpus(entries, name, inventory, source)
+    if found is None:
         return False
-    config = mig_parted_config(name, entries, source)
-    parted = MigParted(host, getattr(tools, "mig_parted", "nvidia-mig-parted"))
-    try:
-        if parted.holds(config):
-            _log.debug("MIG mode and GPU instances already match the config (nvidia-mig-parted assert)")
-            return False
-    except MigPartedMissing as exc:
-        if wants_mig:
-            raise HostError(
-                f"the config has MIG-backed vGPU types, which need nvidia-mig-parted to prepare the GPUs, "
-                f"but {exc}; install it, point --mig-parted at it, or pass --skip-mig if the GPU "
-                f"instances are already there"
-            ) from None
-        _log.debug(f"{exc}; MIG mode of the MIG-capable GPUs is left as it is")
-        return False
-    per_gpu = {i: entry_config(chosen[i], devices=[i]) for i in sorted(chosen)}
-    changing = [i for i in sorted(chosen) if not parted.holds(_one(name, [per_gpu[i]]))]
-    if not changing:
-        proc = parted.run("assert", config)
-        raise HostError(
-            "nvidia-mig-parted says the config's MIG state is not applied, yet holds it for every GPU on its "
-            f"own (do its GPU indices differ from ours?): {output(proc)}"
-        )
+    parted, per_gpu, changing = found
     mode_change = [i for i in changing if not parted.holds(_one(name, [per_gpu[i]]), "--mode-only")]
     _check_removals(changing, by_index, inventory, force)
     before = parted.export()
@@ -119,6 +94,46 @@ def prepare_mig(
         report = _put_back(parted, name, before, changing, host, tools, work)
         raise MigStepError("\n".join([str(exc), *report])) from None
     return True
+
+
+def changing_gpus(
+    entries: tuple[ConfigEntry, ...], name: str, inventory: Inventory, source: str = ""
+) -> tuple[MigParted, dict[int, dict[str, Any]], list[int]] | None:
+    """Read-only: the GPUs (indices) whose MIG state differs from what the config needs, with the
+    one-GPU mig-parted entry of every selected GPU; None when nothing needs to change (or MIG is not
+    involved, or mig-parted is missing and only time-sliced types are wanted)."""
+    from vgpu_dm.plan import governing_entries
+
+    wants_mig = any(e.is_mig_backed for e in entries)
+    chosen = governing_entries(entries, inventory.gpus)
+    by_index = {g.index: g for g in inventory.gpus}
+    # MIG GPUs are SR-IOV GPUs: others never need the catalog looked at.
+    if not wants_mig and not any(by_index[i].sriov_capable and mig_capable(by_index[i]) for i in chosen):
+        return None
+    config = mig_parted_config(name, entries, source)
+    parted = MigParted(inventory.host, getattr(inventory.tools, "mig_parted", "nvidia-mig-parted"))
+    try:
+        if parted.holds(config):
+            _log.debug("MIG mode and GPU instances already match the config (nvidia-mig-parted assert)")
+            return None
+    except MigPartedMissing as exc:
+        if wants_mig:
+            raise HostError(
+                f"the config has MIG-backed vGPU types, which need nvidia-mig-parted to prepare the GPUs, "
+                f"but {exc}; install it, point --mig-parted at it, or pass --skip-mig if the GPU "
+                f"instances are already there"
+            ) from None
+        _log.debug(f"{exc}; MIG mode of the MIG-capable GPUs is left as it is")
+        return None
+    per_gpu = {i: entry_config(chosen[i], devices=[i]) for i in sorted(chosen)}
+    changing = [i for i in sorted(chosen) if not parted.holds(_one(name, [per_gpu[i]]))]
+    if not changing:
+        proc = parted.run("assert", config)
+        raise HostError(
+            "nvidia-mig-parted says the config's MIG state is not applied, yet holds it for every GPU on its "
+            f"own (do its GPU indices differ from ours?): {output(proc)}"
+        )
+    return parted, per_gpu, changing
 
 
 def _check_removals(changing: list[int], by_index: dict[int, GPU], inventory: Inventory, force: bool) -> None:
