@@ -35,6 +35,10 @@ class MigStepError(ApplyError):
     """nvidia-mig-parted could not bring the GPUs into the MIG state the config needs."""
 
 
+class MigModePending(MigStepError):
+    """A MIG mode change waits for a GPU reset or a reboot (the agent may reboot the node for it)."""
+
+
 @dataclass
 class _Work:
     """What the step changed so far, to undo it."""
@@ -92,7 +96,7 @@ def prepare_mig(
         _change(parted, name, per_gpu, changing, mode_change, by_index, host, tools, work)
     except MigStepError as exc:
         report = _put_back(parted, name, before, changing, host, tools, work)
-        raise MigStepError("\n".join([str(exc), *report])) from None
+        raise type(exc)("\n".join([str(exc), *report])) from None
     return True
 
 
@@ -196,7 +200,7 @@ def _change(parted, name, per_gpu, changing, mode_change, by_index, host, tools,
         # for a reset that could not run (NVIDIA/mig-parted cmd/nvidia-mig-parted/apply/mode.go).
         if pending and (proc.returncode == 0 or "resetting" in output(proc).lower()):
             gpus = ", ".join(by_index[i].describe() for i in pending)
-            raise MigStepError(
+            raise MigModePending(
                 f"{gpus}: the MIG mode change needs a GPU reset or a reboot, which nvidia-mig-parted "
                 f"could not do, so it is pending (a reset or reboot will switch the mode); stop the programs "
                 f"that hold the GPU (nvidia-smi, DCGM, nv-hostengine) and run apply again, or reboot and run "
