@@ -78,8 +78,13 @@ class TemplateHost:
         shutil.copytree(self.template, root, symlinks=True)
         return root
 
+    # GPUs changed at once. The suites that map "the Nth write" to a step need one fixed order of
+    # writes, so they run one GPU after another; the concurrency suite sets more.
+    jobs = 1
+
     def args(self, root: Path, name: str, *extra: str) -> list[str]:
-        return ["apply", "--sim", str(root), "-f", str(self.config), "-c", name, *extra]
+        jobs = ("--jobs", str(self.jobs))
+        return ["apply", "--sim", str(root), "-f", str(self.config), "-c", name, *jobs, *extra]
 
     def apply(self, root: Path, name: str, *extra: str, code: int = 0):
         result = self.cli(*self.args(root, name, *extra))

@@ -1,6 +1,11 @@
 """Carry out a plan, carefully: under the host lock, after recovering from an interrupted run, with an
 intent journal written before the first write, and with exact rollback when a write fails — every GPU
 ends either in its target state or exactly in its previous one (same types, same UUIDs, same VFs).
+
+GPUs are independent, so up to ``ApplyOptions.jobs`` of them are changed at once (one thread each; the
+time goes into the driver's writes, not Python). Everything else stays single: one lock, one journal
+written before the first write, one report in plan order. A failed GPU makes the others stop before
+their next write, then every GPU changed so far is rolled back (with ``keep_going`` only the failed one).
 """
 
 from __future__ import annotations
@@ -40,15 +45,34 @@ class ApplyOptions:
     skip_mig: bool = False
     # Called as progress(writes done, writes planned) after each write (the CLI's bar on a terminal).
     progress: Callable[[int, int], None] | None = None
+    # How many GPUs are changed at once: 1 = one after another; 0 = automatic (AUTO_JOBS).
+    jobs: int = 0
+
+
+# Automatic --jobs: one thread per GPU being changed, at most this many. Each thread mostly waits for
+# the driver; 8 covers the common 8-GPU server in one round while bounding threads on larger hosts.
+AUTO_JOBS = 8
+
+
+def workers_for(jobs: int, gpus: int) -> int:
+    """Threads for ``gpus`` changing GPUs at ``jobs`` (0 = automatic)."""
+    limit = AUTO_JOBS if jobs <= 0 else jobs
+    return max(1, min(limit, gpus))
 
 
 class _Stop(Exception):
     """Raised at a stop point when ``ApplyOptions.stop`` is set; carries the step not started."""
 
 
-def _stop_point(options: ApplyOptions, step: str) -> None:
+class _Abort(Exception):
+    """Raised at a stop point when another GPU of this run failed (without keep_going)."""
+
+
+def _stop_point(options: ApplyOptions, step: str, abort: threading.Event | None = None) -> None:
     if options.stop is not None and options.stop.is_set():
         raise _Stop(step)
+    if abort is not None and abort.is_set():
+        raise _Abort(step)
 
 
 @dataclass
@@ -59,6 +83,18 @@ class _Undo:
     removed: list[VGPUDevice] = field(default_factory=list)
     created: list[VGPUDevice] = field(default_factory=list)
     mixed_size_on: bool = False  # this run switched the GPU to mixed-size mode
+
+
+@dataclass
+class _Outcome:
+    """How one GPU's part of the run ended."""
+
+    undo: _Undo
+    started: bool = False  # its summary was logged and it reached its first write
+    stopped_at: str = ""  # the step not started because of a stop request
+    failure: str = ""  # "step failed: …" when a write failed
+    rolled_back: list[str] = field(default_factory=list)  # keep_going: this GPU's own rollback report
+    clean: bool = True  # its own rollback (keep_going) restored it fully
 
 
 def _count(names: list[str]) -> str:
@@ -172,84 +208,67 @@ def execute(
             ],
         ),
     )
-    done: list[_Undo] = []
-    failures: list[str] = []
-    unclean: set[str] = set()
-    total = plan.writes
-    written = 0
-
-    def wrote(action: str, gpu: GPU, device: VGPUDevice) -> None:
-        nonlocal written
-        written += 1
-        _log.debug(
-            f"{gpu.describe()}: {action}d {device.type_name} {device.key}",
-            extra=log.fields(
-                gpu=gpu.index, address=gpu.address, action=action, type=device.type_name, uuid=device.uuid
-            ),
-        )
-        if options.progress is not None:
-            options.progress(written, total)
-
-    changed = plan.changed
-    for number, gp in enumerate(changed, 1):
+    backends = {}
+    for gp in plan.changed:
         backend = inventory.backend_for(gp.gpu)
         if backend is None:  # pragma: no cover - the plan only changes GPUs that have a backend
             raise HostError(f"{gp.gpu.describe()}: no vGPU backend")
-        _log.info(
-            f"[{number}/{len(changed)}] {summary(gp)}",
-            extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="change"),
-        )
-        undo = _Undo(gp)
-        done.append(undo)
-        step = ""
-        try:
-            for device in gp.remove:
-                step = f"remove {device.type_name} {device.key} from {gp.gpu.describe()}"
-                _stop_point(options, step)
-                backend.remove(device)
-                undo.removed.append(device)
-                wrote("remove", gp.gpu, device)
-            if gp.enable_mixed_size:
-                step = f"enable mixed-size vGPU mode on {gp.gpu.describe()}"
-                _stop_point(options, step)
-                backend.set_mixed_size(gp.gpu, True)
-                undo.mixed_size_on = True
-            for ordinal, (vtype, uuid) in enumerate(zip(gp.create, new_uuids[gp.gpu.address], strict=True)):
-                step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
-                _stop_point(options, step)
-                undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid))
-                wrote("create", gp.gpu, undo.created[-1])
-            _log.info(
-                f"[{number}/{len(changed)}] {gp.gpu.describe()}: done",
-                extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="done"),
+        backends[gp.gpu.address] = backend
+    workers = workers_for(options.jobs, len(plan.changed))
+    abort = threading.Event()  # a GPU failed: the others start no new write
+    total = plan.writes
+    written = 0
+    counting = threading.Lock()
+
+    def wrote(action: str, gpu: GPU, device: VGPUDevice) -> None:
+        nonlocal written
+        with counting:  # one progress call at a time, in order, whichever thread wrote
+            written += 1
+            _log.debug(
+                f"{gpu.describe()}: {action}d {device.type_name} {device.key}",
+                extra=log.fields(
+                    gpu=gpu.index, address=gpu.address, action=action, type=device.type_name, uuid=device.uuid
+                ),
             )
-        except _Stop:
-            _log.warning(f"stop requested: not starting '{step}'; rolling back the changes of this run")
-            report, clean = _rollback(done, inventory)
-            if not clean:
-                unclean.update(u.plan.gpu.address for u in done)
-            if unclean:
-                _keep_journal_only(host, unclean)
-            else:
-                journal.clear(host)
-            raise ApplyInterrupted(
-                "\n".join(
-                    [f"apply interrupted before step: {step}", *failures, *report, *_untouched(plan, done)]
-                )
-            ) from None
-        except (OSError, HostError) as exc:
-            failure = f"step failed: {step}: {_reason(exc)}"
-            if not options.keep_going:
-                report, clean = _rollback(done, inventory)
-                if clean:
-                    journal.clear(host)
-                raise ApplyError("\n".join([failure, *report, *_untouched(plan, done)])) from None
-            report, clean = _rollback([undo], inventory)
-            done.remove(undo)
-            failures.append(failure)
-            failures.extend(report)
-            if not clean:
-                unclean.add(gp.gpu.address)
+            if options.progress is not None:
+                options.progress(written, total)
+
+    changed_plans = list(plan.changed)
+
+    def run(numbered: tuple[int, GPUPlan]) -> _Outcome:
+        number, gp = numbered
+        where = f"[{number}/{len(changed_plans)}]"
+        backend, uuids = backends[gp.gpu.address], new_uuids[gp.gpu.address]
+        outcome = _apply_gpu(gp, backend, uuids, options, abort, wrote, where)
+        if outcome.failure and options.keep_going:
+            outcome.rolled_back, outcome.clean = _rollback([outcome.undo], inventory)
+        return outcome
+
+    outcomes = _map(run, list(enumerate(changed_plans, 1)), workers)
+    failures = [line for o in outcomes if o.failure for line in (o.failure, *o.rolled_back)]
+    unclean = {o.undo.plan.gpu.address for o in outcomes if not o.clean}
+    # GPUs whose changes are still in place (keep_going already put a failed GPU back by itself).
+    changed = [o.undo for o in outcomes if o.started and not (o.failure and options.keep_going)]
+    stopped = next((o.stopped_at for o in outcomes if o.stopped_at), "")
+    if stopped:
+        _log.warning(f"stop requested: not starting '{stopped}'; rolling back the changes of this run")
+        report, clean = _rollback(changed, inventory, workers)
+        if not clean:
+            unclean.update(u.plan.gpu.address for u in changed)
+        if unclean:
+            _keep_journal_only(host, unclean)
+        else:
+            journal.clear(host)
+        raise ApplyInterrupted(
+            "\n".join(
+                [f"apply interrupted before step: {stopped}", *failures, *report, *_untouched(plan, outcomes)]
+            )
+        )
+    if failures and not options.keep_going:
+        report, clean = _rollback(changed, inventory, workers)
+        if clean:
+            journal.clear(host)
+        raise ApplyError("\n".join([*failures, *report, *_untouched(plan, outcomes)]))
     if options.stop is not None and options.stop.is_set():
         _log.warning(
             "the stop request came during the last write: the plan is complete, nothing to roll back"
@@ -263,6 +282,80 @@ def execute(
         raise ApplyError("\n".join([*failures, "--keep-going: the other GPUs kept their new devices"]))
 
 
+def _map(func, items: list, workers: int) -> list:
+    """``[func(x) for x in items]``, on up to ``workers`` threads; results in the order of ``items``."""
+    if workers <= 1 or len(items) <= 1:
+        return [func(item) for item in items]
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vgpu-dm-gpu") as pool:
+        futures = [pool.submit(func, item) for item in items]
+        pending = set(futures)
+        while pending:
+            # Wake up now and then: Python runs signal handlers (the CLI's stop request) only in the
+            # main thread, and only between bytecodes.
+            _, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+        return [f.result() for f in futures]
+
+
+def _apply_gpu(
+    gp: GPUPlan,
+    backend,
+    uuids: list[str | None],
+    options: ApplyOptions,
+    abort: threading.Event,
+    wrote: Callable[[str, GPU, VGPUDevice], None],
+    where: str,
+) -> _Outcome:
+    """Remove, switch mode, create on one GPU; the writes made are recorded for rollback.
+
+    A failed write sets ``abort`` (unless keep_going) so that the other GPUs start no new write.
+    """
+    outcome = _Outcome(_Undo(gp))
+    undo = outcome.undo
+    step = f"start on {gp.gpu.describe()}"
+    with log.gpu_context(gp.gpu.describe()):
+        try:
+            _stop_point(options, step, abort)
+            outcome.started = True
+            _log.info(
+                f"{where} {summary(gp)}",
+                extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="change"),
+            )
+            for device in gp.remove:
+                step = f"remove {device.type_name} {device.key} from {gp.gpu.describe()}"
+                _stop_point(options, step, abort)
+                backend.remove(device)
+                undo.removed.append(device)
+                wrote("remove", gp.gpu, device)
+            if gp.enable_mixed_size:
+                step = f"enable mixed-size vGPU mode on {gp.gpu.describe()}"
+                _stop_point(options, step, abort)
+                backend.set_mixed_size(gp.gpu, True)
+                undo.mixed_size_on = True
+            for ordinal, (vtype, uuid) in enumerate(zip(gp.create, uuids, strict=True)):
+                step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
+                _stop_point(options, step, abort)
+                undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid))
+                wrote("create", gp.gpu, undo.created[-1])
+            _log.info(
+                f"{where} {gp.gpu.describe()}: done",
+                extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="done"),
+            )
+        except _Stop:
+            outcome.stopped_at = step
+        except _Abort:
+            pass  # another GPU failed; the caller rolls this one back with the rest
+        except (OSError, HostError) as exc:
+            outcome.failure = f"step failed: {step}: {_reason(exc)}"
+            if not options.keep_going:
+                abort.set()
+        except BaseException:
+            abort.set()  # a bug: stop the other GPUs too; the journal lets the next apply recover
+            raise
+    return outcome
+
+
 def _keep_journal_only(host: HostRoot, addresses: set[str]) -> None:
     """Keep the journal only for GPUs a rollback could not restore, so the next apply retries them."""
     kept = journal.read(host)
@@ -270,8 +363,8 @@ def _keep_journal_only(host: HostRoot, addresses: set[str]) -> None:
         journal.write(host, replace(kept, gpus=[g for g in kept.gpus if g.gpu in addresses]))
 
 
-def _untouched(plan: Plan, done: list[_Undo]) -> list[str]:
-    touched = {u.plan.gpu.address for u in done}
+def _untouched(plan: Plan, outcomes: list[_Outcome]) -> list[str]:
+    touched = {o.undo.plan.gpu.address for o in outcomes if o.started}
     return [
         f"{gp.gpu.describe()}: not started, unchanged" for gp in plan.changed if gp.gpu.address not in touched
     ]
@@ -282,14 +375,18 @@ def _restore(gpu: GPU, backend, device: VGPUDevice) -> VGPUDevice:
     return backend.create(gpu, info, uuid=device.uuid, parent=device.parent)
 
 
-def _rollback(done: list[_Undo], inventory: Inventory) -> tuple[list[str], bool]:
-    """Reverse the recorded writes, newest first; returns one line of state per GPU and "all clean"."""
-    lines = []
-    clean = True
-    for undo in reversed(done):
-        gpu = undo.plan.gpu
-        backend = inventory.backend_for(gpu)
-        problems = []
+def _rollback(done: list[_Undo], inventory: Inventory, workers: int = 1) -> tuple[list[str], bool]:
+    """Reverse the recorded writes of each GPU, newest first (GPUs on up to ``workers`` threads);
+    returns one line of state per GPU, in reverse order of ``done``, and "all clean"."""
+    results = _map(lambda undo: _rollback_gpu(undo, inventory), list(done), workers)
+    return [line for line, _ in reversed(results)], all(clean for _, clean in results)
+
+
+def _rollback_gpu(undo: _Undo, inventory: Inventory) -> tuple[str, bool]:
+    gpu = undo.plan.gpu
+    backend = inventory.backend_for(gpu)
+    problems = []
+    with log.gpu_context(gpu.describe()):
         for device in reversed(undo.created):
             try:
                 backend.remove(device)
@@ -306,16 +403,11 @@ def _rollback(done: list[_Undo], inventory: Inventory) -> tuple[list[str], bool]
                 _restore(gpu, backend, device)
             except (OSError, HostError) as exc:
                 problems.append(f"could not restore {device.type_name} {device.key}: {_reason(exc)}")
-        if problems:
-            clean = False
-            lines.append(
-                f"{gpu.describe()}: NOT fully restored ({'; '.join(problems)}); the next apply retries"
-            )
-        elif undo.removed or undo.created:
-            lines.append(f"{gpu.describe()}: rolled back to its previous devices")
-        else:
-            lines.append(f"{gpu.describe()}: unchanged")
-    return lines, clean
+    if problems:
+        return f"{gpu.describe()}: NOT fully restored ({'; '.join(problems)}); the next apply retries", False
+    if undo.removed or undo.created:
+        return f"{gpu.describe()}: rolled back to its previous devices", True
+    return f"{gpu.describe()}: unchanged", True
 
 
 def recover(host: HostRoot, tools: HostTools | None = None, force: bool = False) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -85,6 +87,29 @@ class _Bar:
 bar = _Bar()
 
 
+_context = threading.local()
+
+
+@contextlib.contextmanager
+def gpu_context(label: str):
+    """Within this block, this thread's log lines start with ``label`` (apply changes GPUs in parallel;
+    the prefix keeps their lines apart). Lines that already name it are left alone."""
+    previous = getattr(_context, "gpu", None)
+    _context.gpu = label
+    try:
+        yield
+    finally:
+        _context.gpu = previous
+
+
+class _GPUPrefix(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        label = getattr(_context, "gpu", None)
+        if label and isinstance(record.msg, str) and label not in record.msg:
+            record.msg = f"{label}: {record.msg}"
+        return True
+
+
 def setup(debug: bool = False, fmt: str = "text") -> logging.Logger:
     """Configure the project logger once per process (the CLI calls this first)."""
     settings.update(debug=debug, fmt=fmt)
@@ -98,6 +123,7 @@ def setup(debug: bool = False, fmt: str = "text") -> logging.Logger:
         handler.setFormatter(TerminalFormatter())
     else:
         handler.setFormatter(KeyValueFormatter())
+    handler.addFilter(_GPUPrefix())
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False

@@ -206,7 +206,8 @@ def crash_then_grab(cli, run_cli, root: Path, config: Path, kill_at: int, gpu: s
     before = set(snapshot(root))
     armed = cli("sim", "fault", str(root), "--kill-at-write", str(kill_at))
     assert armed.code == 0, armed.err
-    result = run_cli("apply", "--sim", str(root), "-f", str(config), "-c", "switch")
+    # One GPU after another, so that write ``kill_at`` is always the same one.
+    result = run_cli("apply", "--sim", str(root), "-f", str(config), "-c", "switch", "--jobs", "1")
     assert result.code == -signal.SIGKILL, result.err
     assert cli("sim", "fault", str(root)).code == 0
     created = [d for d in snapshot(root) if d not in before and d[0] == gpu]

@@ -188,6 +188,7 @@ def _count_names(names: list[str]) -> str:
 @options.keep_going
 @options.uuid_mode
 @options.lock_timeout
+@options.jobs
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -208,6 +209,7 @@ def apply_cmd(
     keep_going: bool,
     uuid_mode: str,
     lock_timeout: float,
+    jobs: int,
     dry_run: bool,
     as_json: bool,
     mig_parted: str,
@@ -254,6 +256,7 @@ def apply_cmd(
             stop=stopper.event,
             skip_mig=skip_mig,
             progress=bar,
+            jobs=jobs,
         )
         tools = HostTools(sriov_manage, nvidia_smi, mig_parted)
         try:

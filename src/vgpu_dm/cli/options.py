@@ -176,3 +176,15 @@ def add_global_options(command: click.Command) -> None:
             help="Same as the global --log-format (may come after the command).",
         )
     )
+
+
+jobs = click.option(
+    "--jobs",
+    envvar="VGPU_DM_JOBS",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default="0: one per GPU being changed, up to 8",
+    metavar="N",
+    help="How many GPUs to change at once; 1 changes them one after another. A failure still stops "
+    "and rolls back every GPU changed so far.  [env: VGPU_DM_JOBS]",
+)

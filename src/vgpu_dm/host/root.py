@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -54,6 +55,15 @@ class HostRoot:
     def __init__(self, root: str | os.PathLike[str] = "/"):
         self.root = os.path.abspath(os.fspath(root))
         self.counters = IOCounters()
+        # apply changes GPUs from several threads; counts (and the simulator's "Nth write") stay exact.
+        self._count_lock = threading.Lock()
+
+    def _count(self, kind: str) -> int:
+        """Add one to ``counters.<kind>``; returns the new value."""
+        with self._count_lock:
+            value = getattr(self.counters, kind) + 1
+            setattr(self.counters, kind, value)
+            return value
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root!r})"
@@ -62,7 +72,7 @@ class HostRoot:
         return os.path.join(self.root, rel.lstrip("/"))
 
     def read_text(self, rel: str) -> str:
-        self.counters.reads += 1
+        self._count("reads")
         with open(self.path(rel), encoding="utf-8", errors="replace") as fh:
             return fh.read()
 
@@ -75,7 +85,7 @@ class HostRoot:
 
     def write_text(self, rel: str, data: str) -> None:
         """Write to an existing control file; never creates a file (a typo must not go unnoticed)."""
-        self.counters.writes += 1
+        self._count("writes")
         note_change()
         _log.debug(f"write {self.path(rel)} <- {data.strip()!r}")
         fd = os.open(self.path(rel), os.O_WRONLY)
@@ -86,7 +96,7 @@ class HostRoot:
 
     def save_state(self, rel: str, data: str) -> None:
         """Atomically replace one of our own state files below the root (write, fsync, rename)."""
-        self.counters.state_writes += 1
+        self._count("state_writes")
         path = self.path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"
@@ -102,21 +112,21 @@ class HostRoot:
 
     def listdir(self, rel: str) -> list[str]:
         """Sorted entries of a directory; empty when it does not exist."""
-        self.counters.reads += 1
+        self._count("reads")
         try:
             return sorted(os.listdir(self.path(rel)))
         except (FileNotFoundError, NotADirectoryError):
             return []
 
     def readlink(self, rel: str) -> str | None:
-        self.counters.reads += 1
+        self._count("reads")
         try:
             return os.readlink(self.path(rel))
         except (FileNotFoundError, OSError):
             return None
 
     def exists(self, rel: str) -> bool:
-        self.counters.reads += 1
+        self._count("reads")
         return os.path.lexists(self.path(rel))
 
     def run(

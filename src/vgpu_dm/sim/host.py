@@ -60,10 +60,14 @@ class SimHostRoot(HostRoot):
         return fh
 
     def write_text(self, rel: str, data: str) -> None:
-        self.counters.writes += 1
+        position = self._count("writes")
         note_change()
         _log.debug(f"write {self.path(rel)} <- {data.strip()!r} (simulated)")
-        self.faults.before_write(self.counters.writes, self.path(rel))
+        if self.faults.kill_at_write == position:
+            # A write another thread has inside the driver completes before the process dies, as a
+            # system call would; hold the driver lock so that no emulated write is cut in half.
+            self._locked()
+        self.faults.before_write(position, self.path(rel))
         with open(os.path.join(self.root, SIM_MARKER, WRITE_LOG), "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")
         delay = self.latency.seconds_for(rel, data) if self.latency else 0.0
