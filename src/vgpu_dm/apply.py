@@ -45,8 +45,9 @@ class ApplyOptions:
     skip_mig: bool = False
     # Called as progress(writes done, writes planned) after each write (the CLI's bar on a terminal).
     progress: Callable[[int, int], None] | None = None
-    # How many GPUs are changed at once: 1 = one after another; 0 = automatic (AUTO_JOBS).
-    jobs: int = 0
+    # How many GPUs are changed at once: 1 = one after another; 0 = automatic (one per GPU being
+    # changed, up to AUTO_JOBS). The CLI's --jobs defaults to 0; library callers opt in.
+    jobs: int = 1
 
 
 # Automatic --jobs: one thread per GPU being changed, at most this many. Each thread mostly waits for
