@@ -1,19 +1,26 @@
-"""Benchmark: cost of ``assert`` and of a no-op ``apply`` on simulated T4 hosts of 1, 8 and 16 GPUs.
+"""Benchmark: CLI latency and host I/O of ``assert``, no-op ``apply`` and ``list`` on 1, 8 and 16 GPUs of
+both frameworks, the start-up budget, and the writes of a changing apply.
 
-For each host size (every GPU fully populated with 16 x T4-1Q first) it prints
+For each framework (mdev: T4 with 16 x T4-1Q per GPU; vendor-specific VFIO: L40S with 24 x L40S-2Q per
+GPU) and host size it prints
 
-* wall time of the installed ``nvidia-vgpu-dm assert`` and no-op ``apply`` next to ``python -c pass``
-  (the interpreter start-up floor), as the median of interleaved runs;
-* host reads and writes per command, counted in-process on the host-root seam with the functions the
-  CLI calls (Inventory, build_plan, execute);
-* for a changing apply (16 x T4-1Q -> 8 x T4-2Q on every GPU) the writes made, checked to equal
-  removed + created devices.
+* wall time of the installed entry point for ``assert``, no-op ``apply`` and ``list`` next to
+  ``python -c pass`` (the interpreter floor): median and quartiles of interleaved runs;
+* host reads, directory listings and writes per command, counted on the host-root object of the real
+  command run in-process (so they are the CLI's own figures);
 
-Run: ``.venv/bin/python bench/bench_host.py`` (about 30 s). Exits 1 if a check fails.
+then the start-up budget (no-op ``assert`` on 8 GPUs / ``python -c pass``, target <= 6 x) with the
+slowest imports of that command (``python -X importtime``), and for a changing apply
+(16 x T4-1Q -> 8 x T4-2Q on every GPU) that writes = removed + created.
+
+Run: ``.venv/bin/python bench/bench_host.py [--runs N]`` (about 1-2 minutes). Exits 1 if a check fails.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import shutil
 import statistics
 import subprocess
@@ -22,26 +29,29 @@ import tempfile
 import time
 from pathlib import Path
 
-from vgpu_dm.apply import apply_config, execute
-from vgpu_dm.host.inventory import Inventory
-from vgpu_dm.plan import build_plan
+from benchlib import ENTRY_POINT, compile_package, interleaved, result, spread
+from vgpu_dm.apply import ApplyOptions, apply_config
+from vgpu_dm.cli.main import main as cli_main
+from vgpu_dm.host import root as host_root
 from vgpu_dm.sim.host import SimHostRoot
 from vgpu_dm.sim.layout import create_host
 from vgpu_dm.spec import load_spec
 
-ENTRY_POINT = Path(sys.executable).parent / "nvidia-vgpu-dm"
 SIZES = (1, 8, 16)
-RUNS = 5
+STARTUP_TARGET = 6.0
+# framework label -> (catalog GPU, vGPU type filling a GPU, how many)
+FRAMEWORKS = {"mdev": ("T4", "T4-1Q", 16), "vendor-vfio": ("L40S", "L40S-2Q", 24)}
 CONFIG = """\
 version: v1
 vgpu-configs:
-  full:
-    - device-filter: "0x1EB810DE"
-      devices: all
+  full-T4:
+    - devices: all
       vgpu-devices: {"T4-1Q": 16}
+  full-L40S:
+    - devices: all
+      vgpu-devices: {"L40S-2Q": 24}
   change:
-    - device-filter: "0x1EB810DE"
-      devices: all
+    - devices: all
       vgpu-devices: {"T4-2Q": 8}
 """
 
@@ -50,109 +60,141 @@ def entries(name: str):
     return load_spec(CONFIG, "bench.yaml").select(name)[1]
 
 
-def run(argv: list[str]) -> float:
-    """Wall time of one process; it must exit 0."""
-    start = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr}")
-    return elapsed
+def populated(work: Path, gpu: str, size: int) -> Path:
+    root = work / f"{gpu}x{size}"
+    create_host(root, [gpu] * size)
+    apply_config(entries(f"full-{gpu}"), SimHostRoot(root), source="bench.yaml", options=ApplyOptions())
+    return root
 
 
-def wall_times(root: Path, cfg: Path) -> dict[str, float]:
-    """Median wall time per command, runs interleaved so drift hits every command alike."""
-    commands = {
+def commands(root: Path, cfg: Path, gpu: str) -> dict[str, list[str]]:
+    base = [str(ENTRY_POINT)]
+    sel = ["--sim", str(root), "-f", str(cfg), "-c", f"full-{gpu}"]
+    return {
         "python -c pass": [sys.executable, "-c", "pass"],
-        "assert": [str(ENTRY_POINT), "assert", "--sim", str(root), "-f", str(cfg), "-c", "full"],
-        "apply (no-op)": [str(ENTRY_POINT), "apply", "--sim", str(root), "-f", str(cfg), "-c", "full"],
+        "assert": [*base, "assert", *sel],
+        "apply no-op": [*base, "apply", *sel],
+        "list": [*base, "list", "--sim", str(root)],
     }
-    samples: dict[str, list[float]] = {label: [] for label in commands}
-    for _ in range(RUNS):
-        for label, argv in commands.items():
-            samples[label].append(run(argv))
-    return {label: statistics.median(times) for label, times in samples.items()}
 
 
-def counted_assert(root: Path) -> tuple[int, int, bool]:
-    """(reads, writes, holds) of what ``assert`` does: inventory and plan."""
-    host = SimHostRoot(root)
-    plan = build_plan(entries("full"), Inventory(host), "bench.yaml")
-    return host.counters.reads, host.counters.writes, plan.is_noop
+def counted(argv: list[str]) -> tuple[int, int, int]:
+    """(reads, listings, writes) of one CLI command run in-process, from its host-root objects."""
+    made: list[host_root.HostRoot] = []
+    original = host_root.HostRoot.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    host_root.HostRoot.__init__ = record  # type: ignore[method-assign]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = cli_main(argv)
+    finally:
+        host_root.HostRoot.__init__ = original  # type: ignore[method-assign]
+    if code != 0:
+        raise SystemExit(f"{argv} exited {code}")
+    c = [h.counters for h in made]
+    return sum(x.reads for x in c), sum(getattr(x, "listings", 0) for x in c), sum(x.writes for x in c)
 
 
-def counted_apply(root: Path, name: str) -> tuple[int, int, int, int]:
-    """(reads, writes, removed, created) of what ``apply`` does: inventory, plan, execute."""
-    host = SimHostRoot(root)
-    inventory = Inventory(host)
-    plan = build_plan(entries(name), inventory, "bench.yaml")
-    if not plan.is_noop:
-        execute(plan, inventory)
-    removed = sum(len(gp.remove) for gp in plan.gpus)
-    created = sum(len(gp.create) for gp in plan.gpus)
-    return host.counters.reads, host.counters.writes, removed, created
+def import_profile(argv: list[str], n: int = 8) -> list[tuple[int, str]]:
+    """The ``n`` slowest imports (self time, us) of running ``argv`` through the CLI in a fresh process."""
+    code = f"import sys; from vgpu_dm.cli.main import main; sys.exit(main({argv!r}))"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True)
+    rows = []
+    for line in proc.stderr.splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if len(fields) == 3 and fields[0].strip().isdigit():
+            rows.append((int(fields[0]), fields[2].strip()))
+    return sorted(rows, reverse=True)[:n]
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="interleaved runs per command (default 15)")
+    args = parser.parse_args()
     if not ENTRY_POINT.exists():
         print(f"installed entry point not found: {ENTRY_POINT}", file=sys.stderr)
         return 1
+    compile_package()
     started = time.perf_counter()
     failures: list[str] = []
     work = Path(tempfile.mkdtemp(prefix="bench-host-"))
     try:
         cfg = work / "bench.yaml"
         cfg.write_text(CONFIG)
-        print("nvidia-vgpu-dm on simulated T4 hosts, every GPU populated with 16 x T4-1Q")
-        print(
-            f"wall time: median of {RUNS} interleaved runs of the installed entry point ({ENTRY_POINT.name})"
-        )
-        print()
+        print(f"wall time in ms: median (quartiles) of {args.runs} interleaved runs of {ENTRY_POINT.name}")
+        print("host I/O: reads / directory listings / writes of the command, counted in-process")
         head = (
-            f"{'GPUs':>4} {'vGPUs':>5}  {'python -c pass':>14} {'assert':>8} {'apply no-op':>11}"
-            f"  {'assert reads/writes':>19} {'apply no-op reads/writes':>24}"
+            f"{'framework':<12} {'GPUs':>4} {'vGPUs':>5}  {'python -c pass':>14} {'assert':>13}"
+            f" {'apply no-op':>13} {'list':>13}  {'assert I/O':>12} {'apply I/O':>12} {'list I/O':>12}"
         )
         print(head)
         print("-" * len(head))
-        changes = []
-        for size in SIZES:
-            root = work / f"t4x{size}"
-            create_host(root, ["T4"] * size)
-            apply_config(entries("full"), SimHostRoot(root), source="bench.yaml")
-            times = wall_times(root, cfg)
-            a_reads, a_writes, holds = counted_assert(root)
-            p_reads, p_writes, p_removed, p_created = counted_apply(root, "full")
-            if not holds:
-                failures.append(f"{size} GPUs: assert does not hold on the populated host")
-            if a_writes or p_writes or p_removed or p_created:
-                failures.append(f"{size} GPUs: a no-op made writes (assert {a_writes}, apply {p_writes})")
-            print(
-                f"{size:>4} {16 * size:>5}  {times['python -c pass'] * 1000:>12.0f}ms"
-                f" {times['assert'] * 1000:>6.0f}ms {times['apply (no-op)'] * 1000:>9.0f}ms"
-                f"  {f'{a_reads}/{a_writes}':>19} {f'{p_reads}/{p_writes}':>24}"
-            )
-            change_start = time.perf_counter()
-            c_reads, c_writes, c_removed, c_created = counted_apply(root, "change")
-            change_time = time.perf_counter() - change_start
-            ok = c_writes == c_removed + c_created == 24 * size
-            if not ok:
-                failures.append(
-                    f"{size} GPUs: change made {c_writes} writes for {c_removed} removed"
-                    f" + {c_created} created"
+        startup = None
+        for label, (gpu, _, count) in FRAMEWORKS.items():
+            for size in SIZES:
+                root = populated(work, gpu, size)
+                cmds = commands(root, cfg, gpu)
+                samples = interleaved(cmds, args.runs)
+                io_counts = {
+                    name: counted(argv[1:]) for name, argv in cmds.items() if name != "python -c pass"
+                }
+                for name, (_, _, writes) in io_counts.items():
+                    if writes:
+                        failures.append(f"{label} x {size}: {name} made {writes} writes")
+                cells = " ".join(f"{spread(samples[n]):>13}" for n in ("assert", "apply no-op", "list"))
+                ios = " ".join(
+                    f"{'/'.join(map(str, io_counts[n])):>12}" for n in ("assert", "apply no-op", "list")
                 )
-            changes.append((size, c_reads, c_writes, c_removed, c_created, change_time, ok))
-            shutil.rmtree(root)
+                print(
+                    f"{label:<12} {size:>4} {count * size:>5}  {spread(samples['python -c pass']):>14}"
+                    f" {cells}  {ios}"
+                )
+                if label == "mdev" and size == 8:
+                    startup = (samples["assert"], samples["python -c pass"], cmds["assert"][1:])
+                shutil.rmtree(root)
+        assert startup is not None
+        a, p, argv = startup
+        ratio = statistics.median(a) / statistics.median(p)
+        print()
+        print(
+            f"start-up: no-op assert on 8 GPUs {statistics.median(a) * 1000:.0f} ms / python -c pass "
+            f"{statistics.median(p) * 1000:.0f} ms = {ratio:.1f}x (target <= {STARTUP_TARGET:g}x)"
+        )
+        result(
+            "no-op assert, 8 GPUs / python -c pass",
+            f"{ratio:.1f}x ({statistics.median(a) * 1000:.0f} / {statistics.median(p) * 1000:.0f} ms)",
+            f"<= {STARTUP_TARGET:g}x",
+            ratio <= STARTUP_TARGET,
+        )
+        print("slowest imports of that command (self time, python -X importtime):")
+        for us, name in import_profile(argv):
+            print(f"  {us / 1000:6.1f} ms  {name}")
+
         print()
         print("changing apply, in-process (16 x T4-1Q -> 8 x T4-2Q on every GPU):")
-        for size, reads, writes, removed, created, elapsed, ok in changes:
-            verdict = "ok" if ok else "MISMATCH"
+        for size in SIZES:
+            root = populated(work, "T4", size)
+            host = SimHostRoot(root)
+            start = time.perf_counter()
+            plan = apply_config(entries("change"), host, source="bench.yaml")
+            elapsed = time.perf_counter() - start
+            removed = sum(len(gp.remove) for gp in plan.gpus)
+            created = sum(len(gp.create) for gp in plan.gpus)
+            ok = host.counters.writes == removed + created == 24 * size
+            if not ok:
+                failures.append(f"{size} GPUs: {host.counters.writes} writes for {removed} + {created}")
             print(
-                f"{size:>4} GPUs: {writes} writes = {removed} removed + {created} created ({verdict}); "
-                f"{reads} reads; {elapsed:.2f} s on the simulator"
+                f"{size:>4} GPUs: {host.counters.writes} writes = {removed} removed + {created} created "
+                f"({'ok' if ok else 'MISMATCH'}); {host.counters.reads} reads; {elapsed:.2f} s"
             )
+            shutil.rmtree(root)
+        result("changing apply writes = removed + created", "yes" if not failures else "NO", "", not failures)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print()
     print(f"total {time.perf_counter() - started:.1f} s")
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
