@@ -38,6 +38,7 @@ from vgpu_dm.sim.layout import create_host
 from vgpu_dm.spec import load_spec
 
 SIZES = (1, 8, 16)
+COUNT_SIZES = (1, 8, 16, 32)  # host I/O only (the simulator goes up to 32 GPUs)
 STARTUP_TARGET = 6.0
 # framework label -> (catalog GPU, vGPU type filling a GPU, how many)
 FRAMEWORKS = {"mdev": ("T4", "T4-1Q", 16), "vendor-vfio": ("L40S", "L40S-2Q", 24)}
@@ -175,8 +176,26 @@ def main() -> int:
             print(f"  {us / 1000:6.1f} ms  {name}")
 
         print()
+        print("host I/O of the real commands (reads / listings / writes), growing with GPUs and vGPUs:")
+        print(f"{'framework':<12} {'GPUs':>4} {'vGPUs':>5}  {'assert':>14} {'apply no-op':>14} {'list':>14}")
+        for label, (gpu, _, count) in FRAMEWORKS.items():
+            for size in COUNT_SIZES:
+                root = populated(work, gpu, size)
+                cmds = commands(root, cfg, gpu)
+                io_counts = [counted(cmds[n][1:]) for n in ("assert", "apply no-op", "list")]
+                cells = " ".join(f"{'/'.join(map(str, c)):>14}" for c in io_counts)
+                print(f"{label:<12} {size:>4} {count * size:>5}  {cells}")
+                if size == COUNT_SIZES[-1] and label == "mdev":
+                    per = io_counts[0][0] / (size * (1 + count))
+                    result(
+                        f"assert reads, {size} GPUs x {count} vGPUs (mdev)",
+                        f"{io_counts[0][0]} ({per:.1f} per GPU+vGPU)",
+                    )
+                shutil.rmtree(root)
+
+        print()
         print("changing apply, in-process (16 x T4-1Q -> 8 x T4-2Q on every GPU):")
-        for size in SIZES:
+        for size in COUNT_SIZES:
             root = populated(work, "T4", size)
             host = SimHostRoot(root)
             start = time.perf_counter()

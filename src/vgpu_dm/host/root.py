@@ -42,7 +42,8 @@ def reset_changes() -> None:
 
 @dataclass
 class IOCounters:
-    reads: int = 0
+    reads: int = 0  # files and links read, existence checks
+    listings: int = 0  # directories listed
     writes: int = 0  # writes to driver control files
     state_writes: int = 0  # our own files (learned tables, journal)
 
@@ -112,7 +113,7 @@ class HostRoot:
 
     def listdir(self, rel: str) -> list[str]:
         """Sorted entries of a directory; empty when it does not exist."""
-        self._count("reads")
+        self._count("listings")
         try:
             return sorted(os.listdir(self.path(rel)))
         except (FileNotFoundError, NotADirectoryError):

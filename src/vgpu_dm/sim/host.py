@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ class SimHostRoot(HostRoot):
                 f"{self.root} is not a simulated host; create one with "
                 f"'nvidia-vgpu-dm sim create {self.root} --gpu T4'"
             )
+        self._dying = threading.Event()  # set when an injected SIGKILL is about to end the process
         self.faults = Faults.load(self.root)
         self.latency = WriteLatency.load(self.root)
         # Reads never need the driver state, so a corrupt one would first show at a write, after the
@@ -63,9 +65,13 @@ class SimHostRoot(HostRoot):
         position = self._count("writes")
         note_change()
         _log.debug(f"write {self.path(rel)} <- {data.strip()!r} (simulated)")
+        if self._dying.is_set():
+            threading.Event().wait()  # the process is being killed: this thread never writes again
         if self.faults.kill_at_write == position:
-            # A write another thread has inside the driver completes before the process dies, as a
-            # system call would; hold the driver lock so that no emulated write is cut in half.
+            # The process dies at this write. Other threads start no new write, and a write one of
+            # them has inside the driver completes first, as a system call would: take the driver
+            # lock so that no emulated write is cut in half.
+            self._dying.set()
             self._locked()
         self.faults.before_write(position, self.path(rel))
         with open(os.path.join(self.root, SIM_MARKER, WRITE_LOG), "a") as log:
