@@ -261,3 +261,41 @@ def test_plan_shows_the_mig_step_and_writes_nothing(cli, workdir) -> None:
     # Applied: the plan has nothing to do, and no MIG line.
     again = cli("plan", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C")
     assert again.code == 0 and "mig " not in again.out and "is applied" in again.out
+
+
+BAD_MIXES = """\
+version: v1
+vgpu-configs:
+  mig-on-a-t4:
+    - devices: all
+      vgpu-devices: {"A100-1-5C": 7}
+  bad-other-gpu:
+    - devices: [0]
+      vgpu-devices: {"A100-1-5C": 7}
+    - devices: [1]
+      vgpu-devices: {"T4-1Q": 17}
+  too-many:
+    - devices: [0]
+      vgpu-devices: {"A100-1-5C": 8}
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("mig-on-a-t4", "has no MIG"),
+        ("bad-other-gpu", "17 x T4-1Q requested"),
+        ("too-many", "8 x A100-1-5C requested, but the GPU holds at most 7"),
+    ],
+)
+def test_mig_step_checks_everything_before_its_first_write(cli, workdir, name, message) -> None:
+    root = workdir / "host"
+    create_host(root, ["A100", "T4"])
+    step(cli, root, "A100-40C")
+    before, gis, logged = snapshot(root), instances(root), len(write_log(root))
+    config = workdir / "bad.yaml"
+    config.write_text(BAD_MIXES)
+    result = cli("apply", "--sim", str(root), "-f", str(config), "-c", name)
+    assert result.code == 1 and message in result.err, result.err
+    assert snapshot(root) == before and instances(root) == gis and mig_modes(root) == [False, False]
+    assert len(write_log(root)) == logged

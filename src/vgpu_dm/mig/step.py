@@ -74,6 +74,7 @@ def prepare_mig(
     if found is None:
         return False
     parted, per_gpu, changing = found
+    _precheck(entries, inventory, source, force, changing)
     mode_change = [i for i in changing if not parted.holds(_one(name, [per_gpu[i]]), "--mode-only")]
     _check_removals(changing, by_index, inventory, force)
     before = parted.export()
@@ -138,6 +139,42 @@ def changing_gpus(
             f"own (do its GPU indices differ from ours?): {output(proc)}"
         )
     return parted, per_gpu, changing
+
+
+def _precheck(entries, inventory: Inventory, source: str, force: bool, changing: list[int]) -> None:
+    """Everything the vGPU plan can tell before the MIG step writes anything: the GPUs it leaves alone
+    must plan cleanly; the GPUs it changes must be MIG GPUs whose catalog knows the wanted types and
+    counts (their driver offers MIG-backed types only once the instances exist)."""
+    from vgpu_dm.plan import build_plan, governing_entries
+
+    plan = build_plan(entries, inventory, source, force=force, strict=False)
+    problems = [p for index, found in plan.problems.items() if index not in changing for p in found]
+    chosen = governing_entries(entries, inventory.gpus)
+    for gpu in inventory.gpus:
+        if gpu.index not in changing:
+            continue
+        entry = chosen[gpu.index]
+        model = catalog.for_device(gpu.device_id)
+        label = f"{gpu.describe()} [{entry.path}]"
+        if entry.is_mig_backed and not (model and model.mig_gi_profiles):
+            what = model.name if model else "this GPU"
+            problems.append(
+                f"{label}: MIG-backed vGPU types, but {what} has no MIG (or its profiles are unknown)"
+            )
+            continue
+        if model is None:
+            continue
+        for vtype, count in entry.wanted().items():
+            bare = vtype.without_attribute()
+            known = model.vgpu_types.get(vtype.name) or (model.vgpu_types.get(bare.name) if bare else None)
+            if known is None:
+                problems.append(f"{label}: vGPU type {vtype.name} is not a type of the {model.name}")
+            elif count > known:
+                problems.append(
+                    f"{label}: {count} x {vtype.name} requested, but the GPU holds at most {known}"
+                )
+    if problems:
+        raise PlanError(problems)
 
 
 def _check_removals(changing: list[int], by_index: dict[int, GPU], inventory: Inventory, force: bool) -> None:
