@@ -1,0 +1,183 @@
+"""The agent: a watch thread that keeps the latest view of the node, and a worker thread that
+reconciles towards it. Level-triggered and coalescing: the worker always acts on the newest label
+value, so values that arrive during an apply collapse into one (the latest wins). Transient failures
+are retried with capped exponential backoff; config errors wait for the label or the file to change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from vgpu_dm import log
+from vgpu_dm.k8s import labels as L
+from vgpu_dm.k8s.backoff import Backoff
+from vgpu_dm.k8s.kube import ApiTiming, Kube, Stopped, describe
+from vgpu_dm.k8s.metrics import HealthServer, Metrics
+from vgpu_dm.k8s.reconcile import FAILED, Outcome, PreApplyStep, Reconciler
+from vgpu_dm.k8s.settings import Settings
+from vgpu_dm.k8s.watch import NodeWatcher, WatchTiming
+
+_log = log.get("k8s")
+
+
+class NodeView:
+    """The latest labels seen on the node, with a sequence number; the watch writes, the worker waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.labels: dict[str, str] | None = None
+        self.seen = False
+        self.seq = 0
+
+    def update(self, labels: dict[str, str] | None) -> None:
+        with self._cond:
+            self.labels = labels
+            self.seen = True
+            self.seq += 1
+            self._cond.notify_all()
+
+    def poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, seq: int, timeout: float | None, stop: threading.Event) -> None:
+        """Return when the view is newer than ``seq``, after ``timeout``, or when stopping."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.seq != seq or stop.is_set(), timeout)
+
+
+@dataclass
+class _Retry:
+    value: str
+    due: float  # monotonic
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: Settings,
+        config,
+        *,
+        api_timing: ApiTiming | None = None,
+        watch_timing: WatchTiming | None = None,
+        pre_apply: list[PreApplyStep] | None = None,
+    ):
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.metrics = Metrics()
+        self.kube = Kube(
+            config,
+            settings.node_name,
+            settings.namespace,
+            self.stop_event,
+            on_retry=lambda what, why: self.metrics.api_retries.inc(),
+            timing=api_timing,
+        )
+        self.view = NodeView()
+        self.watcher = NodeWatcher(
+            self.kube,
+            self.view.update,
+            lambda reason: self.metrics.watch_restarts.labels(reason).inc(),
+            self.stop_event,
+            watch_timing,
+        )
+        self.reconciler = Reconciler(settings, self.kube, self.metrics, self.stop_event, pre_apply)
+        self.ready = threading.Event()  # the first reconcile is done
+        self.server: HealthServer | None = None
+        self._threads: list[threading.Thread] = []
+        self.reconciled: list[tuple[str, Outcome]] = []  # every reconcile, oldest first
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings.metrics_address:
+            self.server = HealthServer(
+                self.settings.metrics_address, self.metrics, self.healthy, self.ready.is_set
+            )
+            self.server.start()
+            _log.info(
+                f"metrics, /healthz and /readyz on {self.settings.metrics_address} (port {self.server.port})"
+            )
+        for target, name in ((self.watcher.run, "watch"), (self._work, "reconcile")):
+            thread = threading.Thread(target=target, name=f"vgpu-dm-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def request_stop(self) -> None:
+        """Begin a clean shutdown (SIGTERM): a running apply finishes or rolls back its current GPU,
+        operand labels are restored, then the worker ends."""
+        self.stop_event.set()
+        self.view.poke()
+        self.kube.abort_streams()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker; True when it has ended. The watch thread is stopped with it."""
+        worker = self._threads[1]
+        worker.join(timeout)
+        if worker.is_alive():
+            return False
+        self.kube.abort_streams()
+        self._threads[0].join(5)
+        if self.server:
+            self.server.stop()
+        self.kube.close()
+        return True
+
+    def healthy(self) -> bool:
+        return (
+            bool(self._threads) and all(t.is_alive() for t in self._threads) and not self.stop_event.is_set()
+        )
+
+    # -- the worker ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        handled: str | None = None  # the value the last reconcile was for
+        retry: _Retry | None = None
+        backoff = Backoff(self.settings.retry_initial, self.settings.retry_max)
+        seq = -1
+        first = True
+        while not self.stop_event.is_set():
+            timeout = None if retry is None else max(0.0, retry.due - time.monotonic())
+            if self.view.seq == seq or not self.view.seen:
+                self.view.wait(seq, timeout, self.stop_event)
+            if self.stop_event.is_set():
+                break
+            seq = self.view.seq
+            if not self.view.seen or self.view.labels is None:
+                continue  # no node yet (or it was deleted): nothing to act on
+            value = L.desired_config(self.view.labels, self.settings.default_config)
+            due = retry is not None and retry.value == value and time.monotonic() >= retry.due
+            if value == handled and not due and not first:
+                continue
+            if value != handled:
+                backoff.reset()
+                retry = None
+            try:
+                outcome = self.reconciler.reconcile(value)
+            except Stopped:
+                break
+            except Exception as exc:  # a bug must not kill the loop silently: fail visibly, retry later
+                _log.exception(f"reconcile of {value!r} crashed")
+                outcome = Outcome(FAILED, "VGPUConfigFailed", f"internal error: {describe(exc)}", True)
+            self.reconciled.append((value, outcome))
+            handled = value
+            if first:
+                # Operand labels a crashed agent left paused: the reconcile above did not need them.
+                self.reconciler.restore_operands()
+                first = False
+                self.ready.set()
+            if outcome.transient and outcome.result == FAILED and not self.stop_event.is_set():
+                delay = backoff.next()
+                retry = _Retry(value, time.monotonic() + delay)
+                self.metrics.apply_retries.inc()
+                text = (
+                    f"config {value!r} failed for a cause that may pass; "
+                    f"retry {backoff.attempt} in {delay:.0f} s"
+                )
+                _log.warning(text)
+                self.kube.event("VGPUConfigRetry", text, warning=True, ignore_stop=True)
+            else:
+                retry = None
+        _log.info("agent stopped")

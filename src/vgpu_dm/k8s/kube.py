@@ -1,0 +1,331 @@
+"""The agent's Kubernetes API calls: lightkube for requests, our own streaming for watches.
+
+Every call goes through ``Kube.call``, which retries 409, 429, 5xx and transport errors with jittered
+exponential backoff and gives up only when told to stop (or at a deadline). Label changes are JSON
+merge patches of ``metadata.labels`` only, so other controllers' labels are never overwritten.
+
+Watches are read here, not through lightkube's ``Client.watch``: that one silently re-opens a stream
+that ends without an error, which turns a proxy that drops streams at once into a request storm, and
+hides every restart. ``stream`` opens one watch request and yields its events; the loops that call it
+(``watch.py``, ``wait_pods_gone``) decide when to resume, relist and back off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import httpx2
+from lightkube import ApiError, Client, KubeConfig
+from lightkube.config.client_adapter import Client as HttpClient
+from lightkube.config.client_adapter import ConnectionParams
+from lightkube.config.kubeconfig import SingleConfig
+from lightkube.models.core_v1 import EventSource, ObjectReference
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Event, Node, Pod
+from lightkube.types import PatchType
+
+from vgpu_dm import log
+from vgpu_dm.k8s.backoff import Backoff
+
+COMPONENT = "nvidia-k8s-vgpu-dm"
+T = TypeVar("T")
+_log = log.get("k8s")
+
+
+class Stopped(Exception):
+    """The agent was told to stop while a call was waiting to be retried."""
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (410): relist."""
+
+
+class WatchError(Exception):
+    """The server ended a watch with an error event other than 410."""
+
+
+def status_code(exc: BaseException) -> int | None:
+    """HTTP status of an API error, else None (transport errors, timeouts)."""
+    if isinstance(exc, ApiError) and exc.status is not None and exc.status.code:
+        return int(exc.status.code)
+    if isinstance(exc, httpx2.HTTPStatusError):
+        return exc.response.status_code
+    return None
+
+
+def retriable(exc: BaseException) -> bool:
+    """Conflicts, throttling, server errors and broken connections go away by themselves."""
+    if isinstance(exc, httpx2.TransportError):
+        return True
+    code = status_code(exc)
+    return code is not None and (code in (409, 429) or code >= 500)
+
+
+def describe(exc: BaseException) -> str:
+    code = status_code(exc)
+    if code is not None:
+        message = exc.status.message if isinstance(exc, ApiError) and exc.status else ""
+        return f"HTTP {code}" + (f" ({message})" if message else "")
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class ApiTiming:
+    request_timeout: float = 10.0  # connect/read timeout of one ordinary request
+    retry_initial: float = 0.2
+    retry_max: float = 5.0
+    shutdown_grace: float = 20.0  # calls that must still happen after SIGTERM are retried this long
+
+
+def load_config(kubeconfig: str | None) -> SingleConfig:
+    """The kubeconfig file's current context, or the in-cluster service account when no file is given."""
+    if kubeconfig:
+        return KubeConfig.from_file(kubeconfig).get()
+    return KubeConfig.from_service_account().get()
+
+
+class Kube:
+    """API access for one node's agent. Thread-safe: the watch thread and the worker share it."""
+
+    def __init__(
+        self,
+        config: SingleConfig,
+        node: str,
+        namespace: str,
+        stop: threading.Event,
+        on_retry: Callable[[str, str], None] | None = None,
+        timing: ApiTiming | None = None,
+    ):
+        self.node = node
+        self.namespace = namespace
+        self.stop = stop
+        self.timing = timing or ApiTiming()
+        self.on_retry = on_retry or (lambda what, why: None)
+        timeout = httpx2.Timeout(self.timing.request_timeout)
+        self.client = Client(config, trust_env=False, timeout=timeout, field_manager=COMPONENT)
+        # Watches: same server, TLS and credentials; no read timeout of their own (see ``stream``).
+        self._http = HttpClient(config, ConnectionParams(timeout=timeout, trust_env=False))
+        self._streams: set[httpx2.Response] = set()
+        self._streams_lock = threading.Lock()
+        self.node_uid: str | None = None
+
+    def close(self) -> None:
+        self.abort_streams()
+        self.client.close()
+        self._http.close()
+
+    # -- retries -------------------------------------------------------------------------------------
+
+    def call(self, what: str, fn: Callable[[], T], *, deadline: float | None = None, ignore_stop=False) -> T:
+        """``fn()``, retried while the failure is transient; raises Stopped when the agent stops
+        (unless ``ignore_stop``: restoring operand labels must go on while shutting down), and the last
+        error once ``deadline`` (monotonic) would be passed."""
+        backoff = Backoff(self.timing.retry_initial, self.timing.retry_max)
+        while True:
+            if self.stop.is_set():
+                if not ignore_stop:
+                    raise Stopped(what)
+                if deadline is None:  # shutting down: keep trying, but not past the grace period
+                    deadline = time.monotonic() + self.timing.shutdown_grace
+            try:
+                return fn()
+            except (httpx2.HTTPError, ApiError) as exc:
+                if not retriable(exc):
+                    raise
+                delay = backoff.next()
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise
+                why = describe(exc)
+                self.on_retry(what, why)
+                _log.warning(f"{what}: {why}; retrying in {delay:.1f} s")
+                if self.stop.wait(delay) and not ignore_stop:
+                    raise Stopped(what) from None
+
+    # -- the node --------------------------------------------------------------------------------------
+
+    def list_node(self) -> tuple[dict[str, str] | None, str]:
+        """The node's labels (None if there is no such node) and the list's resourceVersion."""
+
+        def once() -> tuple[dict[str, str] | None, str]:
+            found = self.client.list(Node, fields={"metadata.name": self.node})
+            items = list(found)
+            labels = None
+            if items:
+                self.node_uid = items[0].metadata.uid
+                labels = dict(items[0].metadata.labels or {})
+            return labels, found.resourceVersion
+
+        return self.call(f"list node {self.node}", once)
+
+    def labels(self, **kw: Any) -> dict[str, str]:
+        def once() -> dict[str, str]:
+            node = self.client.get(Node, self.node)
+            self.node_uid = node.metadata.uid
+            return dict(node.metadata.labels or {})
+
+        return self.call(f"get node {self.node}", once, **kw)
+
+    def patch_labels(self, labels: Mapping[str, str | None], **kw: Any) -> dict[str, str]:
+        """JSON merge patch of ``metadata.labels`` only (None removes a label); returns the new labels."""
+
+        def once() -> dict[str, str]:
+            node = self.client.patch(
+                Node, self.node, {"metadata": {"labels": dict(labels)}}, patch_type=PatchType.MERGE
+            )
+            return dict(node.metadata.labels or {})
+
+        shown = ", ".join(f"{k}={v}" for k, v in labels.items())
+        _log.debug(f"patch node {self.node} labels: {shown}")
+        return self.call(f"patch labels of node {self.node} ({shown})", once, **kw)
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    def event(self, reason: str, message: str, warning: bool = False, **kw: Any) -> None:
+        """A core/v1 Event about the Node, created in the agent's namespace. A failure to record it is
+        logged, never fatal: the state label already tells the outcome."""
+        now = datetime.now(timezone.utc)
+        event = Event(
+            metadata=ObjectMeta(generateName=f"{self.node}.vgpu-dm.", namespace=self.namespace),
+            # The API server wants an Event's involvedObject.namespace to be the Event's own; for a
+            # cluster-scoped Node that means the agent's namespace (where RBAC lets it create Events).
+            involvedObject=ObjectReference(
+                apiVersion="v1", kind="Node", name=self.node, uid=self.node_uid, namespace=self.namespace
+            ),
+            reason=reason,
+            message=message[:1024],
+            type="Warning" if warning else "Normal",
+            source=EventSource(component=COMPONENT, host=self.node),
+            reportingComponent=COMPONENT,
+            reportingInstance=self.node,
+            firstTimestamp=now,
+            lastTimestamp=now,
+            count=1,
+        )
+        try:
+            self.call(f"create event {reason}", lambda: self.client.create(event), **kw)
+        except Stopped:
+            raise
+        except Exception as exc:  # an Event is best effort; the state label is the contract
+            _log.warning(f"could not record event {reason} on node {self.node}: {describe(exc)}")
+
+    # -- watches ---------------------------------------------------------------------------------------
+
+    def stream(self, path: str, params: Mapping[str, Any], read_timeout: float | None) -> Iterator[dict]:
+        """One watch request: yields its events (``{"type": …, "object": {…}}``) until the server ends
+        the stream. Raises Gone on 410, WatchError on other error events, HTTP/transport errors as is.
+
+        ``read_timeout`` bounds the silence between two lines, so a connection that died without a FIN
+        (a crashed node, a lost route) is noticed instead of waited on forever.
+        """
+        timeout = httpx2.Timeout(self.timing.request_timeout, read=read_timeout)
+        with self._http.stream("GET", path, params=dict(params), timeout=timeout) as resp:
+            with self._streams_lock:
+                self._streams.add(resp)
+            try:
+                if resp.status_code == 410:
+                    raise Gone(f"{path}: HTTP 410")
+                if resp.status_code >= 400:
+                    resp.read()
+                    if "json" in resp.headers.get("content-type", ""):
+                        raise ApiError(request=resp.request, response=resp)
+                    resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        if status.get("code") == 410:
+                            raise Gone(status.get("message", "410 Gone"))
+                        raise WatchError(f"HTTP {status.get('code')}: {status.get('message', '')}")
+                    yield event
+            finally:
+                with self._streams_lock:
+                    self._streams.discard(resp)
+
+    def abort_streams(self) -> None:
+        """Close open watch streams (from another thread) so their readers return now."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for resp in streams:
+            # resp.close() alone does not wake a thread blocked in recv() on the socket; shutting the
+            # socket down does. Either may race with the reader's own close: it is closed either way.
+            with contextlib.suppress(Exception):
+                stream = resp.extensions.get("network_stream")
+                sock = stream.get_extra_info("socket") if stream is not None else None
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(Exception):
+                resp.close()
+
+    # -- operand pods ----------------------------------------------------------------------------------
+
+    def _pod_names(self, selector: str) -> tuple[set[str], str]:
+        found = self.client.list(
+            Pod, namespace=self.namespace, labels=_selector(selector), fields={"spec.nodeName": self.node}
+        )
+        names = {p.metadata.name for p in found}
+        return names, found.resourceVersion
+
+    def wait_pods_gone(self, selector: str, deadline: float) -> set[str]:
+        """Wait until no pod matching ``selector`` runs on this node (pods being deleted count until they
+        are gone); returns the names still there at ``deadline`` (empty = all gone). List, then watch
+        from the list's resourceVersion; relist when a watch ends."""
+        backoff = Backoff(self.timing.retry_initial, self.timing.retry_max)
+        names: set[str] = set()
+        while True:
+            names, rv = self.call(
+                f"list pods {selector} on {self.node}", lambda: self._pod_names(selector), deadline=deadline
+            )
+            remaining = deadline - time.monotonic()
+            if not names or remaining <= 0:
+                return names
+            _log.info(
+                f"waiting for {len(names)} pod(s) {selector} to leave node {self.node}: {sorted(names)}"
+            )
+            params = {
+                "watch": "1",
+                "labelSelector": selector,
+                "fieldSelector": f"spec.nodeName={self.node}",
+                "resourceVersion": rv,
+                "timeoutSeconds": str(max(1, int(remaining + 0.999))),
+                "allowWatchBookmarks": "true",
+            }
+            try:
+                for event in self.stream(f"/api/v1/namespaces/{self.namespace}/pods", params, remaining + 5):
+                    name = (event.get("object") or {}).get("metadata", {}).get("name")
+                    if event["type"] in ("ADDED", "MODIFIED") and name:
+                        names.add(name)
+                    elif event["type"] == "DELETED":
+                        names.discard(name)
+                        if not names:
+                            return names
+            except Gone:
+                continue
+            except (httpx2.HTTPError, ApiError, WatchError) as exc:
+                if self.stop.is_set():
+                    raise Stopped("wait for operand pods") from None
+                delay = backoff.next()
+                self.on_retry("watch operand pods", describe(exc))
+                _log.warning(f"watching pods {selector}: {describe(exc)}; relisting in {delay:.1f} s")
+                if self.stop.wait(min(delay, max(0.0, deadline - time.monotonic()))):
+                    raise Stopped("wait for operand pods") from None
+            if self.stop.is_set():
+                raise Stopped("wait for operand pods")
+
+
+def _selector(text: str) -> dict[str, str]:
+    """``a=b,c=d`` → lightkube's label selector mapping."""
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,329 @@
+"""``nvidia-k8s-vgpu-dm``: flags and environment (upstream names), start-up checks, signal handling.
+
+Exit codes: 0 after SIGTERM/SIGINT (operands restored), 1 when it cannot start (kubeconfig, metrics
+port), 2 for a usage error (a missing required flag, a bad value).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from vgpu_dm import __version__, log
+from vgpu_dm.k8s import settings as S
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_log = log.get("k8s")
+
+
+class Failure(Exception):
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _env(name: str) -> str:
+    return f"  [env: {name}]"
+
+
+@click.command(
+    "nvidia-k8s-vgpu-dm",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--kubeconfig",
+    envvar="KUBECONFIG",
+    metavar="FILE",
+    help="Kubeconfig file; without it the in-cluster service account is used." + _env("KUBECONFIG"),
+)
+@click.option(
+    "-n",
+    "--node-name",
+    envvar="NODE_NAME",
+    required=True,
+    metavar="NAME",
+    help="The Node this agent manages (from the downward API)." + _env("NODE_NAME"),
+)
+@click.option(
+    "-ns",
+    "--namespace",
+    envvar="NAMESPACE",
+    required=True,
+    metavar="NS",
+    help="Namespace of the operand pods; Events are created there too." + _env("NAMESPACE"),
+)
+@click.option(
+    "-f",
+    "--config-file",
+    envvar="CONFIG_FILE",
+    required=True,
+    metavar="FILE",
+    help="The vGPU config file (re-read on every reconcile)." + _env("CONFIG_FILE"),
+)
+@click.option(
+    "-d",
+    "--default-vgpu-config",
+    envvar="DEFAULT_VGPU_CONFIG",
+    required=True,
+    metavar="NAME",
+    help="Config applied when the node has no nvidia.com/vgpu.config label." + _env("DEFAULT_VGPU_CONFIG"),
+)
+@click.option(
+    "-m",
+    "--host-root-mount",
+    envvar="HOST_ROOT_MOUNT",
+    default=S.DEFAULT_HOST_ROOT,
+    show_default=True,
+    metavar="DIR",
+    help="Where the host's / is mounted: sysfs, proc, the lock, the journal, host programs."
+    + _env("HOST_ROOT_MOUNT"),
+)
+@click.option(
+    "--sim",
+    envvar="VGPU_DM_SIM",
+    metavar="DIR",
+    help="Work on a simulated host (made by 'nvidia-vgpu-dm sim create') instead." + _env("VGPU_DM_SIM"),
+)
+@click.option(
+    "-a",
+    "--driver-root-ctr-path",
+    envvar="DRIVER_ROOT_CTR_PATH",
+    default=S.DEFAULT_DRIVER_ROOT,
+    show_default=True,
+    metavar="DIR",
+    help="Where the driver root (nvidia-smi, sriov-manage) is mounted." + _env("DRIVER_ROOT_CTR_PATH"),
+)
+@click.option(
+    "-o",
+    "--host-mig-manager-state-file",
+    envvar="HOST_MIG_MANAGER_STATE_FILE",
+    default=S.DEFAULT_MIG_MANAGER_STATE_FILE,
+    show_default=True,
+    metavar="FILE",
+    help="MIG: systemd override file of the host's nvidia-mig-manager." + _env("HOST_MIG_MANAGER_STATE_FILE"),
+)
+@click.option(
+    "-k",
+    "--host-kubelet-systemd-service",
+    envvar="HOST_KUBELET_SYSTEMD_SERVICE",
+    default=S.DEFAULT_KUBELET_SERVICE,
+    show_default=True,
+    metavar="UNIT",
+    help="MIG: the kubelet's systemd unit." + _env("HOST_KUBELET_SYSTEMD_SERVICE"),
+)
+@click.option(
+    "-g",
+    "--gpu-clients-file",
+    envvar="GPU_CLIENTS_FILE",
+    metavar="FILE",
+    help="MIG: YAML listing host systemd services that use the GPUs (version, systemd-services)."
+    + _env("GPU_CLIENTS_FILE"),
+)
+@click.option(
+    "-r",
+    "--with-reboot",
+    envvar="WITH_REBOOT",
+    is_flag=True,
+    help="MIG: reboot the node when a MIG mode change needs it." + _env("WITH_REBOOT"),
+)
+@click.option(
+    "-w",
+    "--with-shutdown-host-gpu-clients",
+    envvar="WITH_SHUTDOWN_HOST_GPU_CLIENTS",
+    is_flag=True,
+    help="MIG: stop the host GPU clients around a MIG change." + _env("WITH_SHUTDOWN_HOST_GPU_CLIENTS"),
+)
+@click.option(
+    "--metrics-address",
+    envvar="VGPU_DM_METRICS_ADDRESS",
+    default=S.DEFAULT_METRICS_ADDRESS,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Serve /metrics, /healthz and /readyz here; empty disables it." + _env("VGPU_DM_METRICS_ADDRESS"),
+)
+@click.option(
+    "--operand-timeout",
+    envvar="VGPU_DM_OPERAND_TIMEOUT",
+    type=click.FloatRange(min=0),
+    default=120.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the paused operands' pods to leave the node."
+    + _env("VGPU_DM_OPERAND_TIMEOUT"),
+)
+@click.option(
+    "--retry-backoff",
+    envvar="VGPU_DM_RETRY_BACKOFF",
+    type=click.FloatRange(min=0.01),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="First retry delay after an apply failed for a passing cause (host I/O, lock, VM using a "
+    "vGPU); doubles each time." + _env("VGPU_DM_RETRY_BACKOFF"),
+)
+@click.option(
+    "--retry-backoff-max",
+    envvar="VGPU_DM_RETRY_BACKOFF_MAX",
+    type=click.FloatRange(min=0.01),
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest retry delay." + _env("VGPU_DM_RETRY_BACKOFF_MAX"),
+)
+@click.option(
+    "--lock-timeout",
+    envvar="VGPU_DM_LOCK_TIMEOUT",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long an apply waits for another one on this host." + _env("VGPU_DM_LOCK_TIMEOUT"),
+)
+@click.option(
+    "--log-format",
+    envvar="VGPU_DM_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text or JSON." + _env("VGPU_DM_LOG_FORMAT"),
+)
+@click.option("--debug", envvar="VGPU_DM_DEBUG", is_flag=True, help="Debug logging." + _env("VGPU_DM_DEBUG"))
+@click.version_option(__version__, "-v", "--version", prog_name="nvidia-k8s-vgpu-dm")
+def command(**opts) -> None:
+    """Make this Kubernetes node's NVIDIA vGPU devices follow its nvidia.com/vgpu.config label.
+
+    Reports progress in nvidia.com/vgpu.config.state (pending, success, failed) and in Events on the
+    Node; pauses the GPU Operator's sandbox device plugin and validator while it changes vGPUs.
+    """
+    log.setup(debug=opts["debug"], fmt=opts["log_format"])
+    settings = _settings(opts)
+    run(settings)
+
+
+def _settings(o: dict) -> S.Settings:
+    for name, flag in (
+        ("node_name", "--node-name"),
+        ("namespace", "--namespace"),
+        ("default_vgpu_config", "--default-vgpu-config"),
+        ("config_file", "--config-file"),
+    ):
+        if not o[name].strip():
+            raise click.BadParameter("must not be empty", param_hint=flag)
+    if not os.path.isfile(o["config_file"]):
+        raise click.BadParameter(f"{o['config_file']}: no such file", param_hint="--config-file")
+    if o["gpu_clients_file"]:
+        _check_gpu_clients(o["gpu_clients_file"])
+    if o["metrics_address"]:
+        from vgpu_dm.k8s.metrics import parse_address
+
+        try:
+            parse_address(o["metrics_address"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
+    if o["retry_backoff_max"] < o["retry_backoff"]:
+        raise click.BadParameter("must not be smaller than --retry-backoff", param_hint="--retry-backoff-max")
+    if o["sim"]:
+        sim_root = os.path.join(o["sim"], ".vgpu-dm-sim", "host.json")
+        if not os.path.isfile(sim_root):
+            raise click.BadParameter(f"{o['sim']} is not a simulated host", param_hint="--sim")
+    elif not os.path.isdir(os.path.join(o["host_root_mount"], "sys")):
+        raise click.BadParameter(
+            f"{o['host_root_mount']}/sys does not exist: mount the host's / there",
+            param_hint="--host-root-mount",
+        )
+    return S.Settings(
+        node_name=o["node_name"],
+        namespace=o["namespace"],
+        config_file=o["config_file"],
+        default_config=o["default_vgpu_config"],
+        kubeconfig=o["kubeconfig"] or None,
+        host_root=o["host_root_mount"],
+        sim=o["sim"] or None,
+        driver_root=o["driver_root_ctr_path"],
+        host_mig_manager_state_file=o["host_mig_manager_state_file"],
+        host_kubelet_systemd_service=o["host_kubelet_systemd_service"],
+        gpu_clients_file=o["gpu_clients_file"] or None,
+        with_reboot=o["with_reboot"],
+        with_shutdown_host_gpu_clients=o["with_shutdown_host_gpu_clients"],
+        metrics_address=o["metrics_address"] or None,
+        operand_timeout=o["operand_timeout"],
+        retry_initial=o["retry_backoff"],
+        retry_max=o["retry_backoff_max"],
+        lock_timeout=o["lock_timeout"],
+    )
+
+
+def _check_gpu_clients(path: str) -> None:
+    """Upstream's GPU clients file: ``version: v1`` and ``systemd-services: [unit, ...]``."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except OSError as exc:
+        raise click.BadParameter(f"{path}: {exc.strerror}", param_hint="--gpu-clients-file") from None
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{path}: not valid YAML: {exc}", param_hint="--gpu-clients-file") from None
+    if not isinstance(data, dict) or "version" not in data:
+        raise click.BadParameter(
+            f"{path}: expected a mapping with 'version'", param_hint="--gpu-clients-file"
+        )
+    services = data.get("systemd-services", [])
+    if not isinstance(services, list) or not all(isinstance(x, str) for x in services):
+        raise click.BadParameter(
+            f"{path}: 'systemd-services' must be a list of unit names", param_hint="--gpu-clients-file"
+        )
+
+
+def run(settings: S.Settings) -> None:
+    """Start the agent and block until SIGTERM/SIGINT; then stop cleanly."""
+    from vgpu_dm.k8s.agent import Agent
+    from vgpu_dm.k8s.kube import load_config
+
+    try:
+        config = load_config(settings.kubeconfig)
+    except Exception as exc:
+        where = settings.kubeconfig or "the in-cluster service account"
+        _log.error(f"cannot load Kubernetes credentials from {where}: {exc}")
+        raise Failure(EXIT_FAILED) from None
+    agent = Agent(settings, config)
+    try:
+        agent.start()
+    except OSError as exc:
+        _log.error(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}")
+        raise Failure(EXIT_FAILED) from None
+
+    def on_signal(signum: int, _frame) -> None:
+        _log.info(f"received {signal.Signals(signum).name}: finishing the current step, then stopping")
+        agent.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _log.info(
+        f"nvidia-k8s-vgpu-dm {__version__} watching node {settings.node_name} "
+        f"(default config {settings.default_config!r}, file {settings.config_file})"
+    )
+    while not agent.join(timeout=0.5):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        command.main(args=argv, prog_name="nvidia-k8s-vgpu-dm", standalone_mode=False)
+    except Failure as exc:
+        return exc.code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.Abort:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""One reconcile of the node: make the host follow one config name, upstream's flow done carefully.
+
+validate the file and name → plan against the host (no operand touched yet: an invalid config, a
+config that does not fit, or a VM holding a vGPU ends here) → already applied: ``success`` → else
+``pending``, pause the sandbox operands that are on, wait until their pods left this node, run the
+pre-apply steps (the MIG step goes there), apply in-process (host lock, journal, rollback, in-use
+protection) → restore the operand labels, always → ``success`` or ``failed``, and an Event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vgpu_dm import journal, log
+from vgpu_dm.apply import ApplyOptions, apply_config, summary
+from vgpu_dm.errors import ApplyError, ConfigError, HostError, PlanError, VgpuDmError
+from vgpu_dm.host.inventory import HostTools, Inventory
+from vgpu_dm.host.root import HostRoot, open_host
+from vgpu_dm.k8s import labels as L
+from vgpu_dm.k8s.kube import Kube, Stopped, describe
+from vgpu_dm.k8s.metrics import Metrics
+from vgpu_dm.k8s.settings import Settings
+from vgpu_dm.plan import build_plan
+from vgpu_dm.spec import load_spec, read_config_source
+from vgpu_dm.spec.model import ConfigEntry
+
+try:  # the cancellation interface of vgpu_dm.apply (ApplyOptions.stop → ApplyInterrupted)
+    from vgpu_dm.errors import ApplyInterrupted
+except ImportError:  # pragma: no cover - until the apply side lands
+
+    class ApplyInterrupted(ApplyError):  # type: ignore[no-redef]
+        pass
+
+
+_log = log.get("k8s")
+_STOP_SUPPORTED = any(f.name == "stop" for f in dataclasses.fields(ApplyOptions))
+
+# Outcome results (metric label values).
+SUCCESS, FAILED, INTERRUPTED, UNCHANGED = "success", "failed", "interrupted", "unchanged"
+IN_USE_MARK = " is in use by "
+
+
+@dataclass
+class Outcome:
+    result: str  # SUCCESS, UNCHANGED, FAILED or INTERRUPTED
+    reason: str  # the Event reason
+    message: str
+    transient: bool = False  # a retry may succeed without anything changing in the config
+
+    @property
+    def state(self) -> str:
+        return {SUCCESS: L.SUCCESS, UNCHANGED: L.SUCCESS, FAILED: L.FAILED}.get(self.result, L.PENDING)
+
+
+@dataclass
+class Change:
+    """What a pre-apply step (e.g. MIG) gets: the config being applied and the host."""
+
+    config_name: str
+    entries: tuple[ConfigEntry, ...]
+    source: str
+    host: HostRoot
+    tools: HostTools
+    settings: Settings
+    kube: Kube
+    stop: threading.Event
+    notes: list[str] = field(default_factory=list)
+
+
+PreApplyStep = Callable[[Change], None]
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    more = f" (+{len(lines) - n} more lines)" if len(lines) > n else ""
+    return "; ".join(lines[:n]) + more
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: Settings,
+        kube: Kube,
+        metrics: Metrics,
+        stop: threading.Event,
+        pre_apply: list[PreApplyStep] | None = None,
+    ):
+        self.settings = settings
+        self.kube = kube
+        self.metrics = metrics
+        self.stop = stop
+        # Steps run after the operands are paused and their pods gone, before the vGPU apply.
+        self.pre_apply: list[PreApplyStep] = list(pre_apply or [])
+
+    def host(self) -> HostRoot:
+        return open_host(self.settings.host_root, self.settings.sim)
+
+    def tools(self) -> HostTools:
+        return HostTools()
+
+    # -- the flow --------------------------------------------------------------------------------------
+
+    def reconcile(self, value: str) -> Outcome:
+        """Make the host follow config ``value``; sets the state label and records an Event."""
+        outcome = self._reconcile(value)
+        self._finish(value, outcome)
+        return outcome
+
+    def _reconcile(self, value: str) -> Outcome:
+        s = self.settings
+        try:
+            data, source = read_config_source(s.config_file)
+            spec = load_spec(data, source)
+            name, entries = spec.select(value)
+        except ConfigError as exc:
+            return Outcome(FAILED, "InvalidVGPUConfig", f"config {value!r}: {_first_lines(str(exc))}")
+        try:
+            host = self.host()
+            tools = self.tools()
+            interrupted_run = journal.read(host)
+            plan = build_plan(entries, Inventory(host, tools), source, force=False)
+        except PlanError as exc:
+            in_use = all(IN_USE_MARK in p for p in exc.problems)
+            return Outcome(
+                FAILED,
+                "VGPUDeviceInUse" if in_use else "VGPUConfigNotApplicable",
+                f"config {name!r}: {_first_lines(str(exc))}",
+                transient=in_use,
+            )
+        except (OSError, HostError, ValueError) as exc:
+            return Outcome(FAILED, "HostError", f"reading the host: {_first_lines(describe_host(exc))}", True)
+        if plan.is_noop and interrupted_run is None:
+            _log.info(f"Selected vGPU device configuration {name!r} is currently applied")
+            return Outcome(
+                UNCHANGED, "VGPUConfigApplied", f"config {name!r} is already applied; nothing changed"
+            )
+
+        _log.info(f"applying vGPU config {name!r}")
+        change = Change(name, entries, source, host, tools, s, self.kube, self.stop)
+        try:
+            self.kube.patch_labels({L.STATE_LABEL: L.PENDING})
+            self.metrics.set_state(L.PENDING)
+        except Stopped:
+            return Outcome(INTERRUPTED, "VGPUConfigInterrupted", "stopped before the change began")
+        except Exception as exc:
+            return Outcome(FAILED, "KubernetesError", f"setting state pending: {describe(exc)}", True)
+        try:
+            return self._change(change)
+        finally:
+            self.restore_operands()
+
+    def _change(self, change: Change) -> Outcome:
+        name = change.config_name
+        try:
+            self._pause_operands()
+            left = self._wait_operands_gone()
+            if left:
+                return Outcome(
+                    FAILED,
+                    "OperandPodsStillRunning",
+                    f"config {name!r} not applied: after {self.settings.operand_timeout:g} s these operand "
+                    f"pods are still on the node: {', '.join(sorted(left))}",
+                    transient=True,
+                )
+            for step in self.pre_apply:
+                step(change)
+            started = time.monotonic()
+            try:
+                plan = apply_config(
+                    change.entries, change.host, change.tools, change.source, self._apply_options(), name
+                )
+            finally:
+                self.metrics.apply_duration.observe(time.monotonic() - started)
+        except Stopped:
+            return Outcome(
+                INTERRUPTED,
+                "VGPUConfigInterrupted",
+                f"config {name!r}: stopped before the apply; host unchanged",
+            )
+        except ApplyInterrupted as exc:
+            return Outcome(INTERRUPTED, "VGPUConfigInterrupted", f"config {name!r}: {_first_lines(str(exc))}")
+        except PlanError as exc:
+            in_use = all(IN_USE_MARK in p for p in exc.problems)
+            reason = "VGPUDeviceInUse" if in_use else "VGPUConfigNotApplicable"
+            return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=in_use)
+        except ConfigError as exc:
+            return Outcome(FAILED, "InvalidVGPUConfig", f"config {name!r}: {_first_lines(str(exc))}")
+        except (ApplyError, HostError, OSError) as exc:
+            return Outcome(
+                FAILED,
+                "VGPUConfigFailed",
+                f"config {name!r}: {_first_lines(describe_host(exc))}",
+                transient=True,
+            )
+        except VgpuDmError as exc:
+            return Outcome(FAILED, "VGPUConfigFailed", f"config {name!r}: {_first_lines(str(exc))}")
+        changed = [summary(gp) for gp in plan.changed] + change.notes
+        what = "; ".join(changed) if changed else "no vGPU changed"
+        _log.info("Selected vGPU device configuration successfully applied")
+        return Outcome(SUCCESS, "VGPUConfigApplied", f"config {name!r} applied: {what}")
+
+    def _apply_options(self) -> ApplyOptions:
+        if _STOP_SUPPORTED:
+            return ApplyOptions(lock_timeout=self.settings.lock_timeout, stop=self.stop)  # type: ignore[call-arg]
+        return ApplyOptions(lock_timeout=self.settings.lock_timeout)
+
+    # -- operands ----------------------------------------------------------------------------------------
+
+    def _pause_operands(self) -> None:
+        current = self.kube.labels()
+        patch = L.pause_patch(current)
+        if patch:
+            _log.info(f"pausing operands: {', '.join(sorted(patch))}")
+            self.kube.patch_labels(patch)
+
+    def _wait_operands_gone(self) -> set[str]:
+        deadline = time.monotonic() + self.settings.operand_timeout
+        left: set[str] = set()
+        for selector in L.OPERANDS.values():
+            left |= self.kube.wait_pods_gone(selector, deadline)
+        return left
+
+    def restore_operands(self) -> None:
+        """Operand labels at paused go back to ``true``. Goes on while stopping (bounded), because a
+        node left with paused operands has no device plugin."""
+        try:
+            current = self.kube.labels(ignore_stop=True)
+            patch = L.restore_patch(current)
+            if patch:
+                _log.info(f"restoring operands: {', '.join(sorted(patch))}")
+                self.kube.patch_labels(patch, ignore_stop=True)
+        except Exception as exc:
+            _log.error(f"could not restore the operand labels of node {self.kube.node}: {describe(exc)}")
+
+    # -- result ------------------------------------------------------------------------------------------
+
+    def _finish(self, value: str, outcome: Outcome) -> None:
+        self.metrics.applies.labels(outcome.result).inc()
+        log_line = f"config {value!r}: {outcome.result}: {outcome.message}"
+        (_log.info if outcome.result in (SUCCESS, UNCHANGED) else _log.error)(log_line)
+        if outcome.result != INTERRUPTED:
+            try:
+                self.kube.patch_labels({L.STATE_LABEL: outcome.state}, ignore_stop=True)
+                self.metrics.set_state(outcome.state)
+                if outcome.state == L.SUCCESS:
+                    self.metrics.last_success.set_to_current_time()
+            except Exception as exc:
+                _log.error(f"could not set {L.STATE_LABEL}={outcome.state}: {describe(exc)}")
+        self.kube.event(
+            outcome.reason,
+            outcome.message,
+            warning=outcome.result in (FAILED, INTERRUPTED),
+            ignore_stop=True,
+        )
+
+
+def describe_host(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"host I/O error: {exc.strerror}{where}"
+    return str(exc)

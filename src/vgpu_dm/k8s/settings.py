@@ -1,0 +1,33 @@
+"""Everything the agent is told by its flags and environment, as one immutable value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_HOST_ROOT = "/host"
+DEFAULT_DRIVER_ROOT = "/driver-root"
+DEFAULT_MIG_MANAGER_STATE_FILE = "/etc/systemd/system/nvidia-mig-manager.service.d/override.conf"
+DEFAULT_KUBELET_SERVICE = "kubelet.service"
+DEFAULT_METRICS_ADDRESS = ":8080"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node_name: str
+    namespace: str
+    config_file: str
+    default_config: str
+    kubeconfig: str | None = None  # None: in-cluster service account
+    host_root: str = DEFAULT_HOST_ROOT
+    sim: str | None = None
+    driver_root: str = DEFAULT_DRIVER_ROOT
+    host_mig_manager_state_file: str = DEFAULT_MIG_MANAGER_STATE_FILE
+    host_kubelet_systemd_service: str = DEFAULT_KUBELET_SERVICE
+    gpu_clients_file: str | None = None
+    with_reboot: bool = False
+    with_shutdown_host_gpu_clients: bool = False
+    metrics_address: str | None = DEFAULT_METRICS_ADDRESS  # None or "": no metrics endpoint
+    operand_timeout: float = 120.0
+    retry_initial: float = 30.0  # backoff of apply retries after a transient failure
+    retry_max: float = 600.0
+    lock_timeout: float = 60.0
