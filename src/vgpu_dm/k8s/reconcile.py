@@ -156,8 +156,8 @@ class Reconciler:
     def _change(self, change: Change) -> Outcome:
         name = change.config_name
         try:
-            self._pause_operands()
-            left = self._wait_operands_gone()
+            paused = self._pause_operands()
+            left = self._wait_operands_gone(paused)
             if left:
                 return Outcome(
                     FAILED,
@@ -210,18 +210,23 @@ class Reconciler:
 
     # -- operands ----------------------------------------------------------------------------------------
 
-    def _pause_operands(self) -> None:
+    def _pause_operands(self) -> list[str]:
+        """Pause the operands that are on; returns the operand labels now paused."""
         current = self.kube.labels()
         patch = L.pause_patch(current)
         if patch:
             _log.info(f"pausing operands: {', '.join(sorted(patch))}")
-            self.kube.patch_labels(patch)
+            current = self.kube.patch_labels(patch)
+        return L.paused(current)
 
-    def _wait_operands_gone(self) -> set[str]:
+    def _wait_operands_gone(self, paused: list[str]) -> set[str]:
+        """Wait for the pods of the paused operands only: an operand switched off (``false``) or not
+        managed through its label (absent) is not ours to wait for; its DaemonSet would never remove a
+        pod for us, so waiting would only run into the timeout."""
         deadline = time.monotonic() + self.settings.operand_timeout
         left: set[str] = set()
-        for selector in L.OPERANDS.values():
-            left |= self.kube.wait_pods_gone(selector, deadline)
+        for label in paused:
+            left |= self.kube.wait_pods_gone(L.OPERANDS[label], deadline)
         return left
 
     def restore_operands(self) -> None:
