@@ -321,3 +321,35 @@ def test_sigterm_while_waiting_for_operands_restores_them(
     assert "received SIGTERM" in err
     event = node_events(admin_client, k8s_namespace, k8s_node)[-1]
     assert event.reason == "VGPUConfigInterrupted"
+
+
+def test_sigterm_mid_apply_rolls_back_restores_operands_and_exits_0(
+    apiserver, admin_client, k8s_node, k8s_namespace, stage, sim, cli
+):
+    assert cli("sim", "latency", str(sim.root), "--create-latency-ms", "150").code == 0
+    set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "T4-1Q"})  # 32 creates: about 5 s of writes
+    proc = agent_process(
+        [
+            "--kubeconfig", apiserver.admin_kubeconfig, "-n", k8s_node, "-ns", k8s_namespace,
+            "-f", str(sim.config), "-d", "default", "--sim", str(sim.root), "--metrics-address", "",
+        ]
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(snapshot(sim.root)) >= 2, what="the apply under way")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert snapshot(sim.root) == []  # this run's devices were rolled back
+    labels = node_labels(admin_client, k8s_node)
+    assert {k: labels[k] for k in ON_BOTH} == ON_BOTH
+    assert labels[L.STATE_LABEL] == L.PENDING
+    assert "apply interrupted" in err
+    event = node_events(admin_client, k8s_namespace, k8s_node)[-1]
+    assert (event.reason, event.type) == ("VGPUConfigInterrupted", "Warning")
+    print(f"\nSIGTERM mid-apply → exit 0 after {took:.2f} s (rolled back, operands restored)")

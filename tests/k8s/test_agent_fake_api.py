@@ -207,3 +207,17 @@ def test_readyz_waits_for_the_first_reconcile(fake, sim, workdir):
         fake.fail_until = 0
         wait_for(agent.ready.is_set, what="ready")
         assert urllib.request.urlopen(f"{base}/readyz").read() == b"ok\n"
+
+
+def test_values_arriving_during_an_apply_coalesce_to_the_latest(fake, sim, workdir, cli):
+    with start(fake, sim, workdir) as agent:
+        wait_for(converged(fake, agent, "default"), what="default applied")
+        assert cli("sim", "latency", str(sim.root), "--create-latency-ms", "100").code == 0
+        fake.set_labels({L.CONFIG_LABEL: "T4-4Q"})
+        wait_for(lambda: fake.labels().get(L.STATE_LABEL) == L.PENDING, what="the T4-4Q change under way")
+        for value in ("T4-2Q", "T4-1Q", "too-many", "T4-16Q"):
+            fake.set_labels({L.CONFIG_LABEL: value})
+        wait_for(converged(fake, agent, "T4-16Q"), timeout=30, what="T4-16Q applied")
+        values = [v for v, _ in agent.reconciled]
+    assert values == ["default", "T4-4Q", "T4-16Q"]
+    assert layouts(sim.root) == [{"T4-16Q": 1}, {"T4-16Q": 1}]

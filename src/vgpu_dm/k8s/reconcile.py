@@ -9,7 +9,6 @@ protection) → restore the operand labels, always → ``success`` or ``failed``
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 
 from vgpu_dm import journal, log
 from vgpu_dm.apply import ApplyOptions, apply_config, summary
-from vgpu_dm.errors import ApplyError, ConfigError, HostError, PlanError, VgpuDmError
+from vgpu_dm.errors import ApplyError, ApplyInterrupted, ConfigError, HostError, PlanError, VgpuDmError
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.root import HostRoot, open_host
 from vgpu_dm.k8s import labels as L
@@ -28,16 +27,7 @@ from vgpu_dm.plan import build_plan
 from vgpu_dm.spec import load_spec, read_config_source
 from vgpu_dm.spec.model import ConfigEntry
 
-try:  # the cancellation interface of vgpu_dm.apply (ApplyOptions.stop → ApplyInterrupted)
-    from vgpu_dm.errors import ApplyInterrupted
-except ImportError:  # pragma: no cover - until the apply side lands
-
-    class ApplyInterrupted(ApplyError):  # type: ignore[no-redef]
-        pass
-
-
 _log = log.get("k8s")
-_STOP_SUPPORTED = any(f.name == "stop" for f in dataclasses.fields(ApplyOptions))
 
 # Outcome results (metric label values).
 SUCCESS, FAILED, INTERRUPTED, UNCHANGED = "success", "failed", "interrupted", "unchanged"
@@ -204,9 +194,9 @@ class Reconciler:
         return Outcome(SUCCESS, "VGPUConfigApplied", f"config {name!r} applied: {what}")
 
     def _apply_options(self) -> ApplyOptions:
-        if _STOP_SUPPORTED:
-            return ApplyOptions(lock_timeout=self.settings.lock_timeout, stop=self.stop)  # type: ignore[call-arg]
-        return ApplyOptions(lock_timeout=self.settings.lock_timeout)
+        # The stop event (SIGTERM) lets apply finish or roll back the GPU it is on, then raise
+        # ApplyInterrupted; it also ends a wait for the host lock.
+        return ApplyOptions(lock_timeout=self.settings.lock_timeout, stop=self.stop)
 
     # -- operands ----------------------------------------------------------------------------------------
 
