@@ -122,7 +122,53 @@ def agent_process(args: list[str], env: dict[str, str] | None = None) -> subproc
     )
 
 
-# -- the real API server: kubelet + DaemonSet controller, label history ------------------------------
+# -- the real API server: node labels and events, kubelet + DaemonSet controller, label history ------
+
+PAUSED_BOTH = {L.DEVICE_PLUGIN_LABEL: L.PAUSED, L.VALIDATOR_LABEL: L.PAUSED}
+ON_BOTH = {L.DEVICE_PLUGIN_LABEL: "true", L.VALIDATOR_LABEL: "true"}
+
+
+def node_labels(client, node: str) -> dict[str, str]:
+    from lightkube.resources.core_v1 import Node
+
+    return dict(client.get(Node, node).metadata.labels or {})
+
+
+def set_labels(client, node: str, labels: dict[str, str | None]) -> None:
+    from lightkube.resources.core_v1 import Node
+    from lightkube.types import PatchType
+
+    client.patch(Node, node, {"metadata": {"labels": labels}}, patch_type=PatchType.MERGE)
+
+
+def node_events(client, namespace: str, node: str) -> list:
+    from lightkube.resources.core_v1 import Event
+
+    found = client.list(Event, namespace=namespace, fields={"involvedObject.name": node})
+    return sorted(
+        (e for e in found if e.involvedObject.kind == "Node"), key=lambda e: e.metadata.creationTimestamp
+    )
+
+
+def state_is(client, node: str, state: str, config: str | None = None):
+    def check():
+        labels = node_labels(client, node)
+        return labels.get(L.STATE_LABEL) == state and (config is None or labels.get(L.CONFIG_LABEL) == config)
+
+    return check
+
+
+def done(agent, value: str):
+    """The agent's latest reconcile was for ``value`` and succeeded (its state label is then written)."""
+
+    def check():
+        return (
+            agent.reconciled
+            and agent.reconciled[-1][0] == value
+            and agent.reconciled[-1][1].state == L.SUCCESS
+        )
+
+    return check
 
 
 @dataclass

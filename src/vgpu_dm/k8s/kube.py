@@ -229,7 +229,12 @@ class Kube:
         with self._http.stream("GET", path, params=dict(params), timeout=timeout) as resp:
             with self._streams_lock:
                 self._streams.add(resp)
+                # A stop that came before this stream was registered found nothing to abort: check it
+                # here, under the same lock as abort_streams, so no stream outlives a stop.
+                stopping = self.stop.is_set()
             try:
+                if stopping:
+                    raise Stopped(path)
                 if resp.status_code == 410:
                     raise Gone(f"{path}: HTTP 410")
                 if resp.status_code >= 400:
@@ -310,6 +315,8 @@ class Kube:
                             return names
             except Gone:
                 continue
+            except Stopped:
+                raise
             except (httpx2.HTTPError, ApiError, WatchError) as exc:
                 if self.stop.is_set():
                     raise Stopped("wait for operand pods") from None

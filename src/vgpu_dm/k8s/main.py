@@ -290,18 +290,19 @@ def run(settings: S.Settings) -> None:
         _log.error(f"cannot load Kubernetes credentials from {where}: {exc}")
         raise Failure(EXIT_FAILED) from None
     agent = Agent(settings, config)
-    try:
-        agent.start()
-    except OSError as exc:
-        _log.error(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}")
-        raise Failure(EXIT_FAILED) from None
 
     def on_signal(signum: int, _frame) -> None:
         _log.info(f"received {signal.Signals(signum).name}: finishing the current step, then stopping")
         agent.request_stop()
 
+    # Before the threads start: a SIGTERM from the first moment on gets the clean shutdown.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start()
+    except OSError as exc:
+        _log.error(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}")
+        raise Failure(EXIT_FAILED) from None
     _log.info(
         f"nvidia-k8s-vgpu-dm {__version__} watching node {settings.node_name} "
         f"(default config {settings.default_config!r}, file {settings.config_file})"
