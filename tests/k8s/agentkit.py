@@ -145,8 +145,9 @@ def node_events(client, namespace: str, node: str) -> list:
     from lightkube.resources.core_v1 import Event
 
     found = client.list(Event, namespace=namespace, fields={"involvedObject.name": node})
+    # Oldest first. creationTimestamp has whole seconds; resourceVersion (one etcd here) orders exactly.
     return sorted(
-        (e for e in found if e.involvedObject.kind == "Node"), key=lambda e: e.metadata.creationTimestamp
+        (e for e in found if e.involvedObject.kind == "Node"), key=lambda e: int(e.metadata.resourceVersion)
     )
 
 
