@@ -86,8 +86,12 @@ def test_label_change_order(apiserver, admin_client, k8s_node, k8s_namespace, st
     paused = stage.first("labels", lambda x: all(x.get(k) == L.PAUSED for k in PAUSED_BOTH), after=began)
     gone = stage.first("pods-gone", after=began)
     apply = stage.first("apply", after=began)
+    success = wait_for(  # the test's watch may lag behind the agent
+        lambda: stage.first("labels", lambda x: x.get(L.STATE_LABEL) == L.SUCCESS, after=apply.at),
+        what="the watch sees state success",
+    )
+    # Seen before success (a watch delivers in order), so it is recorded by now.
     restored = stage.first("labels", lambda x: all(x.get(k) == "true" for k in ON_BOTH), after=apply.at)
-    success = stage.first("labels", lambda x: x.get(L.STATE_LABEL) == L.SUCCESS, after=apply.at)
     assert None not in (pending, paused, gone, apply, restored, success), stage.history
     assert pending.at <= paused.at <= gone.at <= apply.at <= restored.at <= success.at
     assert paused.labels[L.STATE_LABEL] == L.PENDING  # pending was set before the pause
@@ -154,8 +158,11 @@ def test_apply_failure_restores_operands_and_retries(
         assert snapshot(sim.root) == before  # rolled back: same devices, same UUIDs
         labels = node_labels(admin_client, k8s_node)
         assert {k: labels[k] for k in ON_BOTH} == ON_BOTH  # operands restored after the failure
-        failed = stage.first("labels", lambda x: x.get(L.STATE_LABEL) == L.FAILED, after=began)
-        assert failed is not None and failed.labels[L.DEVICE_PLUGIN_LABEL] == "true"
+        failed = wait_for(
+            lambda: stage.first("labels", lambda x: x.get(L.STATE_LABEL) == L.FAILED, after=began),
+            what="the watch sees state failed",
+        )
+        assert failed.labels[L.DEVICE_PLUGIN_LABEL] == "true"
         wait_for(lambda: agent.metrics.apply_retries._value.get() >= 1, what="a retry scheduled")
         arm(cli, sim.root)  # the cause goes away: the retry succeeds without any label change
         wait_for(state_is(admin_client, k8s_node, L.SUCCESS), timeout=30, what="retry succeeded")

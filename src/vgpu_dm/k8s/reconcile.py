@@ -23,6 +23,7 @@ from vgpu_dm.k8s import labels as L
 from vgpu_dm.k8s.kube import Kube, Stopped, describe
 from vgpu_dm.k8s.metrics import Metrics
 from vgpu_dm.k8s.settings import Settings
+from vgpu_dm.mig.step import MigModePending
 from vgpu_dm.plan import build_plan
 from vgpu_dm.spec import load_spec, read_config_source
 from vgpu_dm.spec.model import ConfigEntry
@@ -179,6 +180,9 @@ class Reconciler:
             return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=in_use)
         except ConfigError as exc:
             return Outcome(FAILED, "InvalidVGPUConfig", f"config {name!r}: {_first_lines(str(exc))}")
+        except MigModePending as exc:
+            # Waits for a GPU reset or a reboot: retrying before that cannot help.
+            return Outcome(FAILED, "MIGModeChangePending", f"config {name!r}: {_first_lines(str(exc))}")
         except (ApplyError, HostError, OSError) as exc:
             return Outcome(
                 FAILED,
