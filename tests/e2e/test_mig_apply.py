@@ -299,3 +299,38 @@ def test_mig_step_checks_everything_before_its_first_write(cli, workdir, name, m
     assert result.code == 1 and message in result.err, result.err
     assert snapshot(root) == before and instances(root) == gis and mig_modes(root) == [False, False]
     assert len(write_log(root)) == logged
+
+
+IMPOSSIBLE = """\
+version: v1
+vgpu-configs:
+  sliced:
+    - devices: all
+      vgpu-devices: {"H100-20C": 4}
+  mixed:
+    - devices: all
+      vgpu-devices: {"H100-3-40C": 1, "H100-2-20C": 1, "H100-1-10C": 2}
+  does-not-fit:
+    - devices: all
+      vgpu-devices: {"H100-2-20C": 3, "H100-1-10C": 2}
+"""
+
+
+@pytest.mark.parametrize("start", [None, "sliced", "mixed"])
+def test_instances_that_do_not_fit_put_everything_back(cli, workdir, start) -> None:
+    """Each count is within the catalog's maximum, but together they do not fit the GPU: mig-parted
+    fails after MIG mode and the VFs were changed, and the step undoes both."""
+    root = workdir / "host"
+    create_host(root, ["H100"])
+    config = workdir / "h100.yaml"
+    config.write_text(IMPOSSIBLE)
+    if start:
+        result = cli("apply", "--sim", str(root), "-f", str(config), "-c", start)
+        assert result.code == 0, result.err
+    before, gis, modes = snapshot(root), instances(root), mig_modes(root)
+    vfs = SimState.load(root).gpus[0].vfs
+    result = cli("apply", "--sim", str(root), "-f", str(config), "-c", "does-not-fit")
+    assert result.code == 1 and "Insufficient Resources" in result.err, result.err
+    assert "could not be restored" not in result.err and "NOT all" not in result.err
+    assert snapshot(root) == before
+    assert (instances(root), mig_modes(root), SimState.load(root).gpus[0].vfs) == (gis, modes, vfs)

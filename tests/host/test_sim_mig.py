@@ -87,6 +87,14 @@ def test_placements_follow_the_h200_capture(sim_host) -> None:
     ok = MIG_ON.replace("devices: all", "devices: [0]")
     assert parted(root, "apply", config=ok % '"4g.20gb": 1, "3g.20gb": 1').returncode == 0
     assert parted(root, "apply", config=ok % '"4g.20gb": 1, "2g.10gb": 1, "1g.5gb": 1').returncode == 0
+    # The order that fits is found: 3g.20gb must sit at slice 4 for 2g.10gb and two 1g.5gb to fit.
+    assert parted(root, "apply", config=ok % '"3g.20gb": 1, "2g.10gb": 1, "1g.5gb": 2').returncode == 0
+    assert sorted((gi["profile"], gi["start"]) for gi in SimState.load(root).gpus[0].gpu_instances) == [
+        ("1g.5gb", 2),
+        ("1g.5gb", 3),
+        ("2g.10gb", 0),
+        ("3g.20gb", 4),
+    ]
     # Two 3g.20gb take all eight memory slices: no 1g.5gb beside them.
     assert parted(root, "apply", config=ok % '"3g.20gb": 2, "1g.5gb": 1').returncode == 1
     assert parted(root, "apply", config=ok % '"2g.10gb": 3, "1g.5gb": 1').returncode == 0

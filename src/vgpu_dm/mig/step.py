@@ -44,7 +44,7 @@ class _Work:
     """What the step changed so far, to undo it."""
 
     removed: dict[str, list[VGPUDevice]] = field(default_factory=dict)  # GPU address → devices
-    vfs_off: list[GPU] = field(default_factory=list)
+    vfs_before: dict[str, bool] = field(default_factory=dict)  # GPU address → VFs were enabled
 
 
 def mig_capable(gpu: GPU) -> bool:
@@ -91,7 +91,7 @@ def prepare_mig(
         from vgpu_dm.errors import ApplyInterrupted
 
         raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
-    work = _Work()
+    work = _Work(vfs_before={by_index[i].address: bool(by_index[i].vfs) for i in changing})
     _remove_vgpus(changing, by_index, inventory, force, options, name, work)
     try:
         _change(parted, name, per_gpu, changing, mode_change, by_index, host, tools, work)
@@ -228,7 +228,6 @@ def _change(parted, name, per_gpu, changing, mode_change, by_index, host, tools,
             # MIG mode cannot be switched off while VFs are enabled (host-interfaces.md 3.6).
             _log.info(f"{gpu.describe()}: disabling SR-IOV virtual functions to leave MIG mode")
             _sriov(host, tools, "-d", gpu)
-            work.vfs_off.append(gpu)
     if mode_change:
         items = [per_gpu[i] for i in mode_change]
         proc = parted.run("apply", _one(name, items), "--mode-only")
@@ -257,6 +256,33 @@ def _change(parted, name, per_gpu, changing, mode_change, by_index, host, tools,
         raise MigStepError(f"nvidia-mig-parted apply failed:\n  {_indent(output(proc))}")
 
 
+def _put_back_mig(parted, name, prev: dict[str, Any], index: int, host, tools, work: _Work) -> None:
+    """One GPU back to its MIG mode, VF state and instances from before the step (in that order:
+    leaving MIG mode needs the VFs off, and enabling VFs destroys instances)."""
+    gpu = next(g for g in Inventory(host, tools).gpus if g.index == index)
+    one = _one(name, [prev])
+    if not parted.holds(one, "--mode-only"):
+        if gpu.vfs:
+            _sriov(host, tools, "-d", gpu)
+        proc = parted.run("apply", one, "--mode-only")
+        if proc.returncode != 0:
+            raise MigStepError(
+                f"{gpu.describe()}: its previous MIG mode could not be restored: {_indent(output(proc))}"
+            )
+        gpu = next(g for g in Inventory(host, tools).gpus if g.index == index)
+    wanted_vfs = work.vfs_before.get(gpu.address, False)
+    if gpu.vfs and not wanted_vfs:
+        _sriov(host, tools, "-d", gpu)
+    elif not gpu.vfs and wanted_vfs:
+        _sriov(host, tools, "-e", gpu)
+    if not parted.holds(one):
+        proc = parted.run("apply", one)
+        if proc.returncode != 0:
+            raise MigStepError(
+                f"{gpu.describe()}: the previous MIG layout could not be restored: {_indent(output(proc))}"
+            )
+
+
 def _indent(text: str) -> str:
     return text.replace("\n", "\n  ")
 
@@ -281,17 +307,15 @@ def _put_back(parted, name, before, changing, host, tools, work: _Work) -> list[
     from vgpu_dm.apply import _restore
 
     lines = []
-    previous = {i: _previous(before, i) for i in changing}
-    for gpu in work.vfs_off:
+    for i in changing:
+        prev = _previous(before, i)
+        if prev is None:
+            lines.append(f"GPU {i}: its previous MIG layout is unknown (nvidia-mig-parted export failed)")
+            continue
         try:
-            _sriov(host, tools, "-e", gpu)
+            _put_back_mig(parted, name, prev, i, host, tools, work)
         except MigStepError as exc:
-            lines.append(f"{gpu.describe()}: could not enable its VFs again: {exc}")
-    known = [previous[i] for i in changing if previous[i] is not None]
-    if known and not parted.holds(_one(name, known)):
-        proc = parted.run("apply", _one(name, known))
-        if proc.returncode != 0:
-            lines.append(f"the previous MIG layout could not be restored: {_indent(output(proc))}")
+            lines.append(str(exc))
     inventory = Inventory(host, tools)
     by_address = {g.address: g for g in inventory.gpus}
     for address, devices in work.removed.items():

@@ -94,8 +94,8 @@ def _occupied(gpu: SimGPU, table: dict[str, Shape]) -> tuple[set[int], set[int]]
     return memory, compute
 
 
-def create_instance(gpu: SimGPU, profile: str) -> dict:
-    """``nvidia-smi mig -cgi <profile> -C``: the first free placement, or MigError."""
+def create_instance(gpu: SimGPU, profile: str, at: int | None = None) -> dict:
+    """``nvidia-smi mig -cgi <profile>[:<start>] -C``: the first free placement (or ``at``), or MigError."""
     if not gpu.mig_mode:
         raise MigError("MIG mode is not enabled")
     table = shapes(gpu)
@@ -108,7 +108,7 @@ def create_instance(gpu: SimGPU, profile: str) -> dict:
     if sum(1 for gi in gpu.gpu_instances if gi["profile"] == profile) >= limit:
         raise MigError(f"Insufficient Resources: at most {limit} x {profile}")
     memory, compute = _occupied(gpu, table)
-    for start in shape.starts:
+    for start in shape.starts if at is None else [s for s in shape.starts if s == at]:
         if memory.isdisjoint(range(start, start + shape.size)) and compute.isdisjoint(
             range(start, start + shape.slices)
         ):
@@ -120,6 +120,44 @@ def create_instance(gpu: SimGPU, profile: str) -> dict:
             gpu.gpu_instances.append(gi)
             return gi
     raise MigError(f"Insufficient Resources: no free placement for {profile}")
+
+
+def create_instances(gpu: SimGPU, profiles: list[str]) -> None:
+    """Create all of ``profiles``, trying creation orders until one fits (nvidia-mig-parted searches
+    for a working order rather than giving up on the first); MigError if none does."""
+    start = list(gpu.gpu_instances)
+    table = shapes(gpu)
+
+    def size(profile: str) -> int:
+        shape = table.get(profile) or table.get(base_profile(profile))
+        return shape.size if shape else 0
+
+    def place_all(todo: list[str]) -> bool:
+        if not todo:
+            return True
+        profile, rest = todo[0], todo[1:]
+        shape = table.get(profile) or table.get(base_profile(profile))
+        if shape is None:
+            raise MigError(f"Unknown GPU instance profile {profile!r}")
+        tried = set()
+        for begin in shape.starts:
+            before = list(gpu.gpu_instances)
+            try:
+                gi = create_instance(gpu, profile, at=begin)
+            except MigError:
+                continue
+            if gi["start"] in tried:
+                gpu.gpu_instances = before
+                continue
+            tried.add(gi["start"])
+            if place_all(rest):
+                return True
+            gpu.gpu_instances = before
+        return False
+
+    if not place_all(sorted(profiles, key=lambda p: -size(p))):
+        gpu.gpu_instances = start
+        raise MigError(f"Insufficient Resources: {', '.join(profiles)} do not fit together")
 
 
 def destroy_instances(gpu: SimGPU) -> None:

@@ -217,19 +217,11 @@ def _apply_config(state: SimState, entries: list[dict]) -> None:
         try:
             mig.destroy_instances(gpu)
             # Largest instances first: they have the fewest placements.
-            sizes = {p: _size(gpu, p) for p in wanted}
-            for profile in sorted(wanted.elements(), key=lambda p: -sizes[p]):
-                mig.create_instance(gpu, profile)
+            mig.create_instances(gpu, list(wanted.elements()))
         except mig.MigError as exc:
             if not gpu.mig_hosts:
                 gpu.gpu_instances = []
             raise Failed(f"error setting MIGConfig: GPU {gpu.address}: {exc}") from None
-
-
-def _size(gpu: SimGPU, profile: str) -> int:
-    table = mig.shapes(gpu)
-    shape = table.get(profile) or table.get(mig.base_profile(profile))
-    return shape.size if shape else 0
 
 
 def _export(state: SimState) -> str:
