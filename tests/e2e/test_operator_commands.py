@@ -245,6 +245,8 @@ def test_types_on_mdev_follow_the_driver(cli, sim_host):
     assert (t4["T4-16C"]["framebuffer_gb"], t4["T4-16C"]["series"]) == (16, "C")
     a10 = {t["name"]: t for t in report[1]["types"]}
     assert a10["A10-4Q"]["max_instances"] == 6 and report[1]["framework"] == "mdev"
+    # Every free VF offers one; the GPU takes no more than the type's limit.
+    assert a10["A10-4Q"]["available"] == 6 and a10["A10-24Q"]["available"] == 1
     assert cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-medium").code == 0
     after = json.loads(cli("types", "--sim", str(root), "--json").out)
     t4 = {t["name"]: t for t in after[0]["types"]}

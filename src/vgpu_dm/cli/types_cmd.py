@@ -58,8 +58,9 @@ def types_report(inventory) -> list[dict]:
                 if known is None and backend.framework == VENDOR_VFIO:
                     known = backend.capacity(gpu, info, [])
                 row = _type_row(info, known)
-                if backend.framework == VENDOR_VFIO and known is not None:
-                    # The driver counts free VFs that offer the type; no more than the type's limit fit.
+                if known is not None:
+                    # On VF parents (vendor VFIO, and mdev on VFs) the driver's count is one per free VF
+                    # offering the type; no more than the type's limit fit on the GPU.
                     row["available"] = max(0, min(info.available, known - placed[info.name]))
                 rows.append(row)
         elif framework == "sriov-vfs-off" and entry is not None:
