@@ -188,7 +188,12 @@ def test_vm_holding_a_vgpu_is_retried_until_released(
         pid = held.out.split()[1]
         set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "T4-16Q"})
         wait_for(state_is(admin_client, k8s_node, L.FAILED), what="state failed")
-        assert any(e.reason == "VGPUDeviceInUse" for e in node_events(admin_client, k8s_namespace, k8s_node))
+        wait_for(  # the Event follows the state label
+            lambda: any(
+                e.reason == "VGPUDeviceInUse" for e in node_events(admin_client, k8s_namespace, k8s_node)
+            ),
+            what="a VGPUDeviceInUse Event",
+        )
         wait_for(lambda: agent.metrics.apply_retries._value.get() >= 2, what="two retries")
         assert uuid in [d[2] for d in snapshot(sim.root)]  # never destroyed while held
         assert cli("sim", "release", str(sim.root), pid).code == 0
