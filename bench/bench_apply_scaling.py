@@ -41,12 +41,12 @@ vgpu-configs:
 """
 
 
-def template(work: Path, size: int) -> Path:
-    root = work / f"t4x{size}"
+def template(work: Path, size: int, serial: bool = False) -> Path:
+    root = work / f"t4x{size}{'-serial' if serial else ''}"
     create_host(root, ["T4"] * size)
     entries = load_spec(CONFIG, "bench.yaml").select("full")[1]
     apply_config(entries, SimHostRoot(root), source="bench.yaml")
-    WriteLatency(create_ms=CREATE_MS, remove_ms=REMOVE_MS).save(root)
+    WriteLatency(create_ms=CREATE_MS, remove_ms=REMOVE_MS, serial=serial).save(root)
     (root / ".vgpu-dm-sim" / "writes.log").unlink()
     return root
 
@@ -82,8 +82,9 @@ def main() -> int:
         )
         print(f"median wall time of {args.reps} runs of the installed entry point (CLI start-up included)")
         templates = {size: template(work, size) for size in SIZES}
-        ideal = statistics.median(timed_change(work, templates[1], cfg, "1", 1) for _ in range(args.reps))
-        print(f"ideal (one GPU alone): {ideal:.2f} s")
+        alone = [timed_change(work, templates[1], cfg, "1", 1) for _ in range(2 * args.reps)]
+        ideal = statistics.median(alone)
+        print(f"ideal (one GPU alone, median of {len(alone)} runs): {ideal:.2f} s")
         head = f"{'GPUs':>4}  {'--jobs 1':>9} {'x ideal':>8}  {'--jobs N':>9} {'N':>3} {'x ideal':>8}"
         print(head)
         print("-" * len(head))
@@ -110,6 +111,13 @@ def main() -> int:
                 result("apply, 8 GPUs --jobs 1 / slowest GPU alone", f"{serial / ideal:.2f}x")
             if size == 16:
                 result("apply, 16 GPUs --jobs 16 / slowest GPU alone", f"{parallel / ideal:.2f}x")
+        # A driver that takes one write at a time host-wide (sim latency --serial-writes): --jobs then
+        # gains nothing, and must cost nothing either.
+        serial_tmpl = template(work, 8, serial=True)
+        one = statistics.median(timed_change(work, serial_tmpl, cfg, "1", 8) for _ in range(args.reps))
+        eight = statistics.median(timed_change(work, serial_tmpl, cfg, "8", 8) for _ in range(args.reps))
+        print(f"driver serialising all writes, 8 GPUs: --jobs 1 {one:.2f} s, --jobs 8 {eight:.2f} s")
+        result("apply, 8 GPUs, serialising driver: --jobs 8 / --jobs 1", f"{eight / one:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 LOGGER_NAME = "vgpu_dm"
 # Structured fields a log call may carry (``extra=fields(gpu=…)``); JSON logs show them beside msg.
 FIELDS = ("gpu", "address", "action", "type", "uuid")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Compiled (and cached) by re on first use, not at import: the no-op assert path imports this module.
+_CONTROL = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"
 _START = time.monotonic()
 _LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "fatal"}
 
@@ -32,7 +33,7 @@ def _escape(char: str) -> str:
 def printable(text: str) -> str:
     """``text`` with control characters escaped (``\\n``, ``\\x1b``), so a name read from a file or the
     host can neither split a log line nor drive the terminal."""
-    return _CONTROL.sub(lambda m: _escape(m[0]), text)
+    return re.sub(_CONTROL, lambda m: _escape(m[0]), text)
 
 
 def fields(**values: object) -> dict[str, object]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,7 +81,12 @@ class SimState:
     def save(self, root: str | os.PathLike[str]) -> None:
         path = Path(root, SIM_MARKER, STATE_FILE)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
+        # Written at every emulated create, under the driver lock: the fields as they are (a shallow
+        # copy, which is what asdict's deep copy gives JSON too) and compact separators, so json's C
+        # encoder does the work (indent would switch to the pure-Python one).
+        gpus = [{**vars(g), "types": [vars(t) for t in g.types]} for g in self.gpus]
+        raw = {**vars(self), "gpus": gpus}
+        tmp.write_text(json.dumps(raw, separators=(",", ":")))
         os.replace(tmp, path)
 
     @classmethod
