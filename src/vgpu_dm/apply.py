@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError
 from vgpu_dm.explain import log_discovery, log_plan
+from vgpu_dm.host.holders import HolderIndex
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.lock import HostLock
 from vgpu_dm.host.model import MDEV, VENDOR_VFIO, TypeInfo, VGPUDevice
@@ -48,6 +49,8 @@ class ApplyOptions:
     # How many GPUs are changed at once: 1 = one after another; 0 = automatic (one per GPU being
     # changed, up to AUTO_JOBS). The CLI's --jobs defaults to 0; library callers opt in.
     jobs: int = 1
+    # While a forced removal waits for a VM to release the device, say so this often (seconds).
+    watchdog_interval: float = 10.0
 
 
 # Automatic --jobs: one thread per GPU being changed, at most this many. Each thread mostly waits for
@@ -84,6 +87,7 @@ class _Undo:
     removed: list[VGPUDevice] = field(default_factory=list)
     created: list[VGPUDevice] = field(default_factory=list)
     mixed_size_on: bool = False  # this run switched the GPU to mixed-size mode
+    mixed_size_off: bool = False  # this run switched the GPU back to equal-size mode
 
 
 @dataclass
@@ -130,13 +134,13 @@ def apply_config(
     with HostLock(host, timeout=options.lock_timeout, stop=options.stop):
         if options.stop is not None and options.stop.is_set():
             raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
-        recover(host, tools, force=options.force)
+        recover(host, tools, force=options.force, watchdog_interval=options.watchdog_interval)
         if not options.skip_mig:
             # MIG mode and GPU instances first: the vGPUs are planned on what they offer afterwards.
             from vgpu_dm.mig.step import prepare_mig
 
             prepare_mig(entries, config_name, host, tools, source, options.force, options)
-        inventory = Inventory(host, tools)
+        inventory = Inventory(host, tools, writable=True)
         log_discovery(inventory)
         plan = build_plan(entries, inventory, source, force=options.force)
         log_plan(plan)
@@ -157,11 +161,19 @@ def apply_config(
                             ]
                         )
                     )
-                inventory.vfio.enable_vfs(gpu)
+                try:
+                    inventory.vfio.enable_vfs(gpu)
+                except HostError as exc:
+                    if enabled:
+                        raise HostError(
+                            f"{exc}\n(SR-IOV VFs were enabled on {', '.join(enabled)}; that is harmless)"
+                        ) from None
+                    raise
                 enabled.append(gpu.describe())
-            inventory = Inventory(host, tools)
+            inventory = Inventory(host, tools, writable=True)
             log_discovery(inventory)
             plan = build_plan(entries, inventory, source, force=options.force)
+            plan = replace(plan, vfs_enabled=frozenset(g.address for g in pending))
             log_plan(plan)
             still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
             if still:
@@ -200,6 +212,7 @@ def execute(
                     framework=gp.framework,
                     before=[journal.device_record(d) for d in (*gp.keep, *gp.remove)],
                     remove=[d.key for d in gp.remove],
+                    mixed_before=(False if gp.enable_mixed_size else True if gp.disable_mixed_size else None),
                     create=[
                         {"type": t.name, "uuid": u}
                         for t, u in zip(gp.create, new_uuids[gp.gpu.address], strict=True)
@@ -235,14 +248,22 @@ def execute(
                 options.progress(written, total)
 
     changed_plans = list(plan.changed)
+    # Devices a VM holds (only --force plans remove them): their removal waits for the VM, watched.
+    held = frozenset(
+        d.key for gp in changed_plans for d in gp.remove if inventory.holders.holders(d, required=False)
+    )
 
     def run(numbered: tuple[int, GPUPlan]) -> _Outcome:
         number, gp = numbered
         where = f"[{number}/{len(changed_plans)}]"
         backend, uuids = backends[gp.gpu.address], new_uuids[gp.gpu.address]
-        outcome = _apply_gpu(gp, backend, uuids, options, abort, wrote, where)
+        outcome = _apply_gpu(
+            gp, backend, uuids, options, abort, wrote, where, host, held, options.watchdog_interval
+        )
         if outcome.failure and options.keep_going:
-            outcome.rolled_back, outcome.clean = _rollback([outcome.undo], inventory)
+            outcome.rolled_back, outcome.clean = _rollback(
+                [outcome.undo], inventory, plan_vfs=plan.vfs_enabled
+            )
         return outcome
 
     outcomes = _map(run, list(enumerate(changed_plans, 1)), workers)
@@ -253,7 +274,7 @@ def execute(
     stopped = next((o.stopped_at for o in outcomes if o.stopped_at), "")
     if stopped:
         _log.warning(f"stop requested: not starting '{stopped}'; rolling back the changes of this run")
-        report, clean = _rollback(changed, inventory, workers)
+        report, clean = _rollback(changed, inventory, workers, plan.vfs_enabled)
         if not clean:
             unclean.update(u.plan.gpu.address for u in changed)
         if unclean:
@@ -266,7 +287,7 @@ def execute(
             )
         )
     if failures and not options.keep_going:
-        report, clean = _rollback(changed, inventory, workers)
+        report, clean = _rollback(changed, inventory, workers, plan.vfs_enabled)
         if clean:
             journal.clear(host)
         raise ApplyError("\n".join([*failures, *report, *_untouched(plan, outcomes)]))
@@ -307,6 +328,9 @@ def _apply_gpu(
     abort: threading.Event,
     wrote: Callable[[str, GPU, VGPUDevice], None],
     where: str,
+    host: HostRoot | None = None,
+    held: frozenset[str] = frozenset(),
+    watchdog: float = 10.0,
 ) -> _Outcome:
     """Remove, switch mode, create on one GPU; the writes made are recorded for rollback.
 
@@ -326,7 +350,7 @@ def _apply_gpu(
             for device in gp.remove:
                 step = f"remove {device.type_name} {device.key} from {gp.gpu.describe()}"
                 _stop_point(options, step, abort)
-                backend.remove(device)
+                remove_watched(backend, device, host, watchdog if device.key in held else None)
                 undo.removed.append(device)
                 wrote("remove", gp.gpu, device)
             if gp.enable_mixed_size:
@@ -334,6 +358,11 @@ def _apply_gpu(
                 _stop_point(options, step, abort)
                 backend.set_mixed_size(gp.gpu, True)
                 undo.mixed_size_on = True
+            if gp.disable_mixed_size:
+                step = f"switch {gp.gpu.describe()} back to equal-size vGPU mode"
+                _stop_point(options, step, abort)
+                backend.set_mixed_size(gp.gpu, False)
+                undo.mixed_size_off = True
             for ordinal, (vtype, uuid) in enumerate(zip(gp.create, uuids, strict=True)):
                 step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
                 _stop_point(options, step, abort)
@@ -357,6 +386,38 @@ def _apply_gpu(
     return outcome
 
 
+def remove_watched(backend, device: VGPUDevice, host: HostRoot, interval: float | None) -> None:
+    """Remove ``device``; with an ``interval``, log that often which process the removal waits for.
+
+    The kernel does not refuse to remove an mdev a VM holds: vfio_unregister_group_dev() waits,
+    uninterruptibly after the first signal, until the VM closes it. Only --force gets here with a held
+    device, and then the operator must see what the tool is stuck on.
+    """
+    if interval is None:
+        backend.remove(device)
+        return
+    finished = threading.Event()
+
+    def watch() -> None:
+        waited = 0.0
+        while not finished.wait(interval):
+            waited += interval
+            holders = HolderIndex(host).holders(device, required=False)
+            who = ", ".join(map(str, holders)) or "its VM"
+            _log.warning(
+                f"still waiting after {waited:g} s for {who} to release {device.type_name} {device.key}: "
+                f"the kernel completes the removal only once the VM lets go of the device"
+            )
+
+    watchdog = threading.Thread(target=watch, name=f"watchdog-{device.key}", daemon=True)
+    watchdog.start()
+    try:
+        backend.remove(device)
+    finally:
+        finished.set()
+        watchdog.join()
+
+
 def _keep_journal_only(host: HostRoot, addresses: set[str]) -> None:
     """Keep the journal only for GPUs a rollback could not restore, so the next apply retries them."""
     kept = journal.read(host)
@@ -367,7 +428,9 @@ def _keep_journal_only(host: HostRoot, addresses: set[str]) -> None:
 def _untouched(plan: Plan, outcomes: list[_Outcome]) -> list[str]:
     touched = {o.undo.plan.gpu.address for o in outcomes if o.started}
     return [
-        f"{gp.gpu.describe()}: not started, unchanged" for gp in plan.changed if gp.gpu.address not in touched
+        f"{gp.gpu.describe()}: not started, {_unchanged(plan.vfs_enabled, gp.gpu)}"
+        for gp in plan.changed
+        if gp.gpu.address not in touched
     ]
 
 
@@ -376,14 +439,18 @@ def _restore(gpu: GPU, backend, device: VGPUDevice) -> VGPUDevice:
     return backend.create(gpu, info, uuid=device.uuid, parent=device.parent)
 
 
-def _rollback(done: list[_Undo], inventory: Inventory, workers: int = 1) -> tuple[list[str], bool]:
+def _rollback(
+    done: list[_Undo], inventory: Inventory, workers: int = 1, plan_vfs: frozenset[str] = frozenset()
+) -> tuple[list[str], bool]:
     """Reverse the recorded writes of each GPU, newest first (GPUs on up to ``workers`` threads);
     returns one line of state per GPU, in reverse order of ``done``, and "all clean"."""
-    results = _map(lambda undo: _rollback_gpu(undo, inventory), list(done), workers)
+    results = _map(lambda undo: _rollback_gpu(undo, inventory, plan_vfs), list(done), workers)
     return [line for line, _ in reversed(results)], all(clean for _, clean in results)
 
 
-def _rollback_gpu(undo: _Undo, inventory: Inventory) -> tuple[str, bool]:
+def _rollback_gpu(
+    undo: _Undo, inventory: Inventory, plan_vfs: frozenset[str] = frozenset()
+) -> tuple[str, bool]:
     gpu = undo.plan.gpu
     backend = inventory.backend_for(gpu)
     problems = []
@@ -399,6 +466,11 @@ def _rollback_gpu(undo: _Undo, inventory: Inventory) -> tuple[str, bool]:
             except HostError as exc:
                 # The old devices have one size and fit in mixed-size mode too; only the mode differs.
                 _log.warning(f"{gpu.describe()}: mixed-size mode stays on: {exc}")
+        if undo.mixed_size_off and not problems:
+            try:
+                backend.set_mixed_size(gpu, True)
+            except HostError as exc:
+                problems.append(f"could not switch mixed-size mode back on: {exc}")
         for device in reversed(undo.removed):
             try:
                 _restore(gpu, backend, device)
@@ -406,22 +478,36 @@ def _rollback_gpu(undo: _Undo, inventory: Inventory) -> tuple[str, bool]:
                 problems.append(f"could not restore {device.type_name} {device.key}: {_reason(exc)}")
     if problems:
         return f"{gpu.describe()}: NOT fully restored ({'; '.join(problems)}); the next apply retries", False
-    if undo.removed or undo.created:
-        return f"{gpu.describe()}: rolled back to its previous devices", True
-    return f"{gpu.describe()}: unchanged", True
+    if undo.removed or undo.created or undo.mixed_size_on or undo.mixed_size_off:
+        return f"{gpu.describe()}: rolled back to its previous devices{_vfs_note(plan_vfs, gpu)}", True
+    return f"{gpu.describe()}: {_unchanged(plan_vfs, gpu)}", True
 
 
-def recover(host: HostRoot, tools: HostTools | None = None, force: bool = False) -> bool:
+def _vfs_note(vfs_enabled: frozenset[str], gpu: GPU) -> str:
+    if gpu.address in vfs_enabled:
+        return " (its SR-IOV VFs, which this run enabled with sriov-manage, stay enabled; that is harmless)"
+    return ""
+
+
+def _unchanged(vfs_enabled: frozenset[str], gpu: GPU) -> str:
+    if gpu.address in vfs_enabled:
+        return "no vGPU changed, but this run enabled its SR-IOV VFs with sriov-manage (harmless; they stay)"
+    return "unchanged"
+
+
+def recover(
+    host: HostRoot, tools: HostTools | None = None, force: bool = False, watchdog_interval: float = 10.0
+) -> bool:
     """Undo what an interrupted apply left half-done; returns True if there was something to recover."""
     try:
-        found = journal.read(host)
+        found = journal.read(host, quarantine=True)
     except ValueError as exc:
         _log.warning(str(exc))
         return False
     if found is None:
         return False
     _log.warning(f"found {found.describe()}; putting those GPUs back to their devices from before it")
-    inventory = Inventory(host, tools)
+    inventory = Inventory(host, tools, writable=True)
     by_address = {g.address: g for g in inventory.gpus}
     problems: list[str] = []
     try:
@@ -431,7 +517,7 @@ def recover(host: HostRoot, tools: HostTools | None = None, force: bool = False)
             if gpu is None or backend is None:
                 problems.append(f"GPU {jgpu.gpu} from the journal is gone or not in vGPU mode; skipped")
                 continue
-            _recover_gpu(gpu, backend, jgpu, inventory, force, problems)
+            _recover_gpu(gpu, backend, jgpu, inventory, force, problems, watchdog_interval)
     finally:
         for problem in problems:
             _log.warning(problem)
@@ -440,7 +526,13 @@ def recover(host: HostRoot, tools: HostTools | None = None, force: bool = False)
 
 
 def _recover_gpu(
-    gpu: GPU, backend, jgpu: journal.JournalGPU, inventory: Inventory, force: bool, problems: list[str]
+    gpu: GPU,
+    backend,
+    jgpu: journal.JournalGPU,
+    inventory: Inventory,
+    force: bool,
+    problems: list[str],
+    watchdog_interval: float = 10.0,
 ) -> None:
     before = [journal.record_device(r) for r in jgpu.before]
     before_keys = {(d.key, d.type_id) for d in before}
@@ -460,11 +552,24 @@ def _recover_gpu(
             problems.append(f"{what}; left in place, and the GPU's previous devices were not put back")
             grabbed = True
             continue
+        if holders and device.framework == VENDOR_VFIO:
+            # The driver refuses (EPERM) to destroy a vGPU a VM has open; keep it, as without --force.
+            problems.append(f"{what}; the driver cannot remove it while the VM runs, so it stays")
+            grabbed = True
+            continue
         if holders:
-            _log.warning(f"--force: removing {what}")
-        backend.remove(device)
+            _log.warning(f"--force: removing {what}; waiting for the VM to release it")
+        remove_watched(backend, device, inventory.host, watchdog_interval if holders else None)
     if grabbed:
         return
+    if jgpu.mixed_before is not None:
+        # The run switched the mode (with the GPU empty); switch it back before the old devices return.
+        try:
+            _, enabled = backend.mixed_size(gpu)
+            if enabled != jgpu.mixed_before:
+                backend.set_mixed_size(gpu, jgpu.mixed_before)
+        except HostError as exc:
+            problems.append(f"{gpu.describe()}: could not put mixed-size mode back: {exc}")
     for device in before:
         if (device.key, device.type_id) not in current_keys:
             _restore(gpu, backend, device)

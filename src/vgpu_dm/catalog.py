@@ -76,8 +76,16 @@ def for_device(gpu_id: DeviceID) -> CatalogGPU | None:
     return best
 
 
-def max_instances(type_name: str) -> int | None:
-    """Max instances of a vGPU type per GPU, if the catalog knows the type."""
+def max_instances(type_name: str, gpu_id: DeviceID | None = None) -> int | None:
+    """Max instances of a vGPU type per GPU, if the catalog knows the type.
+
+    The GPU's own model decides (``DC-16Q`` is 6 on an RTX PRO 6000 but 2 on an RTX PRO 4500, which
+    share the ``DC-`` prefix); a look-up by name across models is only the fallback for unknown GPUs.
+    """
+    if gpu_id is not None:
+        model = for_device(gpu_id)
+        if model is not None:
+            return model.vgpu_types.get(type_name)
     for entry in load():
         if type_name in entry.vgpu_types:
             return entry.vgpu_types[type_name]

@@ -28,6 +28,7 @@ class JournalGPU:
     before: list[dict]  # the GPU's devices before the change
     remove: list[str]  # keys (UUID or VF) to remove
     create: list[dict]  # {"type": name, "uuid": uuid or None}
+    mixed_before: bool | None = None  # mixed-size mode before the run, when the run switches it
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ def write(host: HostRoot, journal: Journal) -> None:
     host.save_state(JOURNAL_FILE, json.dumps(asdict(journal), indent=1))
 
 
-def read(host: HostRoot) -> Journal | None:
+def read(host: HostRoot, quarantine: bool = False) -> Journal | None:
+    """The journal left by an interrupted apply, or None. An unreadable one raises ValueError; with
+    ``quarantine`` (apply only: list and assert never write) it is first moved aside for a human."""
     text = host.read_optional(JOURNAL_FILE)
     if text is None:
         return None
@@ -83,6 +86,8 @@ def read(host: HostRoot) -> Journal | None:
         return found
     except (ValueError, KeyError, TypeError, AttributeError):
         # A journal is written by rename, so a torn one means tampering; keep it for a human to read.
+        if not quarantine:
+            raise ValueError(f"unreadable apply journal {host.path(JOURNAL_FILE)}") from None
         broken = host.path(JOURNAL_FILE) + ".unreadable"
         os.replace(host.path(JOURNAL_FILE), broken)
         raise ValueError(f"unreadable apply journal moved to {broken}") from None

@@ -8,11 +8,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vgpu_dm.errors import PlanError
+from vgpu_dm.errors import HostError, PlanError
 from vgpu_dm.host.inventory import Inventory
 from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU
-from vgpu_dm.host.vfio import UNRESOLVED
+from vgpu_dm.host.vfio import UNRESOLVED, unnamed
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.vgpu_type import VGPUType
 
@@ -30,6 +30,7 @@ class GPUPlan:
     create: tuple[TypeInfo, ...] = ()
     enable_vfs: bool = False  # run sriov-manage first, then plan this GPU again
     enable_mixed_size: bool = False  # switch on heterogeneous mode between removals and creations
+    disable_mixed_size: bool = False  # back to equal-size mode there (the GPU returns to one size)
 
     @property
     def changes(self) -> bool:
@@ -41,6 +42,7 @@ class Plan:
     gpus: tuple[GPUPlan, ...]
     unselected: tuple[GPU, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    vfs_enabled: frozenset[str] = frozenset()  # GPUs whose VFs this run enabled (for true reports)
     # Only with build_plan(strict=False), for previews: what would stop an apply, per GPU index
     # (None: problems of the config as a whole, such as an index the host does not have).
     problems: dict[int | None, tuple[str, ...]] = field(default_factory=dict)
@@ -129,6 +131,10 @@ def build_plan(
     chosen = governing_entries(entries, gpus)
     plans: list[GPUPlan] = []
     notes: list[str] = []
+    if gpus and not chosen and not problems:
+        problems.append(_selects_nothing(entries, gpus, where))
+    elif not gpus:
+        notes.append("this host has no NVIDIA GPUs: there is nothing to configure")
     by_gpu: dict[int | None, tuple[str, ...]] = {None: tuple(problems)} if problems else {}
     for gpu in gpus:
         entry = chosen.get(gpu.index)
@@ -148,6 +154,33 @@ def build_plan(
     return Plan(gpus=tuple(plans), unselected=unselected, notes=tuple(notes), problems=by_gpu)
 
 
+def _selects_nothing(entries: tuple[ConfigEntry, ...], gpus: list[GPU], where: str) -> str:
+    """A config meant for other GPUs (a wrong filter or subsystem id, another node type) is an error."""
+    has = []
+    for entry in entries:
+        what = []
+        if entry.device_filter:
+            what.append("device-filter " + ", ".join(str(f) for f in entry.device_filter))
+        what.append("devices " + ("all" if entry.devices is None else str(list(entry.devices))))
+        has.append(f"{where}{entry.line}: {entry.path}: {' and '.join(what)}")
+    host = ", ".join(f"GPU {g.index} ({g.address}) {g.device_id}" for g in gpus)
+    return (
+        f"the selected config selects none of this host's {len(gpus)} NVIDIA GPU(s) — "
+        f"its entries: {'; '.join(has)} — the host's GPUs: {host}"
+    )
+
+
+def _unnamed_problem(gpu: GPU, devices: list[VGPUDevice], inventory: Inventory, label: str) -> str:
+    """Why the plan cannot go on: a vGPU whose type nothing names would be taken for a foreign one."""
+    what = ", ".join(f"{d.parent} (type id {d.type_id})" for d in devices)
+    why = inventory.vfio.smi_errors.get(gpu.address, "nvidia-smi vgpu -s -v does not list that id")
+    return (
+        f"{label}: cannot name the vGPU type of {what}: the VFs' creatable lists no longer show it, no "
+        f"learned type table has it, and {why}; nothing was changed — make nvidia-smi work (--driver-root, "
+        f"--nvidia-smi) so the existing vGPUs can be named"
+    )
+
+
 def _plan_gpu(
     gpu: GPU, entry: ConfigEntry, inventory: Inventory, problems: list[str], notes: list[str], force: bool
 ) -> GPUPlan | None:
@@ -155,6 +188,11 @@ def _plan_gpu(
     backend = inventory.backend_for(gpu)
     current = backend.devices(gpu) if backend else []
     framework = backend.framework if backend else inventory.framework(gpu)
+    nameless = [d for d in current if d.framework == VENDOR_VFIO and unnamed(d)]
+    if nameless:
+        # Never guess: a vGPU called type-<id> would not match the config and would be removed.
+        problems.append(_unnamed_problem(gpu, nameless, inventory, f"{gpu.describe()} [{entry.path}]"))
+        return None
     if _matches_as_is(wanted, current, lambda name: bool(backend) and name in backend.types(gpu)):
         return GPUPlan(
             gpu, framework, entry, dict(Counter(d.type_name for d in current)), keep=tuple(current)
@@ -211,13 +249,17 @@ def _plan_gpu(
     # MIG-backed vGPUs of different sizes sit in different GPU instances: not a mixed-size mode matter.
     sizes = {framebuffer_of(name) for name in resolved}
     mixed = len(sizes) > 1 and not entry.is_mig_backed
-    enable_mixed = False
+    enable_mixed = disable_mixed = False
     if mixed:
         verdict = _mixed_size_verdict(gpu, backend, resolved)
         if isinstance(verdict, str):
             problems.append(f"{label}: {verdict}")
             return None
         enable_mixed = not verdict
+    else:
+        # The GPU changes to one size: if mixed-size mode is on, turn it off (it lowers some types' max
+        # counts), which like turning it on needs a GPU without vGPUs.
+        disable_mixed = _mixed_size_on(gpu, backend)
     if not _fits(gpu, backend, resolved, current, mixed, label, problems, notes, entry.is_mig_backed):
         return None
     keep: list[VGPUDevice] = []
@@ -231,8 +273,8 @@ def _plan_gpu(
         for devices in by_type.values():
             devices.sort(key=lambda d: not inventory.holders.holders(d, required=not force))
     for name, devices in by_type.items():
-        # The mode cannot change while any vGPU exists: switching to mixed sizes rebuilds the GPU.
-        n = resolved[name][1] if name in resolved and not enable_mixed else 0
+        # The mode cannot change while any vGPU exists: switching it rebuilds the GPU.
+        n = resolved[name][1] if name in resolved and not (enable_mixed or disable_mixed) else 0
         keep.extend(devices[:n])
         remove.extend(devices[n:])
     kept = Counter(d.type_name for d in keep)
@@ -247,6 +289,7 @@ def _plan_gpu(
         remove=tuple(remove),
         create=tuple(create),
         enable_mixed_size=enable_mixed,
+        disable_mixed_size=disable_mixed,
     )
 
 
@@ -260,8 +303,17 @@ def _check_in_use(
             continue
         who = ", ".join(str(h) for h in holders)
         what = f"{plan.gpu.describe()}: {device.type_name} {device.key} is in use by {who}"
-        if force:
-            notes.append(f"--force: removing {what}")
+        if force and device.framework == VENDOR_VFIO:
+            # NVIDIA's driver refuses to destroy a vGPU whose VF a VM has open (EPERM), force or not:
+            # the write would only fail halfway through the plan.
+            problems.append(
+                f"{what}; the config would remove it, and the driver refuses to destroy a vendor-VFIO "
+                f"vGPU that a VM has open, even with --force: stop the VM first"
+            )
+        elif force:
+            notes.append(
+                f"--force: removing {what}; the kernel blocks the removal until the VM releases the device"
+            )
         else:
             problems.append(f"{what}; the config would remove it: stop the VM first, or pass --force")
 
@@ -278,20 +330,34 @@ def _known_but_full(gpu: GPU, vtype: VGPUType, backend, current: list[VGPUDevice
     return TypeInfo(vtype.name, UNRESOLVED, vtype.name, 0)
 
 
+def _mixed_size_on(gpu: GPU, backend) -> bool:
+    """Whether the GPU is in mixed-size mode now; unknown (nvidia-smi unusable) counts as no."""
+    try:
+        supported, enabled = backend.mixed_size(gpu)
+    except HostError:
+        return False
+    return supported and enabled
+
+
 def _mixed_size_verdict(gpu: GPU, backend, resolved: dict[str, tuple[TypeInfo, int]]) -> str | bool:
-    """Why mixed sizes cannot be had (a message), or whether the mode is already on (bool)."""
+    """Why mixed sizes cannot be had (a message), or whether the mode is already on (bool).
+
+    Support is the GPU's own ``Heterogeneous Time-Slice Sizes`` line of ``nvidia-smi -q -i``; the
+    driver-wide ``Heterogenous Multi-vGPU`` line reads Supported on GPUs that do not support it.
+    """
     names = ", ".join(resolved)
-    if not hasattr(backend, "mixed_size"):
+    try:
+        supported, enabled = backend.mixed_size(gpu)
+    except HostError as exc:
         return (
-            f"{names} have different framebuffer sizes; this GPU ({backend.framework}) runs in equal-size "
-            f"mode, where all vGPUs of a GPU must have the same size"
+            f"{names} have different framebuffer sizes, which needs mixed-size (heterogeneous) vGPU mode, "
+            f"and whether this GPU supports it could not be read: {exc}"
         )
-    supported, enabled = backend.mixed_size(gpu)
     if not supported:
         return (
             f"{names} have different framebuffer sizes, which needs mixed-size (heterogeneous) vGPU mode, "
-            f"and this GPU or driver does not support it (nvidia-smi -q: Heterogenous Multi-vGPU is not "
-            f"'Supported'); use one framebuffer size per GPU"
+            f"and this GPU does not support it (nvidia-smi -q -i {gpu.address}: Heterogeneous Time-Slice "
+            f"Sizes is not 'Supported'); use one framebuffer size per GPU (equal-size mode)"
         )
     return enabled
 

@@ -3,14 +3,18 @@
 A fake VM (``sim hold``) is a process in the simulated ``proc`` whose fd points at the device's VFIO
 node, which is exactly what the tool's in-use detection reads. An apply that would remove a held mdev
 (T4) or a held VF (L40S, vendor VFIO) fails before its first write, naming the device, its GPU and the
-holding pid and process name; ``--force`` goes ahead and warns; reducing a count keeps the held device
-and removes an idle one; and recovery after a crash leaves a device alone that a VM grabbed meanwhile.
+holding pid and process name; ``--force`` goes ahead and warns — for an mdev the removal then waits
+until the VM lets go (the kernel blocks it; a watchdog logs what it waits for), for a VF the plan refuses
+even with ``--force`` (the driver would refuse with EPERM); reducing a count keeps the held device and
+removes an idle one; and recovery after a crash leaves a device alone that a VM grabbed meanwhile.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -149,24 +153,73 @@ def test_a_vm_on_a_gpu_the_config_does_not_select_does_not_block(cli, host):
 
 
 # -- --force ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["mdev", "vf"])
-def test_force_goes_ahead_and_warns_loudly(cli, host, which):
+def release_later(root: Path, pid: int, after: float = 0.6) -> threading.Timer:
+    """The fake VM exits after ``after`` seconds (a blocked removal then completes)."""
+    timer = threading.Timer(after, lambda: shutil.rmtree(root / "proc" / str(pid)))
+    timer.start()
+    return timer
+
+
+def test_forced_removal_of_a_held_mdev_waits_for_the_vm_and_says_so(cli, host):
+    """The kernel blocks an mdev remove while a VM holds it (vfio_unregister_group_dev); apply waits
+    with a watchdog naming the device and the process, then finishes. (Before: the simulator returned
+    EBUSY, an error the kernel never gives here, and nothing watched the wait.)"""
     root, config = host
-    device = mdevs(root)[1] if which == "mdev" else vfs(root)[2]
+    device = mdevs(root)[1]
     pid = hold(cli, root, device)
-    before, logged = snapshot(root), len(writes(root))
-    result = cli("apply", "--sim", str(root), "-f", str(config), "-c", "switch", "--force")
+    timer = release_later(root, pid)
+    result = cli(
+        "apply",
+        "--sim",
+        str(root),
+        "-f",
+        str(config),
+        "-c",
+        "switch-t4",
+        "--force",
+        "--watchdog-interval",
+        "0.1",
+    )
+    timer.join()
+    assert result.code == 0, result.err
     warning = [x for x in result.err.splitlines() if "level=warning" in x and "--force: removing" in x]
     assert len(warning) == 1, result.err
     assert device in warning[0] and f"pid {pid} (qemu-system-x86_64)" in warning[0]
-    # It really went ahead: the held device's own remove was written.
-    attempted = writes(root)[logged:]
-    assert any(device in line and (line.endswith("\t1") or line.endswith("\t0")) for line in attempted)
-    # The simulated driver refuses to pull a vGPU from under a running VM (EBUSY), so the apply fails
-    # at that step and everything it changed so far is put back.
+    assert "blocks the removal until the VM releases" in warning[0]
+    waiting = [x for x in result.err.splitlines() if "still waiting after" in x]
+    assert waiting, result.err
+    assert f"pid {pid} (qemu-system-x86_64)" in waiting[0] and device in waiting[0]
+    assert layouts(root)[0] == {"T4-8Q": 2}
+
+
+def test_force_cannot_remove_a_held_vf_and_says_so_before_any_write(cli, host):
+    """NVIDIA's driver refuses (EPERM) to destroy a vGPU whose VF a VM has open; with --force the plan
+    says so up front instead of failing halfway."""
+    root, config = host
+    device = vfs(root)[2]
+    pid = hold(cli, root, device)
+    before, logged = snapshot(root), len(writes(root))
+    result = cli("apply", "--sim", str(root), "-f", str(config), "-c", "switch", "--force")
     assert result.code == 1, result.err
-    assert re.search(rf"step failed: remove \S+ {re.escape(device)} .*Device or resource busy", result.err)
-    assert snapshot(root) == before
+    assert f"{device} is in use by pid {pid}" in result.err
+    assert "refuses to destroy a vendor-VFIO vGPU that a VM has open, even with --force" in result.err
+    assert len(writes(root)) == logged and snapshot(root) == before
+
+
+def test_the_simulated_driver_refuses_to_destroy_a_held_vf(host):
+    """Straight at the simulator: writing 0 to a held VF's current_vgpu_type fails with EPERM."""
+    import errno
+
+    from vgpu_dm.sim.host import SimHostRoot
+
+    root, _ = host
+    device = vfs(root)[0]
+    from vgpu_dm.sim.processes import add_holder, device_node
+
+    add_holder(root, device_node(root, device))
+    with pytest.raises(OSError) as caught:
+        SimHostRoot(root).write_text(f"sys/bus/pci/devices/{device}/nvidia/current_vgpu_type", "0")
+    assert caught.value.errno == errno.EPERM
 
 
 # -- fewer devices: keep the held one ----------------------------------------------------------------
@@ -239,23 +292,39 @@ def test_recovery_with_a_grabbed_device_names_the_vm_and_converges(cli, run_cli,
     assert not (root / "run/nvidia-vgpu-dm/journal.json").exists()
 
 
-def test_forced_recovery_does_try_to_remove_a_grabbed_device(cli, run_cli, host):
-    """With --force, recovery goes for the grabbed device; the simulated driver refuses (EBUSY)."""
+def test_forced_recovery_removes_a_grabbed_mdev_once_the_vm_lets_go(cli, run_cli, host):
+    """With --force, recovery goes for the grabbed mdev; the removal waits for the VM (watchdog)."""
     root, config = host
-    device, _ = crash_then_grab(cli, run_cli, root, config, 6, T4)
+    device, pid = crash_then_grab(cli, run_cli, root, config, 6, T4)
     logged = len(writes(root))
-    result = cli("apply", "--sim", str(root), "-f", str(config), "-c", "switch", "--force")
+    timer = release_later(root, pid)
+    result = cli(
+        "apply",
+        "--sim",
+        str(root),
+        "-f",
+        str(config),
+        "-c",
+        "switch",
+        "--force",
+        "--watchdog-interval",
+        "0.1",
+    )
+    timer.join()
     assert "Traceback" not in result.err
-    assert result.code == 1, result.err
+    assert result.code == 0, result.err
     assert f"sys/bus/mdev/devices/{device}/remove\t1" in writes(root)[logged:]
-    assert "Device or resource busy" in result.err, result.err
-    assert device in mdevs(root)
+    assert "still waiting after" in result.err
+    assert device not in mdevs(root)
+    assert layouts(root) == [{"T4-8Q": 2}, {"L40S-16Q": 3}]
 
 
 def test_forced_recovery_warns_loudly_naming_the_vm(cli, run_cli, host):
     root, config = host
     device, pid = crash_then_grab(cli, run_cli, root, config, 6, T4)
+    timer = release_later(root, pid, after=0.2)
     result = cli("apply", "--sim", str(root), "-f", str(config), "-c", "switch", "--force")
+    timer.join()
     warning = [x for x in result.err.splitlines() if "level=warning" in x and "--force" in x]
     assert warning, result.err
     assert device in warning[0] and f"pid {pid} (qemu-system-x86_64)" in warning[0]

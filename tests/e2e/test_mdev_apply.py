@@ -241,9 +241,16 @@ vgpu-configs:
     assert cli("assert", "--sim", str(root), "-f", cfg, "-c", "by-subsystem").code == 0
     assert cli("assert", "--sim", str(root), "-f", cfg, "-c", "by-model").code == 1
 
-    # A filter whose subsystem matches no GPU selects nothing: no writes, assert holds.
-    assert apply_ok(cli, root, cfg, "wrong-subsystem") == []
-    assert cli("assert", "--sim", str(root), "-f", cfg, "-c", "wrong-subsystem").code == 0
+    # A filter whose subsystem matches no GPU selects nothing: an operator error (issue 8.11) for both
+    # apply and assert, naming the config's filter and the host's device ids; no writes.
+    before = len(writes(root))
+    for command in ("apply", "assert"):
+        result = cli(command, "--sim", str(root), "-f", cfg, "-c", "wrong-subsystem")
+        assert result.code == 1, result.err
+        assert "selects none of this host's 3 NVIDIA GPU(s)" in result.err
+        assert "device-filter 0x223610DE:0x14A910DE and devices all" in result.err
+        assert "GPU 2 (0000:86:00.0) 0x223610DE:0x100210DE" in result.err
+    assert len(writes(root)) == before
 
 
 A16_FILTERS = """\
@@ -276,8 +283,12 @@ def test_device_filters_on_a16_host(cli, sim_host, tmp_path):
     cfg = config(tmp_path, A16_FILTERS)
     assert len(apply_ok(cli, root, cfg, "a16-sub")) == 16
     assert layout(cli, root) == [{"A16-2Q": 8}, {"A16-2Q": 8}]
-    # A filter for the A2 (same device id, other subsystem) must not select the A16s.
-    assert apply_ok(cli, root, cfg, "a2-only") == []
+    # A filter for the A2 (same device id, other subsystem) must not select the A16s; selecting no GPU
+    # at all is an error (issue 8.11) that changes nothing.
+    before = len(writes(root))
+    result = cli("apply", "--sim", str(root), "-f", cfg, "-c", "a2-only")
+    assert result.code == 1 and "selects none of this host's 2 NVIDIA GPU(s)" in result.err, result.err
+    assert len(writes(root)) == before
     assert layout(cli, root) == [{"A16-2Q": 8}, {"A16-2Q": 8}]
     assert len(apply_ok(cli, root, cfg, "a16-any")) == 2 * (8 + 4)
     assert layout(cli, root) == [{"A16-4Q": 4}, {"A16-4Q": 4}]

@@ -587,7 +587,8 @@ def test_full_gpu_names_its_vgpu_from_the_learned_table(cli, vhost, tmp_path):
     root, cfg = full_l40s(cli, vhost, tmp_path)
     learned = json.loads((root / LEARNED / f"{GPU0}.json").read_text())
     tid = type_id(root, GPU0, "L40S-48Q")
-    assert learned[str(tid)] == "NVIDIA L40S-48Q"
+    assert learned["types"][str(tid)] == "NVIDIA L40S-48Q"
+    assert learned["key"]["gpu"] == GPU0 and learned["key"]["driver_version"] == "580.105.06"
     (gpu,) = report(cli, root)
     assert [(v["type"], v["type_id"], v["parent"]) for v in gpu["vgpus"]] == [
         ("L40S-48Q", tid, vfs_of(root, GPU0)[0])

@@ -370,7 +370,8 @@ vgpu-configs:
     [
         ("matching", 0, "currently applied"),
         ("t4-only", 0, "currently applied"),
-        ("a10-other-subsystem", 0, "currently applied"),
+        # A config that selects none of the host's GPUs is an operator error (issue 8.11), not success.
+        ("a10-other-subsystem", 1, "the selected config selects none of this host's 3 NVIDIA GPU(s)"),
         ("t4-more", 1, "GPU 0 (0000:3b:00.0): has 2 x T4-1Q, config 't4-more' wants 3 x T4-1Q"),
         ("a10-fewer", 1, "GPU 2 (0000:86:00.0): has 2 x A10-4Q, config 'a10-fewer' wants 1 x A10-4Q"),
         ("passthrough-gpu", 1, "GPU 1 (0000:5e:00.0) [vgpu-configs.passthrough-gpu[0]]: no vGPU parent"),

@@ -269,11 +269,16 @@ def test_reading_never_writes_a_control_file(tree):
 def test_names_learned_from_free_vfs_are_remembered(own_tree):
     tree = own_tree
     assert not (tree / "var").exists()
-    inventory = Inventory(HostRoot(tree))
+    reader = Inventory(HostRoot(tree))  # list and assert: read-only, learn in memory only
+    for gpu in reader.gpus:
+        reader.devices(gpu)
+    assert not (tree / "var").exists()
+    inventory = Inventory(HostRoot(tree), writable=True)  # apply
     for gpu in inventory.gpus:
         inventory.devices(gpu)
     learned = json.loads((tree / "var/lib/nvidia-vgpu-dm/types" / f"{L40S}.json").read_text())
-    assert learned[str(L40S_12Q)] == "NVIDIA L40S-12Q"
+    assert learned["key"] == {"gpu": L40S, "device_id": "0x26B910DE:0x185110DE", "driver_version": None}
+    assert learned["types"][str(L40S_12Q)] == "NVIDIA L40S-12Q"
 
 
 def test_full_gpu_names_its_vgpus_from_a_learned_table(own_tree):
@@ -288,12 +293,35 @@ def test_full_gpu_names_its_vgpus_from_a_learned_table(own_tree):
     unnamed = Inventory(HostRoot(tree)).devices(gpu)
     assert [d.type_name for d in unnamed] == ["type-1150", "type-1150"]  # honest, no guess
 
-    put(tree / "var/lib/nvidia-vgpu-dm/types" / f"{L40S}.json", json.dumps({"1150": "NVIDIA L40S-24Q"}))
+    table = tree / "var/lib/nvidia-vgpu-dm/types" / f"{L40S}.json"
+    put(table, json.dumps({"1150": "NVIDIA L40S-24Q"}))  # an old, unkeyed table: not trusted
+    assert [d.type_name for d in Inventory(HostRoot(tree)).devices(gpu)] == ["type-1150", "type-1150"]
+
+    key = {"gpu": L40S, "device_id": str(gpu.device_id), "driver_version": None}
+    put(table, json.dumps({"key": key, "types": {"1150": "NVIDIA L40S-24Q"}}))
     named = Inventory(HostRoot(tree)).devices(gpu)
     assert [(d.parent, d.type_name, d.type_id) for d in named] == [
         (L40S_VFS[0], "L40S-24Q", 1150),
         (L40S_VFS[1], "L40S-24Q", 1150),
     ]
+    # The same table after a driver upgrade (ids may have moved) or for a swapped GPU is ignored.
+    put(tree / "sys/module/nvidia/version", "580.159.01\n")
+    assert [d.type_name for d in Inventory(HostRoot(tree)).devices(gpu)] == ["type-1150", "type-1150"]
+    put(
+        table,
+        json.dumps({"key": {**key, "driver_version": "580.159.01"}, "types": {"1150": "NVIDIA L40S-24Q"}}),
+    )
+    assert [d.type_name for d in Inventory(HostRoot(tree)).devices(gpu)] == ["L40S-24Q", "L40S-24Q"]
+    put(
+        table,
+        json.dumps(
+            {
+                "key": {**key, "driver_version": "580.159.01", "device_id": "0x233110DE:0x162610DE"},
+                "types": {"1150": "NVIDIA L40S-24Q"},
+            }
+        ),
+    )
+    assert [d.type_name for d in Inventory(HostRoot(tree)).devices(gpu)] == ["type-1150", "type-1150"]
 
 
 # -- the CLI on the tree ---------------------------------------------------------------------------

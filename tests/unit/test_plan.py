@@ -39,9 +39,9 @@ def make_host(tmp_path):
     """Factory: a simulated host with the given GPUs (mdev everywhere); returns its root."""
     counter = iter(range(100))
 
-    def make(*gpus: str) -> Path:
+    def make(*gpus: str, mixed_size: bool = True) -> Path:
         root = tmp_path / f"h{next(counter)}"
-        create_host(root, list(gpus), vendor_vfio=False)
+        create_host(root, list(gpus), vendor_vfio=False, mixed_size=mixed_size)
         return root
 
     return make
@@ -271,8 +271,8 @@ def test_real_suffixed_type_is_not_satisfied_by_the_bare_type(make_host):
 
 
 # -- refusals --------------------------------------------------------------------------------------
-def test_mixed_framebuffer_sizes_refused_on_mdev(make_host):
-    root = make_host("T4", "A10")
+def test_mixed_framebuffer_sizes_refused_on_mdev_gpus_without_mixed_size_support(make_host):
+    root = make_host("T4", "A10", mixed_size=False)
     with pytest.raises(PlanError) as err:
         plan_of(
             root,
@@ -288,7 +288,9 @@ def test_mixed_framebuffer_sizes_refused_on_mdev(make_host):
         "GPU 0 (0000:3b:00.0) [vgpu-configs.c[0]]: T4-1Q, T4-2Q have different framebuffer"
     )
     assert problems[1].startswith("GPU 1 (0000:5e:00.0) [vgpu-configs.c[1]]: A10-1Q, A10-2Q have different")
-    assert all("equal-size" in p for p in problems)
+    assert all(
+        "equal-size" in p and "Heterogeneous Time-Slice Sizes is not 'Supported'" in p for p in problems
+    )
 
 
 def test_same_size_different_series_is_not_mixed(make_host):
@@ -316,7 +318,7 @@ vgpu-configs:
 
 
 def test_all_problems_are_collected_across_gpus(make_host):
-    root = make_host("T4", "T4", "A10", "A10", "A100")
+    root = make_host("T4", "T4", "A10", "A10", "A100", mixed_size=False)
     populate(root, one('"T4-16Q": 1', "[0, 1]"))
     before = [d.uuid for g in inventory(root).gpus for d in inventory(root).devices(g)]
     with pytest.raises(PlanError) as err:

@@ -115,6 +115,7 @@ def load_selected(config_file: str, selected: str | None):
 @options.valid_config
 @options.host_root
 @options.sim
+@options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
 def assert_cmd(
@@ -123,6 +124,7 @@ def assert_cmd(
     valid_config: bool,
     host_root: str,
     sim: str | None,
+    driver_root: str | None,
     sriov_manage: str,
     nvidia_smi: str,
 ) -> None:
@@ -145,7 +147,7 @@ def assert_cmd(
         _log.error(pending)
         _log.error("assertion failure: selected configuration not currently applied")
         raise Failure(EXIT_FAILED)
-    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi))
+    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root))
     from vgpu_dm.explain import log_discovery, log_plan
 
     log_discovery(inventory)
@@ -158,6 +160,8 @@ def assert_cmd(
         raise Failure(EXIT_FAILED) from None
     log_plan(plan)
     _log.debug(f"host reads: {host.counters.reads}")
+    if not inventory.gpus:
+        _log.warning("this host has no NVIDIA GPUs: the assertion holds vacuously")
     if plan.is_noop:
         _log.info("Selected vGPU device configuration is currently applied")
         return
@@ -182,9 +186,11 @@ def _count_names(names: list[str]) -> str:
 @options.apply_valid_config
 @options.host_root
 @options.sim
+@options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
 @options.force
+@options.watchdog_interval
 @options.keep_going
 @options.uuid_mode
 @options.lock_timeout
@@ -203,9 +209,11 @@ def apply_cmd(
     valid_config: bool,
     host_root: str,
     sim: str | None,
+    driver_root: str | None,
     sriov_manage: str,
     nvidia_smi: str,
     force: bool,
+    watchdog_interval: float,
     keep_going: bool,
     uuid_mode: str,
     lock_timeout: float,
@@ -257,6 +265,7 @@ def apply_cmd(
             skip_mig=skip_mig,
             progress=bar,
             jobs=jobs,
+            watchdog_interval=watchdog_interval,
         )
         tools = HostTools(sriov_manage, nvidia_smi, mig_parted)
         try:

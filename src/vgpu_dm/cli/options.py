@@ -39,6 +39,14 @@ host_root = click.option(
     help="Directory where the host's /sys, /proc and /dev are found (e.g. /host in a container).  "
     "[env: VGPU_DM_HOST_ROOT]",
 )
+driver_root = click.option(
+    "--driver-root",
+    envvar="VGPU_DM_DRIVER_ROOT",
+    metavar="DIR",
+    help="Where the NVIDIA driver's programs (nvidia-smi, sriov-manage, libnvidia-ml) live; they run "
+    "through 'chroot DIR'. Default: the host root. With the GPU Operator's containerised driver: the "
+    "host's /run/nvidia/driver (e.g. /host/run/nvidia/driver in a container).  [env: VGPU_DM_DRIVER_ROOT]",
+)
 apply_valid_config = click.option(
     "-a",
     "--valid-config",
@@ -52,9 +60,8 @@ sriov_manage = click.option(
     metavar="PATH",
     default="/usr/lib/nvidia/sriov-manage",
     show_default=True,
-    help="The driver's sriov-manage script, as a path inside the host root; run to enable a GPU's VFs "
-    "(vendor-specific VFIO hosts). Containerised drivers: /run/nvidia/driver/usr/lib/nvidia/sriov-manage.  "
-    "[env: VGPU_DM_SRIOV_MANAGE]",
+    help="The driver's sriov-manage script, as a path inside the driver root; run to enable a GPU's VFs "
+    "(vendor-specific VFIO hosts).  [env: VGPU_DM_SRIOV_MANAGE]",
 )
 nvidia_smi = click.option(
     "--nvidia-smi",
@@ -62,7 +69,8 @@ nvidia_smi = click.option(
     metavar="PATH",
     default="nvidia-smi",
     show_default=True,
-    help="nvidia-smi, used only to query and switch mixed-size vGPU mode.  [env: VGPU_DM_NVIDIA_SMI]",
+    help="nvidia-smi, inside the driver root: queries and switches mixed-size vGPU mode and names "
+    "vendor-VFIO vGPU types.  [env: VGPU_DM_NVIDIA_SMI]",
 )
 sim = click.option(
     "--sim",
@@ -75,7 +83,20 @@ force = click.option(
     "--force",
     envvar="VGPU_DM_FORCE",
     is_flag=True,
-    help="Also remove vGPUs that a running VM holds open (the VM loses its GPU).  [env: VGPU_DM_FORCE]",
+    help="Also remove mdev vGPUs that a running VM holds open (the VM loses its GPU). The kernel makes "
+    "such a removal wait until the VM releases the device, so apply waits too, logging what it waits for "
+    "every --watchdog-interval seconds. Vendor-VFIO vGPUs in use cannot be removed even so (the driver "
+    "refuses).  [env: VGPU_DM_FORCE]",
+)
+watchdog_interval = click.option(
+    "--watchdog-interval",
+    envvar="VGPU_DM_WATCHDOG_INTERVAL",
+    type=click.FloatRange(min=0.01),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="While a forced removal waits for a VM to release its vGPU, log the device and the process "
+    "every SECONDS.  [env: VGPU_DM_WATCHDOG_INTERVAL]",
 )
 keep_going = click.option(
     "--keep-going",

@@ -89,7 +89,8 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     "--mixed-size/--no-mixed-size",
     default=True,
     show_default=True,
-    help="Whether vendor-VFIO GPUs support mixed-size (heterogeneous) vGPU mode.",
+    help="Whether the GPUs support mixed-size (heterogeneous) vGPU mode (nvidia-smi -q: Heterogeneous "
+    "Time-Slice Sizes).",
 )
 @click.option(
     "--mig-reset",
@@ -230,6 +231,25 @@ def writes_cmd(directory: str) -> None:
     help="Signal sent by --signal-at-write (SIGTERM, SIGINT, ...).",
 )
 @click.option(
+    "--hang",
+    "hang",
+    multiple=True,
+    type=click.Choice(["nvidia-smi", "sriov-manage"]),
+    help="This program never returns (the tool's timeout kills it); repeatable.",
+)
+@click.option(
+    "--unbind-lock-failures",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="sriov-manage -e fails N times with 'Cannot obtain unbindLock' before it works.",
+)
+@click.option(
+    "--sriov-no-vfs",
+    is_flag=True,
+    help="sriov-manage -e exits 0 but makes no VFs (SR-IOV disabled in the BIOS).",
+)
+@click.option(
     "--eio-read",
     "eio_reads",
     multiple=True,
@@ -250,6 +270,9 @@ def fault_cmd(
     kill_at_write: int,
     signal_at_writes: tuple[int, ...],
     signal_name: str,
+    hang: tuple[str, ...],
+    unbind_lock_failures: int,
+    sriov_no_vfs: bool,
     eio_reads: tuple[str, ...],
     mig_parted: str | None,
 ) -> None:
@@ -281,10 +304,18 @@ def fault_cmd(
         signal_at_writes=list(signal_at_writes),
         signal_number=int(signum),
         mig_parted=mig_parted or "",
+        hang=list(hang),
+        unbind_lock_failures=unbind_lock_failures,
+        sriov_no_vfs=sriov_no_vfs,
     ).save(directory)
     armed = [f"fail write #{fail_write} with {errno_name.upper()}"] if fail_write else []
     armed += [f"kill before write #{kill_at_write}"] if kill_at_write else []
     armed += [f"{signame} before write #{n}" for n in signal_at_writes]
+    armed += [f"{p} hangs" for p in hang]
+    armed += (
+        [f"sriov-manage -e fails {unbind_lock_failures} x with unbindLock"] if unbind_lock_failures else []
+    )
+    armed += ["sriov-manage -e makes no VFs"] if sriov_no_vfs else []
     armed += [f"EIO on reads of *{p}*" for p in eio_reads]
     armed += [f"nvidia-mig-parted apply fails ({mig_parted})"] if mig_parted else []
     click.echo("faults: " + ("; ".join(armed) if armed else "none"))
@@ -332,7 +363,14 @@ def _require_sim(directory: str) -> None:
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.argument("device")
 @click.option("--name", default="qemu-system-x86_64", show_default=True, help="Process name of the fake VM.")
-def hold_cmd(directory: str, device: str, name: str) -> None:
+@click.option(
+    "--cdev/--group",
+    "cdev",
+    default=None,
+    help="Hold it through its iommufd cdev /dev/vfio/devices/vfioN (QEMU with iommufd) or its VFIO group "
+    "/dev/vfio/<group>. Default: group for mdevs, cdev for VFs.",
+)
+def hold_cmd(directory: str, device: str, name: str, cdev: bool | None) -> None:
     """Start a fake VM process that holds DEVICE (an mdev UUID or a vendor-VFIO VF address) open.
 
     The real in-use detection finds it through proc/<pid>/fd, so apply refuses to remove the device.
@@ -342,7 +380,7 @@ def hold_cmd(directory: str, device: str, name: str) -> None:
     from vgpu_dm.sim.processes import add_holder, device_node
 
     try:
-        node = device_node(directory, device)
+        node = device_node(directory, device, cdev)
     except LookupError as exc:
         raise click.UsageError(str(exc)) from None
     pid = add_holder(Path(directory), node, name)

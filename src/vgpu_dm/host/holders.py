@@ -57,16 +57,17 @@ class HolderIndex:
 
     def nodes(self, device: VGPUDevice) -> list[str]:
         """The device nodes a VM opens to use ``device``."""
+        # Both node kinds, for mdevs too: QEMU opens the group (legacy container) or, with iommufd, the
+        # device's cdev /dev/vfio/devices/vfioN (kernel ABI sysfs-devices-vfio-dev, Linux >= 6.2).
         if device.framework == MDEV:
-            group = device.iommu_group
-            if group is None:
-                name = link_name(self.host, f"{MDEV_DEVICES}/{device.uuid}/iommu_group")
-                group = int(name) if name and name.isdigit() else None
-            return [f"/dev/vfio/{group}"] if group is not None else []
-        vf = f"{PCI_DEVICES}/{device.parent}"
-        nodes = [f"/dev/vfio/devices/{name}" for name in self.host.listdir(f"{vf}/vfio-dev")]
-        group = link_name(self.host, f"{vf}/iommu_group")
-        if group:
+            where = f"{MDEV_DEVICES}/{device.uuid}"
+            group = str(device.iommu_group) if device.iommu_group is not None else None
+        else:
+            where = f"{PCI_DEVICES}/{device.parent}"
+            group = None
+        nodes = [f"/dev/vfio/devices/{name}" for name in self.host.listdir(f"{where}/vfio-dev")]
+        group = group or link_name(self.host, f"{where}/iommu_group")
+        if group and group.isdigit():
             nodes.append(f"/dev/vfio/{group}")
         return nodes
 

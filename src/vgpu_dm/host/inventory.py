@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 
 from vgpu_dm.host.holders import HolderIndex
 from vgpu_dm.host.mdev import MdevBackend
 from vgpu_dm.host.model import Backend, VGPUDevice
 from vgpu_dm.host.pci import GPU, discover_gpus
+from vgpu_dm.host.programs import DEFAULT_SRIOV_MANAGE, HostTools, Programs
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.host.vfio import VendorVfioBackend
 
-DEFAULT_SRIOV_MANAGE = "/usr/lib/nvidia/sriov-manage"
-
-
-@dataclass(frozen=True)
-class HostTools:
-    """Where the host programs we may run live (paths inside the host root)."""
-
-    sriov_manage: str = DEFAULT_SRIOV_MANAGE
-    nvidia_smi: str = "nvidia-smi"
-    mig_parted: str = "nvidia-mig-parted"
+__all__ = ["DEFAULT_SRIOV_MANAGE", "HostTools", "Inventory"]
 
 
 class Inventory:
@@ -31,18 +22,21 @@ class Inventory:
     vendor VFIO; anything else has no vGPU backend (or, an SR-IOV GPU without VFs, needs them enabled).
     """
 
-    def __init__(self, host: HostRoot, tools: HostTools | None = None):
+    def __init__(self, host: HostRoot, tools: HostTools | None = None, writable: bool = False):
+        """``writable``: this run may update our own state files (learned type tables); only apply is."""
         self.host = host
         self.tools = tools or HostTools()
+        self.programs = Programs(host, self.tools)
+        self.writable = writable
         self.gpus: list[GPU] = discover_gpus(host)
 
     @cached_property
     def mdev(self) -> MdevBackend:
-        return MdevBackend(self.host, self.gpus)
+        return MdevBackend(self.host, self.gpus, self.programs)
 
     @cached_property
     def vfio(self) -> VendorVfioBackend:
-        return VendorVfioBackend(self.host, self.gpus, self.tools.sriov_manage, self.tools.nvidia_smi)
+        return VendorVfioBackend(self.host, self.gpus, self.programs, writable=self.writable)
 
     @cached_property
     def holders(self) -> HolderIndex:

@@ -8,14 +8,18 @@ import os
 import re
 
 from vgpu_dm.errors import HostError
-from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice
+from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, link_name
+from vgpu_dm.host.programs import HostTools, Programs
 from vgpu_dm.host.root import HostRoot
-from vgpu_dm.vgpu_type import short_type_name
+from vgpu_dm.host.smi import NvidiaSmi
+from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType, short_type_name
 
 MDEV_BUS = "sys/class/mdev_bus"
 MDEV_DEVICES = "sys/bus/mdev/devices"
-_TYPE_DIR = r"nvidia-(\d+)"
+# The kernel names a type directory "<parent's driver>-<type id>": nvidia-575 normally, vfio-pci-575 on
+# a VF bound to vfio-pci (seen on a real A40 host). The prefix says nothing about the vendor.
+_TYPE_DIR = r"([a-z0-9_.-]+)-(\d+)"
 _MAX_INSTANCE = r"max_instance=(\d+)"
 
 
@@ -24,8 +28,9 @@ class MdevBackend:
 
     framework = MDEV
 
-    def __init__(self, host: HostRoot, gpus: list[GPU]):
+    def __init__(self, host: HostRoot, gpus: list[GPU], programs: Programs | None = None):
         self.host = host
+        self.smi = NvidiaSmi(programs or Programs(host, HostTools()))
         self._pf_of: dict[str, str] = {}
         for gpu in gpus:
             self._pf_of[gpu.address] = gpu.address
@@ -53,13 +58,12 @@ class MdevBackend:
     def handles(self, gpu: GPU) -> bool:
         return bool(self.parents(gpu))
 
-    def _type_name(self, gpu: str, parent: str, type_id: int) -> str:
-        key = (gpu, type_id)
+    def _type_name(self, gpu: str, parent: str, type_dir: str) -> str | None:
+        """Short vGPU type name of a type directory, or None when it is not an NVIDIA vGPU type."""
+        key = (gpu, int(type_dir.rsplit("-", 1)[1]))
         if key not in self._names:
-            text = self.host.read_optional(
-                f"{PCI_DEVICES}/{parent}/mdev_supported_types/nvidia-{type_id}/name"
-            )
-            self._names[key] = short_type_name(text or "") or f"nvidia-{type_id}"
+            text = self.host.read_optional(f"{PCI_DEVICES}/{parent}/mdev_supported_types/{type_dir}/name")
+            self._names[key] = _vgpu_name(text, type_dir)
         return self._names[key]
 
     def _load_devices(self) -> dict[str, list[VGPUDevice]]:
@@ -73,16 +77,19 @@ class MdevBackend:
             parent = os.path.basename(os.path.dirname(target.rstrip("/")))
             type_dir = link_name(self.host, f"{MDEV_DEVICES}/{uuid}/mdev_type") or ""
             m = re.fullmatch(_TYPE_DIR, type_dir)
-            if not m:
-                continue  # not an NVIDIA vGPU
-            gpu = self._pf_of.get(parent, parent)
+            gpu = self._pf_of.get(parent)
+            if not m or gpu is None:
+                continue  # not on a function of an NVIDIA GPU
+            name = self._type_name(gpu, parent, type_dir)
+            if name is None:
+                continue  # another vendor's mdev type on an NVIDIA function (not seen, but not ours)
             group = link_name(self.host, f"{MDEV_DEVICES}/{uuid}/iommu_group")
-            type_id = int(m[1])
+            type_id = int(m[2])
             found.setdefault(gpu, []).append(
                 VGPUDevice(
                     gpu=gpu,
                     parent=parent,
-                    type_name=self._type_name(gpu, parent, type_id),
+                    type_name=name,
                     type_id=type_id,
                     framework=MDEV,
                     uuid=uuid,
@@ -109,16 +116,21 @@ class MdevBackend:
                 m = re.fullmatch(_TYPE_DIR, type_dir)
                 if not m:
                     continue
-                type_id = int(m[1])
+                type_id = int(m[2])
                 if type_id not in seen:  # name and description are the same on every parent
                     seen.add(type_id)
                     full = (self.host.read_optional(f"{base}/{type_dir}/name") or "").strip()
-                    short = short_type_name(full) or type_dir
+                    short = _vgpu_name(full, type_dir)
                     self._names[(gpu.address, type_id)] = short
+                    if short is None:
+                        continue
+                    full = full or short
                     desc = self.host.read_optional(f"{base}/{type_dir}/description") or ""
                     mi = re.search(_MAX_INSTANCE, desc)
                     totals[short] = [type_id, full or short, 0, int(mi[1]) if mi else None]
                 name = self._names[(gpu.address, type_id)]
+                if name is None:
+                    continue
                 totals[name][2] += _to_int(self.host.read_optional(f"{base}/{type_dir}/available_instances"))
                 self._type_dirs[(parent, name)] = type_dir
         result = {
@@ -147,7 +159,26 @@ class MdevBackend:
             return vtype.max_instances
         from vgpu_dm import catalog
 
-        return catalog.max_instances(vtype.name)
+        return catalog.max_instances(vtype.name, gpu.device_id)
+
+    def framebuffer_gb(self, gpu: GPU) -> int | None:
+        """The GPU's framebuffer: from the catalog, else implied by the largest type it offers."""
+        from vgpu_dm import catalog
+
+        entry = catalog.for_device(gpu.device_id)
+        if entry:
+            return entry.framebuffer_gb
+        sizes = [framebuffer_of(name) or 0 for name in self.types(gpu)]
+        return (max(sizes) or None) if sizes else None
+
+    # -- mixed-size mode ---------------------------------------------------------------------------
+    # Mixed sizes exist on mdev hosts too (a V100 on driver 580 ran 1Q + 2Q with the mode enabled);
+    # nvidia-smi reports and switches the mode the same way as on vendor-VFIO hosts.
+    def mixed_size(self, gpu: GPU) -> tuple[bool, bool]:
+        return self.smi.mixed_size(gpu)
+
+    def set_mixed_size(self, gpu: GPU, enabled: bool) -> None:
+        self.smi.set_mixed_size(gpu, enabled)
 
     # -- writing ---------------------------------------------------------------------------------
     def remove(self, device: VGPUDevice) -> None:
@@ -179,6 +210,22 @@ class MdevBackend:
                 uuid=new,
             )
         raise HostError(f"{gpu.describe()}: no parent device has room for another {vtype.name}")
+
+
+def _vgpu_name(text: str | None, type_dir: str) -> str | None:
+    """The short vGPU type name from a type's ``name`` (``NVIDIA A40-24A`` → ``A40-24A``).
+
+    Decided by the name, not the directory prefix. ``name`` is optional in the mdev ABI: without one,
+    only an ``nvidia-<id>`` directory is taken to be an NVIDIA type, under that directory name.
+    """
+    short = short_type_name(text or "")
+    if short:
+        try:
+            VGPUType.parse(short)
+        except InvalidVGPUType:
+            return None
+        return short
+    return type_dir if type_dir.startswith("nvidia-") else None
 
 
 def _to_int(text: str | None) -> int:

@@ -16,12 +16,20 @@ PCI_DEVICES = "sys/bus/pci/devices"
 NVIDIA_VENDOR = 0x10DE
 GPU_CLASSES = (0x030000, 0x030200)  # VGA controller, 3D controller
 _VIRTFN = r"virtfn(\d+)"
-_ADDRESS = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+# Domains have 4 hex digits usually, up to 8 behind Intel VMD (domains >= 0x10000), as Linux prints them.
+_ADDRESS = r"[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
 
 
 def is_pci_address(text: str) -> bool:
-    """True for a canonical PCI address such as ``0000:3b:00.0``."""
+    """True for a canonical PCI address such as ``0000:3b:00.0`` or ``10000:01:00.0``."""
     return bool(re.fullmatch(_ADDRESS, text))
+
+
+def address_key(address: str) -> tuple[int, int, int, int]:
+    """Sort key of a PCI address: (domain, bus, device, function) as numbers, whatever the domain width."""
+    domain, bus, rest = address.split(":")
+    device, function = rest.split(".")
+    return int(domain, 16), int(bus, 16), int(device, 16), int(function, 16)
 
 
 def _hex(text: str | None) -> int | None:
@@ -106,8 +114,11 @@ def discover_gpus(host: HostRoot) -> list[GPU]:
             (address, gpu_id, -1 if numa is None else numa, driver, total, _virtfns(host, dev, entries))
         )
 
-    def order(item: tuple) -> int:
-        return int(item[0].replace(":", "").replace(".", ""), 16)
+    def order(item: tuple) -> tuple[int, ...]:
+        try:
+            return address_key(item[0])
+        except ValueError:  # not a PCI address: after every GPU
+            return (1 << 32, 0, 0, 0)
 
     return [
         GPU(index=i, address=a, device_id=d, numa_node=n, driver=drv, sriov_totalvfs=t, vfs=v)

@@ -137,12 +137,13 @@ class HostRoot:
         timeout: float = 300,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a host program without a shell; below a host root other than /, inside it (chroot)."""
+        """Run a host program without a shell, inside ``chroot`` (default: the host root); no chroot
+        when that is ``/``."""
         import subprocess  # only apply on some GPUs runs programs; keep it off the start-up path
 
         cmd = list(argv)
-        chroot = chroot or (self.root if self.root != "/" else None)
-        if chroot:
+        chroot = os.path.abspath(chroot) if chroot else self.root
+        if chroot != "/":
             cmd = ["chroot", chroot, *cmd]
         _log.debug(f"run {cmd}")
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, input=input)

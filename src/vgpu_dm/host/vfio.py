@@ -5,22 +5,34 @@ listing what the VF can take right now.
 
 from __future__ import annotations
 
-import re
+import time
 
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, is_pci_address
+from vgpu_dm.host.programs import Programs
 from vgpu_dm.host.root import HostRoot, note_change
+from vgpu_dm.host.smi import NvidiaSmi, parse_supported_types
 from vgpu_dm.vgpu_type import short_type_name
 
 # Where learned type id → name tables are kept: creatable lists stop naming a type once the GPU is full.
 LEARNED_DIR = "var/lib/nvidia-vgpu-dm/types"
+DRIVER_VERSION = "sys/module/nvidia/version"
 UNRESOLVED = -1
-_HETERO_CAPABLE = r"(?i)Heterogen\w*\s+Multi-vGPU\s*:\s*(\w+)"
-_HETERO_MODE = r"(?i)vGPU Heterogeneous Mode\s*:\s*(\w+)"
+# sriov-manage: how often to retry "Cannot obtain unbindLock" (usually a passing NVML client), the
+# pause between tries, and how long to wait for the new VFs' nvidia/ directories afterwards.
+UNBIND_RETRIES = 3
+VF_POLL = 0.2
 
 _log = log.get("vfio")
+# Kept under its old name for callers and tests.
+parse_smi_supported = parse_supported_types
+
+
+def unnamed(device: VGPUDevice) -> bool:
+    """True for a vendor-VFIO vGPU whose type id nothing could name (it reads ``type-<id>``)."""
+    return device.type_name == f"type-{device.type_id}"
 
 
 def parse_creatable(text: str) -> dict[int, str]:
@@ -35,40 +47,25 @@ def parse_creatable(text: str) -> dict[int, str]:
     return types
 
 
-def parse_smi_supported(text: str) -> dict[int, str]:
-    """``nvidia-smi vgpu -s -v`` → {type id: name}; each ``vGPU Type ID : 0x…`` precedes its ``Name``."""
-    types: dict[int, str] = {}
-    pending: int | None = None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key, value = key.strip(), value.strip()
-        if key == "vGPU Type ID":
-            try:
-                pending = int(value, 16)
-            except ValueError:
-                pending = None
-        elif key == "Name" and pending is not None:
-            types[pending] = value
-            pending = None
-    return types
-
-
 class VendorVfioBackend:
     """vGPUs on VFs bound to ``nvidia`` that expose ``nvidia/current_vgpu_type``."""
 
     framework = VENDOR_VFIO
 
-    def __init__(self, host: HostRoot, gpus: list[GPU], sriov_manage: str, nvidia_smi: str = "nvidia-smi"):
+    def __init__(self, host: HostRoot, gpus: list[GPU], programs: Programs, writable: bool = False):
         self.host = host
-        self.sriov_manage = sriov_manage
-        self.nvidia_smi = nvidia_smi
+        self.programs = programs
+        self.smi = NvidiaSmi(programs)
+        self.sriov_manage = programs.tools.sriov_manage
+        # Only apply writes the learned tables; list and assert read them and learn in memory only.
+        self.writable = writable
         self._current: dict[str, int] = {}  # VF → current type id
         self._names: dict[str, dict[int, str]] = {}  # GPU → learned id → driver name
         self._handles: dict[str, bool] = {}
         self._types: dict[str, dict[str, TypeInfo]] = {}
         self._smi_asked: set[str] = set()
+        self.smi_errors: dict[str, str] = {}  # GPU → why nvidia-smi could not name its types
+        self._driver_version: str | None = None
 
     # -- detection -------------------------------------------------------------------------------
     def handles(self, gpu: GPU) -> bool:
@@ -92,6 +89,16 @@ class VendorVfioBackend:
                 raise HostError(f"{vf}: unreadable current_vgpu_type {text.strip()!r}") from None
         return self._current[vf]
 
+    def _table_key(self, gpu: GPU) -> dict[str, str | None]:
+        """What a learned table is valid for: type ids belong to a GPU model and a driver release."""
+        if self._driver_version is None:
+            self._driver_version = (self.host.read_optional(DRIVER_VERSION) or "").strip()
+        return {
+            "gpu": gpu.address,
+            "device_id": str(gpu.device_id),
+            "driver_version": self._driver_version or None,
+        }
+
     def _learned(self, gpu: GPU) -> dict[int, str]:
         if gpu.address not in self._names:
             text = self.host.read_optional(f"{LEARNED_DIR}/{gpu.address}.json")
@@ -100,8 +107,13 @@ class VendorVfioBackend:
                 import json
 
                 try:
-                    names = {int(k): str(v) for k, v in json.loads(text).items()}
-                except (ValueError, AttributeError):
+                    raw = json.loads(text)
+                    if raw.get("key") == self._table_key(gpu):
+                        names = {int(k): str(v) for k, v in raw["types"].items()}
+                    else:
+                        # Another GPU in this slot, another driver, or an old unkeyed table: ignore it.
+                        _log.debug(f"{gpu.describe()}: learned type table does not match; ignored")
+                except (ValueError, AttributeError, KeyError, TypeError):
                     names = {}
             self._names[gpu.address] = names
         return self._names[gpu.address]
@@ -111,9 +123,11 @@ class VendorVfioBackend:
         if all(names.get(k) == v for k, v in found.items()):
             return
         names.update(found)
-        import json
+        if self.writable:
+            import json
 
-        self.host.save_state(f"{LEARNED_DIR}/{gpu.address}.json", json.dumps(names, sort_keys=True))
+            table = {"key": self._table_key(gpu), "types": {str(k): v for k, v in sorted(names.items())}}
+            self.host.save_state(f"{LEARNED_DIR}/{gpu.address}.json", json.dumps(table, indent=1))
 
     def _creatable(self, vf: str) -> dict[int, str]:
         return parse_creatable(
@@ -145,12 +159,10 @@ class VendorVfioBackend:
             return {}
         self._smi_asked.add(gpu.address)
         try:
-            proc = self._run([self.nvidia_smi, "vgpu", "-s", "-v", "-i", gpu.address])
-        except HostError:
+            return self.smi.supported_types(gpu)
+        except HostError as exc:
+            self.smi_errors[gpu.address] = str(exc)
             return {}
-        if proc.returncode != 0:
-            return {}
-        return parse_smi_supported(proc.stdout)
 
     def devices(self, gpu: GPU) -> list[VGPUDevice]:
         if not self.handles(gpu):
@@ -202,7 +214,7 @@ class VendorVfioBackend:
     def capacity(self, gpu: GPU, vtype: TypeInfo, current: list[VGPUDevice]) -> int | None:
         from vgpu_dm import catalog
 
-        known = catalog.max_instances(vtype.name)
+        known = catalog.max_instances(vtype.name, gpu.device_id)
         if known is not None:
             return known
         fb, size = self.framebuffer_gb(gpu), framebuffer_of(vtype.name)
@@ -215,60 +227,75 @@ class VendorVfioBackend:
 
     # -- mixed-size mode ---------------------------------------------------------------------------
     def mixed_size(self, gpu: GPU) -> tuple[bool, bool]:
-        """(supported, enabled) for heterogeneous time-sliced vGPUs, from ``nvidia-smi -q``."""
-        proc = self._run([self.nvidia_smi, "-q", "-i", gpu.address])
-        if proc.returncode != 0:
-            raise HostError(
-                f"{gpu.describe()}: 'nvidia-smi -q' failed: {(proc.stderr or proc.stdout).strip()}"
-            )
-        capable = re.search(_HETERO_CAPABLE, proc.stdout)
-        mode = re.search(_HETERO_MODE, proc.stdout)
-        return (
-            bool(capable and capable[1].lower() == "supported"),
-            bool(mode and mode[1].lower() == "enabled"),
-        )
+        """(supported, enabled) for heterogeneous time-sliced vGPUs, from the GPU's nvidia-smi -q block."""
+        return self.smi.mixed_size(gpu)
 
     def set_mixed_size(self, gpu: GPU, enabled: bool) -> None:
-        verb, action = ("enabling", "mixed-size-on") if enabled else ("disabling", "mixed-size-off")
-        _log.info(
-            f"{gpu.describe()}: {verb} mixed-size (heterogeneous) vGPU mode",
-            extra=log.fields(gpu=gpu.index, address=gpu.address, action=action),
-        )
-        note_change()
-        proc = self._run([self.nvidia_smi, "vgpu", "-i", gpu.address, "-shm", "1" if enabled else "0"])
-        if proc.returncode != 0:
-            raise HostError(
-                f"{gpu.describe()}: could not {'enable' if enabled else 'disable'} mixed-size vGPU mode "
-                f"(nvidia-smi exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
-            )
+        self.smi.set_mixed_size(gpu, enabled)
 
     # -- writing ---------------------------------------------------------------------------------
-    def _run(self, argv: list[str]):
-        try:
-            return self.host.run(argv)
-        except FileNotFoundError:
-            raise HostError(f"{argv[0]} not found on the host") from None
-
     def enable_vfs(self, gpu: GPU) -> None:
-        """Run ``sriov-manage -e <PF>`` (never through a shell; the address is checked first)."""
+        """Run ``sriov-manage -e <PF>`` (never through a shell; the address is checked first), retry a
+        transient ``Cannot obtain unbindLock``, then wait for the VFs' ``nvidia/`` directories."""
         if not is_pci_address(gpu.address):
             raise HostError(f"refusing to pass {gpu.address!r} to sriov-manage: not a PCI address")
-        if not self.host.exists(self.sriov_manage.lstrip("/")):
-            where = self.host.path(self.sriov_manage)
+        if not self.programs.exists(self.sriov_manage):
+            where = self.programs.where(self.sriov_manage)
             raise HostError(
                 f"{gpu.describe()} has no VFs and sriov-manage was not found at {where}; enable them "
-                f"yourself ('/usr/lib/nvidia/sriov-manage -e {gpu.address}') or point --sriov-manage at it "
-                f"(containerised drivers: /run/nvidia/driver/usr/lib/nvidia/sriov-manage)"
+                f"yourself ('/usr/lib/nvidia/sriov-manage -e {gpu.address}'), or pass --driver-root "
+                f"(containerised driver: the host's /run/nvidia/driver) or --sriov-manage PATH"
             )
         _log.info(f"{gpu.describe()}: enabling SR-IOV virtual functions (sriov-manage -e {gpu.address})")
+        argv = [self.sriov_manage, "-e", gpu.address]
         note_change()
-        proc = self._run([self.sriov_manage, "-e", gpu.address])
-        if proc.returncode != 0:
+        for attempt in range(1, UNBIND_RETRIES + 1):
+            proc = self.programs.run(argv, "sriov-manage")
+            output = "\n".join(x.strip() for x in (proc.stdout, proc.stderr) if x and x.strip())
+            if proc.returncode == 0:
+                break
+            if "unbindLock" in output and attempt < UNBIND_RETRIES:
+                _log.warning(
+                    f"{gpu.describe()}: sriov-manage could not obtain the driver's unbind lock "
+                    f"(try {attempt} of {UNBIND_RETRIES}); retrying in {self.programs.tools.unbind_pause:g} s"
+                )
+                time.sleep(self.programs.tools.unbind_pause)
+                continue
+            hint = (
+                " — stop the NVML clients (nvidia-smi, DCGM, dcgm-exporter) using the GPU and retry"
+                if "unbindLock" in output
+                else ""
+            )
             raise HostError(
                 f"{gpu.describe()}: 'sriov-manage -e {gpu.address}' failed (exit {proc.returncode}): "
-                f"{(proc.stderr or proc.stdout).strip()} — if it says 'Cannot obtain unbindLock', stop the "
-                f"NVML clients (nvidia-smi, DCGM, dcgm-exporter) using the GPU and retry"
+                f"{output or 'no output'}{hint}"
             )
+        self._wait_for_vfs(gpu, output)
+
+    def _wait_for_vfs(self, gpu: GPU, output: str) -> None:
+        """sriov-manage may return before the VFs' nvidia/ directories exist, or exit 0 having made no
+        VFs at all (SR-IOV off in the BIOS, or not supported by this driver): poll, bounded."""
+        dev = f"{PCI_DEVICES}/{gpu.address}"
+        wait = self.programs.tools.vf_wait
+        deadline = time.monotonic() + wait
+        while True:
+            vfs = [e for e in self.host.listdir(dev) if e.startswith("virtfn")]
+            ready = [v for v in vfs if self.host.exists(f"{dev}/{v}/nvidia/current_vgpu_type")]
+            if vfs and len(ready) == len(vfs):
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(VF_POLL)
+        said = f" (it said: {output})" if output else ""
+        if not vfs:
+            raise HostError(
+                f"{gpu.describe()}: sriov-manage -e exited 0 but created no virtual functions{said}; "
+                f"SR-IOV may be disabled in the BIOS or not supported by this GPU and driver"
+            )
+        raise HostError(
+            f"{gpu.describe()}: {len(vfs) - len(ready)} of {len(vfs)} virtual functions still have no "
+            f"nvidia/ control files {wait:g} s after sriov-manage -e{said}; is the vGPU manager loaded?"
+        )
 
     def remove(self, device: VGPUDevice) -> None:
         self.host.write_text(f"{PCI_DEVICES}/{device.parent}/nvidia/current_vgpu_type", "0")

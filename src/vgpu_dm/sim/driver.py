@@ -8,9 +8,10 @@ import errno
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
-from vgpu_dm.sim.layout import SimGPU, SimState, SimType
+from vgpu_dm.sim.layout import SimGPU, SimState, SimType, add_vfio_nodes
 
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 PCI_DIR = "sys/devices/pci0000:00"
@@ -43,14 +44,19 @@ def mdev_devices(base: Path, gpu: SimGPU) -> list[tuple[str, str, SimType]]:
         for entry in sorted(os.listdir(pdir)):
             if UUID_RE.fullmatch(entry):
                 type_dir = os.path.basename(os.readlink(pdir / entry / "mdev_type"))
-                vtype = type_by_id(gpu, int(type_dir.split("-")[1]))
+                vtype = type_by_id(gpu, type_id_of_dir(type_dir))
                 if vtype:
                     found.append((parent, entry, vtype))
     return found
 
 
+def type_id_of_dir(type_dir: str) -> int:
+    """``nvidia-575`` / ``vfio-pci-575`` → 575: the kernel names type dirs ``<parent driver>-<id>``."""
+    return int(type_dir.rsplit("-", 1)[1])
+
+
 def gpu_room(gpu: SimGPU, vtype: SimType, placed: list[SimType]) -> int:
-    """How many more ``vtype`` fit on the GPU next to ``placed`` (equal-size mode)."""
+    """How many more ``vtype`` fit on the GPU next to ``placed``."""
     if gpu.mig_mode:
         # In MIG mode only MIG-backed types, and only into GPU instances with room (reference 2.4).
         from vgpu_dm.sim import mig
@@ -58,6 +64,11 @@ def gpu_room(gpu: SimGPU, vtype: SimType, placed: list[SimType]) -> int:
         return mig.room(gpu, vtype) if vtype.mig_backed else 0
     if vtype.mig_backed:
         return 0  # no GPU instances without MIG mode
+    if gpu.mixed_enabled:
+        # Mixed sizes: each type up to its own max, all of them within the framebuffer.
+        same = sum(1 for t in placed if t.type_id == vtype.type_id)
+        free = gpu.framebuffer_gb - sum(t.framebuffer_gb or 0.5 for t in placed)
+        return max(min(vtype.max_instances - same, int(free // (vtype.framebuffer_gb or 0.5))), 0)
     if any(t.mig_backed or t.framebuffer_gb != vtype.framebuffer_gb for t in placed):
         return 0
     return max(vtype.max_instances - len(placed), 0)
@@ -85,7 +96,7 @@ def refresh_gpu(base: Path, gpu: SimGPU) -> None:
     for parent in parents_of(gpu):
         types_dir = base / PCI_DIR / parent / "mdev_supported_types"
         for vtype in gpu.types:
-            tdir = types_dir / f"nvidia-{vtype.type_id}"
+            tdir = types_dir / f"{gpu.type_dir_prefix}-{vtype.type_id}"
             if not tdir.exists():
                 (tdir / "devices").mkdir(parents=True)
                 (tdir / "name").write_text(f"{gpu.name_prefix}{vtype.name}\n")
@@ -118,10 +129,9 @@ def mdev_create(base: Path, state: SimState, parent: str, type_id: int, data: st
     uuid = uuid.lower()
     if (base / "sys/bus/mdev/devices" / uuid).exists():
         raise _fail(errno.EEXIST, path, f"mdev {uuid} already exists")
+    type_dir = f"{gpu.type_dir_prefix}-{type_id}"
     avail = int(
-        (
-            base / PCI_DIR / parent / "mdev_supported_types" / f"nvidia-{type_id}" / "available_instances"
-        ).read_text()
+        (base / PCI_DIR / parent / "mdev_supported_types" / type_dir / "available_instances").read_text()
     )
     if avail <= 0:
         raise _fail(NO_ROOM, path, f"no room for another {vtype.name} on {parent}")
@@ -135,29 +145,46 @@ def mdev_create(base: Path, state: SimState, parent: str, type_id: int, data: st
     pdir = base / PCI_DIR / parent
     ddir = pdir / uuid
     ddir.mkdir()
-    os.symlink(f"../mdev_supported_types/nvidia-{type_id}", ddir / "mdev_type")
+    os.symlink(f"../mdev_supported_types/{type_dir}", ddir / "mdev_type")
     (ddir / "remove").write_text("")
     group = state.next_group
     state.next_group += 1
     (base / "sys/kernel/iommu_groups" / str(group)).mkdir(parents=True, exist_ok=True)
     os.symlink(os.path.relpath(base / "sys/kernel/iommu_groups" / str(group), ddir), ddir / "iommu_group")
-    (base / "dev/vfio" / str(group)).write_text("")
+    # An mdev is a VFIO device: group node plus iommufd cdev (kernel >= 6.2, CONFIG_VFIO_DEVICE_CDEV).
+    add_vfio_nodes(base, ddir, group)
     os.symlink(os.path.relpath(ddir, base / "sys/bus/mdev/devices"), base / "sys/bus/mdev/devices" / uuid)
-    tdevs = pdir / "mdev_supported_types" / f"nvidia-{type_id}" / "devices"
+    tdevs = pdir / "mdev_supported_types" / type_dir / "devices"
     os.symlink(os.path.relpath(ddir, tdevs), tdevs / uuid)
     state.save(base)
     refresh_gpu(base, gpu)
 
 
+def vfio_nodes(dev_dir: Path) -> list[str]:
+    """The /dev nodes through which a VM opens a VFIO device: its group and its iommufd cdev(s)."""
+    nodes = [f"/dev/vfio/{os.path.basename(os.readlink(dev_dir / 'iommu_group'))}"]
+    if (dev_dir / "vfio-dev").is_dir():
+        nodes += [f"/dev/vfio/devices/{n}" for n in sorted(os.listdir(dev_dir / "vfio-dev"))]
+    return nodes
+
+
+# How often a blocked remove looks whether the VM has let go (the kernel sleeps on a completion).
+RELEASE_POLL = 0.02
+
+
 def mdev_remove(base: Path, state: SimState, parent: str, uuid: str, data: str, path: str) -> None:
-    from vgpu_dm.sim.processes import holders_of_group
+    from vgpu_dm.sim.processes import holders_of
 
     if data.strip() != "1":
         raise _fail(errno.EINVAL, path, "write 1 to remove")
     ddir = base / PCI_DIR / parent / uuid
     group = os.path.basename(os.readlink(ddir / "iommu_group"))
-    if holders_of_group(base, group):
-        raise _fail(errno.EBUSY, path, f"mdev {uuid} is in use by a VM")
+    nodes = vfio_nodes(ddir)
+    # The kernel does not refuse: vfio_unregister_group_dev() (drivers/vfio/vfio_main.c) waits until
+    # every user has closed the device ("Device is currently in use, task ... blocked until device is
+    # released"), uninterruptibly after the first signal. So this write blocks while a VM holds it.
+    while holders_of(base, nodes):
+        time.sleep(RELEASE_POLL)
     type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
     (ddir / "mdev_type").unlink()
     shutil.rmtree(ddir)
@@ -165,6 +192,7 @@ def mdev_remove(base: Path, state: SimState, parent: str, uuid: str, data: str, 
         base / "sys/bus/mdev/devices" / uuid,
         base / PCI_DIR / parent / "mdev_supported_types" / type_dir / "devices" / uuid,
         base / "dev/vfio" / group,
+        *(base / node.lstrip("/") for node in nodes[1:]),
     ):
         if os.path.lexists(link):
             link.unlink()

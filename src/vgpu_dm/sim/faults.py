@@ -31,6 +31,9 @@ class Faults:
     # The simulated nvidia-mig-parted: "reset" = its GPU reset fails (mode change stays pending),
     # "fail" = it fails before changing anything; "" = works.
     mig_parted: str = ""
+    hang: list[str] = field(default_factory=list)  # programs (nvidia-smi, sriov-manage) that never return
+    unbind_lock_failures: int = 0  # sriov-manage -e fails this many times with "Cannot obtain unbindLock"
+    sriov_no_vfs: bool = False  # sriov-manage -e exits 0 but makes no VFs (SR-IOV off in the BIOS)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Faults:

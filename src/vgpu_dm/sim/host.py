@@ -39,6 +39,7 @@ class SimHostRoot(HostRoot):
             )
         self._dying = threading.Event()  # set when an injected SIGKILL is about to end the process
         self.faults = Faults.load(self.root)
+        self._unbind_failures = 0
         self.latency = WriteLatency.load(self.root)
         # Reads never need the driver state, so a corrupt one would first show at a write, after the
         # journal is written; check it before anything is planned.
@@ -100,7 +101,7 @@ class SimHostRoot(HostRoot):
         parts = real.relative_to(self.base).parts
         state = SimState.load(self.base)
         if len(parts) >= 4 and parts[-1] == "create" and parts[-3] == "mdev_supported_types":
-            type_id = int(parts[-2].split("-")[1])
+            type_id = driver.type_id_of_dir(parts[-2])
             driver.mdev_create(self.base, state, parts[-4], type_id, data, full)
         elif len(parts) >= 3 and parts[-1] == "remove" and driver.UUID_RE.fullmatch(parts[-2]):
             driver.mdev_remove(self.base, state, parts[-3], parts[-2], data, full)
@@ -118,12 +119,32 @@ class SimHostRoot(HostRoot):
         timeout: float = 300,
         input: str | None = None,
     ) -> CompletedProcess[str]:
-        """Stand in for the host programs the tool runs: sriov-manage, nvidia-smi, nvidia-mig-parted."""
+        """Stand in for the host programs the tool runs: sriov-manage, nvidia-smi, nvidia-mig-parted.
+
+        As ``chroot DIR prog`` would, it finds the program inside ``chroot`` (default: the host root) —
+        the stand-in files ``sim create`` put in the driver root — and exits 127 when it is not there.
+        """
+        import subprocess
+        from pathlib import Path
+
         from vgpu_dm.sim import vfio_driver
         from vgpu_dm.sim.layout import SimState
 
+        CompletedProcess = subprocess.CompletedProcess
         program = os.path.basename(argv[0])
         _log.debug(f"run {list(argv)} (simulated)")
+        inside = Path(os.path.abspath(chroot)) if chroot else self.base
+        if argv[0].startswith("/"):
+            candidates = [inside / argv[0].lstrip("/")]
+        else:
+            candidates = [
+                inside / d / argv[0] for d in ("usr/local/bin", "usr/bin", "bin", "usr/sbin", "sbin")
+            ]
+        if program in ("nvidia-smi", "sriov-manage") and not any(c.is_file() for c in candidates):
+            err = f"chroot: failed to run command '{argv[0]}': No such file or directory\n"
+            return CompletedProcess(list(argv), 127, "", err)
+        if program in self.faults.hang:
+            raise subprocess.TimeoutExpired(list(argv), timeout)  # killed by the caller's timeout
         lock = self._locked()
         try:
             state = SimState.load(self.base)
@@ -132,7 +153,11 @@ class SimHostRoot(HostRoot):
 
                 return mig_parted.run(self.base, list(argv), input, env={})
             if program == "sriov-manage":
-                return vfio_driver.sriov_manage(self.base, state, list(argv))
+                if argv[1:2] == ["-e"] and self._unbind_failures < self.faults.unbind_lock_failures:
+                    # The rebind needs the driver's unbind lock, which an NVML client may hold for a while.
+                    self._unbind_failures += 1
+                    return CompletedProcess(list(argv), 1, "", f"Cannot obtain unbindLock for {argv[-1]}\n")
+                return vfio_driver.sriov_manage(self.base, state, list(argv), no_vfs=self.faults.sriov_no_vfs)
             if program == "nvidia-smi":
                 return vfio_driver.nvidia_smi(self.base, state, list(argv))
         finally:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from vgpu_dm import catalog
 
 STATE_FILE = "host.json"
+DRIVER_VERSION = "580.105.06"
 # PCI buses of the simulated GPUs, in the order they are added (more than a real server has, for the
 # benchmarks' 32-GPU hosts).
 _BUSES = (
@@ -56,6 +57,13 @@ class SimGPU:
     gpu_instances: list[dict] = field(default_factory=list)  # {"id", "profile", "start"}
     mig_hosts: dict[str, int] = field(default_factory=dict)  # vGPU (mdev UUID or VF) → GPU instance id
     mig_types: dict[str, int] = field(default_factory=dict)  # vGPU (mdev UUID or VF) → type id
+    # Driver of the VFs on mdev-vf GPUs. The kernel names mdev type directories <parent driver>-<id>, so
+    # VFs bound to vfio-pci offer vfio-pci-<id> (seen on a real A40 host: vfio-pci-575 "NVIDIA A40-24A").
+    vf_driver: str = "nvidia"
+
+    @property
+    def type_dir_prefix(self) -> str:
+        return "vfio-pci" if self.framework == "mdev-vf" and self.vf_driver == "vfio-pci" else "nvidia"
 
 
 # Host behaviours the reference does not settle; each is a choice when the host is created.
@@ -77,6 +85,10 @@ class SimState:
     gpus: list[SimGPU]
     next_group: int = 100
     options: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    # Where the driver's programs (nvidia-smi, sriov-manage) live, relative to the host root: "" = the
+    # host itself, "run/nvidia/driver" = the GPU Operator's containerised driver.
+    driver_root: str = ""
+    driver_version: str = DRIVER_VERSION
 
     def save(self, root: str | os.PathLike[str]) -> None:
         path = Path(root, SIM_MARKER, STATE_FILE)
@@ -96,7 +108,13 @@ class SimState:
             raw = json.loads(path.read_text())
             gpus = [SimGPU(**{**g, "types": [SimType(**t) for t in g["types"]]}) for g in raw["gpus"]]
             options = {**DEFAULT_OPTIONS, **raw.get("options", {})}
-            return cls(gpus=gpus, next_group=int(raw.get("next_group", 100)), options=options)
+            return cls(
+                gpus=gpus,
+                next_group=int(raw.get("next_group", 100)),
+                options=options,
+                driver_root=str(raw.get("driver_root", "")),
+                driver_version=str(raw.get("driver_version", DRIVER_VERSION)),
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # ValueError covers JSONDecodeError and UnicodeDecodeError.
             raise HostError(
@@ -121,9 +139,9 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def vf_address(bus: int, n: int) -> str:
+def vf_address(bus: int, n: int, domain: str = "0000") -> str:
     slot, function = divmod(_FIRST_VF_FUNCTION + n, 8)
-    return f"0000:{bus:02x}:{slot:02x}.{function}"
+    return f"{domain}:{bus:02x}:{slot:02x}.{function}"
 
 
 def _pci_device(root: Path, address: str, attrs: dict[str, str], driver: str | None, group: int) -> Path:
@@ -158,13 +176,26 @@ def create_host(
     vendor_vfio: bool | None = None,
     mixed_size: bool = True,
     options: dict[str, str] | None = None,
+    pci_domain: int = 0,
+    vf_driver: str = "nvidia",
+    driver_root: str = "",
+    driver_version: str = DRIVER_VERSION,
 ) -> SimState:
-    """Create a simulated host at ``root`` (an empty or missing directory) with the given GPUs."""
+    """Create a simulated host at ``root`` (an empty or missing directory) with the given GPUs.
+
+    ``pci_domain`` puts the GPUs in that PCI domain (Intel VMD uses domains >= 0x10000);
+    ``vf_driver`` binds the VFs of mdev-on-VF GPUs to ``nvidia`` or ``vfio-pci``; ``driver_root`` puts
+    nvidia-smi and sriov-manage below that directory (the GPU Operator's containerised driver).
+    """
     from vgpu_dm import catalog
 
     base = Path(root)
     if base.exists() and any(base.iterdir()):
         raise FileExistsError(f"{base} is not empty; choose a new directory for the simulated host")
+    if not 0 <= pci_domain <= 0xFFFFFFFF:
+        raise ValueError(f"PCI domain {pci_domain:#x} does not fit in 8 hex digits")
+    if vf_driver not in ("nvidia", "vfio-pci"):
+        raise ValueError(f"VF driver must be nvidia or vfio-pci, not {vf_driver!r}")
     if len(gpu_names) > len(_BUSES):
         raise ValueError(f"at most {len(_BUSES)} simulated GPUs are supported")
     entries = [catalog.find(name) for name in gpu_names]
@@ -185,20 +216,24 @@ def create_host(
     _write(base / "proc/1/comm", "systemd\n")
     (base / "proc/1/fd").mkdir()
     os.symlink("/dev/null", base / "proc/1/fd/0")
-    # Stand-in for the driver's script; the simulator emulates what running it does.
-    _write(base / "usr/lib/nvidia/sriov-manage", "#!/bin/sh\n# emulated by the nvidia-vgpu-dm simulator\n")
+    # Stand-ins for the driver's programs; the simulator emulates what running them does.
+    driver_dir = base / driver_root.strip("/")
+    for program in ("usr/lib/nvidia/sriov-manage", "usr/bin/nvidia-smi"):
+        _write(driver_dir / program, "#!/bin/sh\n# emulated by the nvidia-vgpu-dm simulator\n")
+    _write(base / "sys/module/nvidia/version", f"{driver_version}\n")
     (base / SIM_MARKER).mkdir()
     # Non-GPU devices a discovery must skip: a host bridge and an NVIDIA HD-audio function.
     _pci_device(base, "0000:00:00.0", {"vendor": "0x8086", "device": "0x2020", "class": "0x060000"}, None, 1)
-    state = SimState(gpus=[])
+    state = SimState(gpus=[], driver_root=driver_root.strip("/"), driver_version=driver_version)
     for key, value in (options or {}).items():
         if key not in DEFAULT_OPTIONS:
             raise ValueError(f"unknown simulator option {key!r}")
         state.options[key] = value
+    domain = f"{pci_domain:04x}"
     group = 10
     for i, entry in enumerate(entries):
         bus = _BUSES[i]
-        address = f"0000:{bus:02x}:00.0"
+        address = f"{domain}:{bus:02x}:00.0"
         dev_id = entry.device_ids[0]
         framework = _framework_for(entry, vendor_vfio)
         total_vfs = 0 if framework == "mdev-pf" else (entry.sriov_vfs or max(entry.min_vfs, 16))
@@ -224,7 +259,10 @@ def create_host(
             total_vfs=total_vfs,
             types=types,
             framebuffer_gb=entry.framebuffer_gb,
-            mixed_capable=mixed_size and framework == "vendor-vfio",
+            # NVIDIA states mixed sizes for Volta and later (a V100 on driver 580 ran 1Q + 2Q);
+            # --no-mixed-size models GPUs whose nvidia-smi says "Not Supported" (P40, H100 NVL captures).
+            mixed_capable=mixed_size and entry.arch not in ("Maxwell", "Pascal"),
+            vf_driver=vf_driver,
             # MIG is simulated on Ampere and Hopper, whose instance profiles the catalog knows.
             mig_profiles=dict(entry.mig_gi_profiles) if entry.arch in ("Ampere", "Hopper") else {},
         )
@@ -249,7 +287,7 @@ def create_host(
         group += 1
         _pci_device(
             base,
-            f"0000:{bus:02x}:00.1",
+            f"{domain}:{bus:02x}:00.1",
             {"vendor": "0x10de", "device": "0x10fa", "class": "0x040300"},
             None,
             group,
@@ -263,13 +301,23 @@ def create_host(
     return state
 
 
+def add_vfio_nodes(base: Path, dev_dir: Path, group: int) -> None:
+    """``vfio-dev/vfioN`` in the device's sysfs dir plus ``/dev/vfio/<group>`` and
+    ``/dev/vfio/devices/vfioN`` (kernel ABI sysfs-devices-vfio-dev); N is the group number here, which
+    is unique per device in the simulator."""
+    (dev_dir / "vfio-dev" / f"vfio{group}").mkdir(parents=True)
+    _write(base / "dev/vfio/devices" / f"vfio{group}", "")
+    _write(base / "dev/vfio" / str(group), "")
+
+
 def enable_vfs(base: Path, gpu: SimGPU, group: int) -> int:
     """Create the GPU's VFs (what ``sriov-manage -e`` does); returns the next free IOMMU group."""
-    bus = int(gpu.address.split(":")[1], 16)
+    domain, bus_text = gpu.address.split(":")[:2]
+    bus = int(bus_text, 16)
     pf_dir = base / "sys/devices/pci0000:00" / gpu.address
     gpu.vfs = []
     for n in range(gpu.total_vfs):
-        vf = vf_address(bus, n)
+        vf = vf_address(bus, n, domain)
         group += 1
         attrs = {
             "vendor": "0x10de",
@@ -279,7 +327,8 @@ def enable_vfs(base: Path, gpu: SimGPU, group: int) -> int:
             "subsystem_device": f"0x{gpu.subsystem_device:04x}",
             "numa_node": (pf_dir / "numa_node").read_text().strip(),
         }
-        vf_dir = _pci_device(base, vf, attrs, "nvidia", group)
+        driver = gpu.vf_driver if gpu.framework == "mdev-vf" else "nvidia"
+        vf_dir = _pci_device(base, vf, attrs, driver, group)
         _link(vf_dir / "physfn", pf_dir)
         _link(pf_dir / f"virtfn{n}", vf_dir)
         if gpu.framework == "mdev-vf":
@@ -288,10 +337,10 @@ def enable_vfs(base: Path, gpu: SimGPU, group: int) -> int:
             (vf_dir / "nvidia").mkdir()
             _write(vf_dir / "nvidia/current_vgpu_type", "0\n")
             _write(vf_dir / "nvidia/creatable_vgpu_types", "")
-        # The nvidia driver registers each VF as a VFIO device itself (iommufd cdev and legacy group).
-        (vf_dir / "vfio-dev" / f"vfio{group}").mkdir(parents=True)
-        _write(base / "dev/vfio/devices" / f"vfio{group}", "")
-        _write(base / "dev/vfio" / str(group), "")
+        if gpu.framework == "vendor-vfio" or driver == "vfio-pci":
+            # A VFIO-bound device gets a group node and an iommufd cdev (the nvidia driver registers
+            # vendor-VFIO VFs itself); a VF that only parents mdevs is no VFIO device of its own.
+            add_vfio_nodes(base, vf_dir, group)
         gpu.vfs.append(vf)
     (pf_dir / "sriov_numvfs").write_text(f"{gpu.total_vfs}\n")
     return group

@@ -68,13 +68,23 @@ def holders_of(base: Path, nodes: list[str]) -> list[int]:
     return found
 
 
-def device_node(root: str | os.PathLike[str], device: str) -> str:
-    """The VFIO node a VM opens for an mdev UUID or a vendor-VFIO VF address."""
+def device_node(root: str | os.PathLike[str], device: str, cdev: bool | None = None) -> str:
+    """The VFIO node a VM opens for an mdev UUID or a vendor-VFIO VF address.
+
+    ``cdev`` picks the iommufd cdev ``/dev/vfio/devices/vfioN`` (QEMU with iommufd) over the group node
+    ``/dev/vfio/<group>``; by default mdevs are held through their group, VFs through their cdev.
+    """
     base = Path(root)
-    mdev = base / "sys/bus/mdev/devices" / device
-    if mdev.exists():
-        return f"/dev/vfio/{os.path.basename(os.readlink(mdev / 'iommu_group'))}"
-    vf = base / "sys/bus/pci/devices" / device
-    if (vf / "vfio-dev").is_dir():
-        return f"/dev/vfio/devices/{sorted(os.listdir(vf / 'vfio-dev'))[0]}"
+    for dev_dir, default in (
+        (base / "sys/bus/mdev/devices" / device, False),
+        (base / "sys/bus/pci/devices" / device, True),
+    ):
+        if not ((dev_dir / "mdev_type").exists() or (dev_dir / "vfio-dev").is_dir()):
+            continue
+        use_cdev = default if cdev is None else cdev
+        if use_cdev and (dev_dir / "vfio-dev").is_dir():
+            return f"/dev/vfio/devices/{sorted(os.listdir(dev_dir / 'vfio-dev'))[0]}"
+        if use_cdev:
+            raise LookupError(f"{device} has no vfio-dev cdev on the simulated host")
+        return f"/dev/vfio/{os.path.basename(os.readlink(dev_dir / 'iommu_group'))}"
     raise LookupError(f"no mdev or vendor-VFIO VF called {device!r} on the simulated host")

@@ -57,12 +57,10 @@ def refresh_vfio(base: Path, gpu: SimGPU) -> None:
 
 
 def _vf_holders(base: Path, vf: str) -> list[int]:
+    from vgpu_dm.sim.driver import vfio_nodes
     from vgpu_dm.sim.processes import holders_of
 
-    vf_dir = base / PCI_DIR / vf
-    nodes = [f"/dev/vfio/{os.path.basename(os.readlink(vf_dir / 'iommu_group'))}"]
-    nodes += [f"/dev/vfio/devices/{n}" for n in os.listdir(vf_dir / "vfio-dev")]
-    return holders_of(base, nodes)
+    return holders_of(base, vfio_nodes(base / PCI_DIR / vf))
 
 
 def set_vgpu_type(base: Path, state: SimState, vf: str, data: str, path: str) -> None:
@@ -78,7 +76,9 @@ def set_vgpu_type(base: Path, state: SimState, vf: str, data: str, path: str) ->
         if current == 0:
             raise _fail(errno.EPERM, path, "no vGPU to destroy on this VF")
         if _vf_holders(base, vf):
-            raise _fail(errno.EBUSY, path, f"the vGPU on {vf} is in use by a VM")
+            # NVIDIA's vgpu-vfio interface refuses to destroy a vGPU whose usage count is not zero
+            # (nv_vgpu_vfio_destroy: -EPERM); its open-source RFC driver answers -EBUSY. It never waits.
+            raise _fail(errno.EPERM, path, f"the vGPU on {vf} is in use by a VM")
     else:
         if current != 0:
             raise _fail(errno.EPERM, path, "a vGPU already exists on this VF; write 0 first")
@@ -107,7 +107,9 @@ def _drop_mdevs(base: Path, vf: str) -> None:
     for entry in os.listdir(vf_dir):
         if UUID_RE.fullmatch(entry):
             group = os.path.basename(os.readlink(vf_dir / entry / "iommu_group"))
-            for link in (base / "sys/bus/mdev/devices" / entry, base / "dev/vfio" / group):
+            cdevs = vf_dir / entry / "vfio-dev"
+            nodes = [base / "dev/vfio/devices" / n for n in (os.listdir(cdevs) if cdevs.is_dir() else [])]
+            for link in (base / "sys/bus/mdev/devices" / entry, base / "dev/vfio" / group, *nodes):
                 if os.path.lexists(link):
                     link.unlink()
 
@@ -133,7 +135,11 @@ def _result(argv: list[str], code: int, out: str = "", err: str = "") -> subproc
     return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def sriov_manage(base: Path, state: SimState, argv: list[str]) -> subprocess.CompletedProcess[str]:
+def sriov_manage(
+    base: Path, state: SimState, argv: list[str], no_vfs: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``sriov-manage -e|-d <PF|ALL>``; with ``no_vfs`` it prints and exits 0 but makes no VFs (a real
+    script does that when SR-IOV is off in the BIOS or the driver does not do VFs for the GPU)."""
     if len(argv) != 3 or argv[1] not in ("-e", "-d"):
         return _result(argv, 1, err="usage: sriov-manage <-e|-d> <ssss:bb:dd.f|ALL>\n")
     targets = state.gpus if argv[2] == "ALL" else [g for g in state.gpus if g.address == argv[2]]
@@ -145,7 +151,7 @@ def sriov_manage(base: Path, state: SimState, argv: list[str]) -> subprocess.Com
             continue
         if argv[1] == "-e":
             out.append(f"Enabling VFs on {gpu.address}\n")
-            if not gpu.vfs:
+            if not gpu.vfs and not no_vfs:
                 state.next_group = enable_vfs(base, gpu, state.next_group) + 1
                 gpu.mixed_enabled = False  # the rebind resets heterogeneous mode
                 gpu.gpu_instances = []  # ... and destroys MIG GPU instances (MIG mode survives)
@@ -161,43 +167,94 @@ def sriov_manage(base: Path, state: SimState, argv: list[str]) -> subprocess.Com
     return _result(argv, 0, out="".join(out))
 
 
+def smi_address(address: str) -> str:
+    """How nvidia-smi prints a PCI address: 8-digit domain, uppercase hex (``00000000:3B:00.0``)."""
+    domain, bus, rest = address.split(":")
+    return f"{int(domain, 16):08X}:{bus.upper()}:{rest.upper()}"
+
+
+def _find(state: SimState, text: str) -> SimGPU | None:
+    """The GPU nvidia-smi -i means, by PCI address in either spelling."""
+    from vgpu_dm.host.pci import address_key
+
+    try:
+        key = address_key(text.lower())
+    except ValueError:
+        return None
+    return next((g for g in state.gpus if address_key(g.address) == key), None)
+
+
+def _all_placed(base: Path, gpu: SimGPU) -> list[SimType]:
+    from vgpu_dm.sim.driver import mdev_devices
+
+    if gpu.framework == "vendor-vfio":
+        return placed_types(base, gpu)
+    return [t for _, _, t in mdev_devices(base, gpu)]
+
+
+def _gpu_block(gpu: SimGPU) -> str:
+    """One GPU's block of ``nvidia-smi -q``, with the vGPU fields where real captures have them."""
+    sizes = "Supported" if gpu.mixed_capable else "Not Supported"
+    mode = "Enabled" if gpu.mixed_enabled else "Disabled"
+    sriov = "Non SR-IOV" if gpu.framework == "mdev-pf" else "SR-IOV"
+    return (
+        f"GPU {smi_address(gpu.address)}\n"
+        f"    Product Name                                           : {gpu.model}\n"
+        f"    Product Architecture                                   : N/A\n"
+        f"    vGPU Device Capability\n"
+        f"        Fractional Multi-vGPU                              : Supported\n"
+        f"        Heterogeneous Time-Slice Profiles                  : Supported\n"
+        f"        Heterogeneous Time-Slice Sizes                     : {sizes}\n"
+        f"    MIG Mode\n"
+        f"        Current                                            : N/A\n"
+        f"        Pending                                            : N/A\n"
+        f"    GPU Virtualization Mode\n"
+        f"        Virtualization Mode                                : Host VGPU\n"
+        f"        Host VGPU Mode                                     : {sriov}\n"
+        f"        vGPU Heterogeneous Mode                            : {mode}\n"
+    )
+
+
 def nvidia_smi(base: Path, state: SimState, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """The nvidia-smi commands the tool runs. ``-q`` follows the real layout: the driver-wide
+    ``Heterogenous Multi-vGPU`` line (Supported, as on every captured vGPU host) once before
+    ``Attached GPUs``, then per GPU its own ``Heterogeneous Time-Slice Sizes`` and current mode."""
+    from vgpu_dm.sim.driver import refresh_gpu
+
     args = argv[1:]
-    if args[:1] == ["-q"] and len(args) == 3 and args[1] == "-i":
-        gpu = next((g for g in state.gpus if g.address == args[2]), None)
-        if gpu is None:
+    if args[:1] == ["-q"] and len(args) in (1, 3) and (len(args) == 1 or args[1] == "-i"):
+        gpus = state.gpus if len(args) == 1 else [g for g in [_find(state, args[2])] if g]
+        if not gpus:
             return _result(argv, 6, out=f"No devices were found matching {args[2]}\n")
-        capable = "Supported" if gpu.mixed_capable else "Not Supported"
-        mode = "Enabled" if gpu.mixed_enabled else "Disabled"
-        return _result(
-            argv,
-            0,
-            out=(
-                "==============NVSMI LOG==============\n\n"
-                f"GPU {gpu.address}\n    Product Name                          : {gpu.model}\n"
-                f"    vGPU Driver Capability\n        Heterogenous Multi-vGPU           : {capable}\n"
-                f"    vGPU Heterogeneous Mode               : {mode}\n"
-            ),
+        head = (
+            "\n==============NVSMI LOG==============\n\n"
+            "Timestamp                                                  : Sun Nov 29 20:00:00 2026\n"
+            f"Driver Version                                             : {state.driver_version}\n"
+            "CUDA Version                                               : Not Found\n"
+            "vGPU Driver Capability\n"
+            "        Heterogenous Multi-vGPU                            : Supported\n\n"
+            f"Attached GPUs                                              : {len(state.gpus)}\n"
         )
+        return _result(argv, 0, out=head + "\n".join(_gpu_block(g) for g in gpus))
     if args[:1] == ["vgpu"] and len(args) == 5 and args[1] == "-i" and args[3] == "-shm":
-        gpu = next((g for g in state.gpus if g.address == args[2]), None)
+        gpu = _find(state, args[2])
         if gpu is None:
             return _result(argv, 6, out=f"No devices were found matching {args[2]}\n")
         if not gpu.mixed_capable:
             return _result(argv, 3, out="Setting vGPU heterogeneous mode is not supported for this GPU.\n")
-        if placed_types(base, gpu):
+        if _all_placed(base, gpu):
             return _result(argv, 19, out="Failed to set vGPU heterogeneous mode: In use by another client\n")
         gpu.mixed_enabled = args[4] == "1"
         state.save(base)
-        refresh_vfio(base, gpu)
+        refresh_gpu(base, gpu)
         return _result(
             argv, 0, out=f"vGPU heterogeneous mode {'enabled' if gpu.mixed_enabled else 'disabled'}\n"
         )
     if args[:3] == ["vgpu", "-s", "-v"] and len(args) == 5 and args[3] == "-i":
-        gpu = next((g for g in state.gpus if g.address == args[4]), None)
+        gpu = _find(state, args[4])
         if gpu is None:
             return _result(argv, 6, out=f"No devices were found matching {args[4]}\n")
-        lines = [f"GPU {gpu.address}"]
+        lines = [f"GPU {smi_address(gpu.address)}"]
         for t in gpu.types:
             lines += [
                 f"    vGPU Type ID                          : {t.type_id:#x}",
