@@ -111,11 +111,13 @@ def build_plan(
     source: str = "",
     force: bool = False,
     strict: bool = True,
+    read_modes: bool = True,
 ) -> Plan:
     """The plan for the selected config's entries; raises PlanError listing every problem found.
 
     With ``strict=False`` (a preview) problems do not raise: they are returned in ``Plan.problems``,
-    and the GPUs that have them are left out of ``Plan.gpus``.
+    and the GPUs that have them are left out of ``Plan.gpus``. ``read_modes=False`` (assert) skips
+    asking nvidia-smi whether a changing equal-size GPU is still in mixed-size mode: it changes anyway.
     """
     gpus = inventory.gpus
     problems: list[str] = []
@@ -141,7 +143,7 @@ def build_plan(
         if entry is None:
             continue
         before = len(problems)
-        plan = _plan_gpu(gpu, entry, inventory, problems, notes, force)
+        plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes)
         if plan is not None:
             _check_in_use(plan, inventory, force, problems, notes)
         if len(problems) > before:
@@ -182,7 +184,13 @@ def _unnamed_problem(gpu: GPU, devices: list[VGPUDevice], inventory: Inventory, 
 
 
 def _plan_gpu(
-    gpu: GPU, entry: ConfigEntry, inventory: Inventory, problems: list[str], notes: list[str], force: bool
+    gpu: GPU,
+    entry: ConfigEntry,
+    inventory: Inventory,
+    problems: list[str],
+    notes: list[str],
+    force: bool,
+    read_modes: bool = True,
 ) -> GPUPlan | None:
     wanted = entry.wanted()
     backend = inventory.backend_for(gpu)
@@ -259,7 +267,7 @@ def _plan_gpu(
     else:
         # The GPU changes to one size: if mixed-size mode is on, turn it off (it lowers some types' max
         # counts), which like turning it on needs a GPU without vGPUs.
-        disable_mixed = _mixed_size_on(gpu, backend)
+        disable_mixed = read_modes and _mixed_size_on(gpu, backend)
     if not _fits(gpu, backend, resolved, current, mixed, label, problems, notes, entry.is_mig_backed):
         return None
     keep: list[VGPUDevice] = []

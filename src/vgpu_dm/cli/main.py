@@ -153,7 +153,7 @@ def assert_cmd(
     log_discovery(inventory)
     try:
         # assert changes nothing, so who holds a vGPU does not matter here (force skips that check).
-        plan = build_plan(entries, inventory, spec.source, force=True)
+        plan = build_plan(entries, inventory, spec.source, force=True, read_modes=False)
     except PlanError as exc:
         log_problems(exc.problems)
         _log.error("assertion failure: selected configuration cannot be applied on this host")
