@@ -346,3 +346,70 @@ def test_sriov_manage_that_makes_no_vfs_is_reported(tmp_path):
     text = str(caught.value)
     assert "sriov-manage -e exited 0 but created no virtual functions" in text
     assert "Enabling VFs on 0000:3b:00.0" in text and "BIOS" in text
+
+
+# -- 8.1 running in a container ----------------------------------------------------------------------
+def _self_root(tmp_path: Path, **files: str) -> Path:
+    root = tmp_path / "self"
+    for rel, text in files.items():
+        path = root / rel.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def test_container_detection(tmp_path):
+    from vgpu_dm.host.container import container_reason
+
+    host_like = {"proc__1__cgroup": "0::/init.scope\n", "proc__1__sched": "systemd (1, #threads: 1)\n"}
+    assert container_reason(str(_self_root(tmp_path / "a", **host_like))) is None
+    assert container_reason(str(_self_root(tmp_path / "b", **{".dockerenv": ""}))) == "/.dockerenv exists"
+    assert "containerenv" in container_reason(str(_self_root(tmp_path / "c", **{"run__.containerenv": ""})))
+    k8s = {"proc__1__cgroup": "0::/kubepods.slice/kubepods-besteffort.slice/cri-containerd-0a1b.scope\n"}
+    assert "kubepods" in container_reason(str(_self_root(tmp_path / "d", **k8s)))
+    old_kernel = {"proc__1__cgroup": "0::/\n", "proc__1__sched": "python3 (48213, #threads: 1)\n"}
+    assert "PID 48213 on the host" in container_reason(str(_self_root(tmp_path / "e", **old_kernel)))
+
+
+def test_in_a_container_with_host_root_slash_removals_are_refused(cli, tmp_path):
+    """Before: the container's /proc (only itself) was scanned, no VM was ever found, and a held vGPU
+    would have been removed. Now plans that remove vGPUs are refused, naming --host-root /host."""
+    import pytest
+
+    from vgpu_dm.errors import HostError
+    from vgpu_dm.host.inventory import Inventory
+    from vgpu_dm.plan import build_plan
+    from vgpu_dm.sim.host import SimHostRoot
+    from vgpu_dm.spec import load_spec, read_config_source
+
+    root = tmp_path / "host"
+    create_host(root, ["T4"])
+    assert apply(cli, root, tmp_path, "four", {"T4-4Q": 4}).code == 0
+
+    def plan(name: str, layout: dict[str, int], force: bool = False):
+        data, source = read_config_source(str(config(tmp_path, name, layout)))
+        host = SimHostRoot(root)
+        host.container = "/.dockerenv exists"  # what open_host finds for host root / in a container
+        return build_plan(load_spec(data, source).select(None)[1], Inventory(host), source, force=force)
+
+    with pytest.raises(HostError) as caught:
+        plan("two", {"T4-8Q": 2})
+    assert "runs in a container (/.dockerenv exists)" in str(caught.value)
+    assert "--host-root /host" in str(caught.value) and "CAP_SYS_PTRACE" in str(caught.value)
+    assert plan("more", {"T4-4Q": 4}).is_noop  # nothing to remove: nothing to check
+    assert len(plan("forced", {"T4-8Q": 2}, force=True).changed) == 1
+
+
+def test_open_host_slash_notices_this_container(tmp_path):
+    import os
+
+    import pytest
+
+    from vgpu_dm.host.container import container_reason
+    from vgpu_dm.host.root import open_host
+
+    if not os.path.isdir("/sys/bus/pci/devices"):
+        pytest.skip("no /sys here")
+    host = open_host("/")
+    assert host.container == container_reason("/")

@@ -35,6 +35,14 @@ class HolderIndex:
 
     def _scan(self) -> dict[str, list[int]]:
         if self._by_node is None:
+            if getattr(self.host, "container", None):
+                raise HostError(
+                    f"cannot tell which vGPUs VMs are using: this process runs in a container "
+                    f"({self.host.container}) with host root /, so /proc shows the container's processes, "
+                    f"not the host's; mount the host's / at /host and pass --host-root /host (the host's "
+                    f"/proc there lists the host's processes even without hostPID; reading their open "
+                    f"files needs CAP_SYS_PTRACE), or pass --force to remove vGPUs without this check"
+                )
             pids = [p for p in self.host.listdir("proc") if p.isdigit()]
             if not pids:
                 raise HostError(

@@ -56,6 +56,9 @@ class HostRoot:
     def __init__(self, root: str | os.PathLike[str] = "/"):
         self.root = os.path.abspath(os.fspath(root))
         self.counters = IOCounters()
+        # Why this process is in a container while its host root is "/" (set by open_host): then the
+        # /proc it sees is the container's, and removals cannot be checked against VMs.
+        self.container: str | None = None
         # apply changes GPUs from several threads; counts (and the simulator's "Nth write") stay exact.
         self._count_lock = threading.Lock()
 
@@ -164,6 +167,16 @@ def open_host(root: str | None = None, sim: str | None = None) -> HostRoot:
             f"{where} does not exist: --host-root {host.root} is not the root of a Linux host "
             f"(in a container, mount the host's / there, or at least its /sys, /proc and /run)"
         )
+    if host.root == "/":
+        from vgpu_dm.host.container import container_reason
+
+        host.container = container_reason()
+        if host.container:
+            _log.warning(
+                f"running in a container ({host.container}) with host root /: the container's /proc shows "
+                f"no VMs, and the lock, journal and learned type tables would live in the container; "
+                f"mount the host's / (e.g. at /host) and pass --host-root /host"
+            )
     if os.path.exists(os.path.join(host.root, SIM_MARKER)):
         from vgpu_dm.errors import HostError
 

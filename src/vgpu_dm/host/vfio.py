@@ -273,14 +273,21 @@ class VendorVfioBackend:
         self._wait_for_vfs(gpu, output)
 
     def _wait_for_vfs(self, gpu: GPU, output: str) -> None:
-        """sriov-manage may return before the VFs' nvidia/ directories exist, or exit 0 having made no
+        """sriov-manage may return before the VFs' control files exist, or exit 0 having made no
         VFs at all (SR-IOV off in the BIOS, or not supported by this driver): poll, bounded."""
         dev = f"{PCI_DEVICES}/{gpu.address}"
         wait = self.programs.tools.vf_wait
         deadline = time.monotonic() + wait
         while True:
             vfs = [e for e in self.host.listdir(dev) if e.startswith("virtfn")]
-            ready = [v for v in vfs if self.host.exists(f"{dev}/{v}/nvidia/current_vgpu_type")]
+            # A VF is ready once it shows its vGPU control files: nvidia/ (vendor VFIO) or
+            # mdev_supported_types (an mdev-on-VF host, reference 3.5).
+            ready = [
+                v
+                for v in vfs
+                if self.host.exists(f"{dev}/{v}/nvidia/current_vgpu_type")
+                or self.host.exists(f"{dev}/{v}/mdev_supported_types")
+            ]
             if vfs and len(ready) == len(vfs):
                 return
             if time.monotonic() >= deadline:
@@ -294,7 +301,8 @@ class VendorVfioBackend:
             )
         raise HostError(
             f"{gpu.describe()}: {len(vfs) - len(ready)} of {len(vfs)} virtual functions still have no "
-            f"nvidia/ control files {wait:g} s after sriov-manage -e{said}; is the vGPU manager loaded?"
+            f"vGPU control files (nvidia/ or mdev_supported_types) {wait:g} s after sriov-manage -e{said}; "
+            f"is the vGPU manager loaded?"
         )
 
     def remove(self, device: VGPUDevice) -> None:
