@@ -147,7 +147,7 @@ def assert_cmd(
         _log.error(pending)
         _log.error("assertion failure: selected configuration not currently applied")
         raise Failure(EXIT_FAILED)
-    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root))
+    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root))
     from vgpu_dm.explain import log_discovery, log_plan
 
     log_discovery(inventory)
@@ -267,7 +267,7 @@ def apply_cmd(
             jobs=jobs,
             watchdog_interval=watchdog_interval,
         )
-        tools = HostTools(sriov_manage, nvidia_smi, mig_parted)
+        tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
         try:
             plan = apply_config(entries, host, tools, spec.source, opts, name)
         except ApplyInterrupted as exc:

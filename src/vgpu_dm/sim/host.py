@@ -138,7 +138,8 @@ class SimHostRoot(HostRoot):
             candidates = [inside / argv[0].lstrip("/")]
         else:
             candidates = [
-                inside / d / argv[0] for d in ("usr/local/bin", "usr/bin", "bin", "usr/sbin", "sbin")
+                inside / d / argv[0]
+                for d in ("usr/local/bin", "usr/bin", "bin", "usr/sbin", "sbin", "usr/lib/nvidia")
             ]
         if program in ("nvidia-smi", "sriov-manage") and not any(c.is_file() for c in candidates):
             err = f"chroot: failed to run command '{argv[0]}': No such file or directory\n"
