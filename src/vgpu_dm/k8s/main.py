@@ -94,7 +94,8 @@ def _env(name: str) -> str:
     default=S.DEFAULT_DRIVER_ROOT,
     show_default=True,
     metavar="DIR",
-    help="Where the driver root (nvidia-smi, sriov-manage) is mounted." + _env("DRIVER_ROOT_CTR_PATH"),
+    help="Where the driver root (nvidia-smi, sriov-manage) is mounted; when it does not exist, the "
+    "programs are looked for in the host root." + _env("DRIVER_ROOT_CTR_PATH"),
 )
 @click.option(
     "-o",

@@ -9,6 +9,7 @@ protection) → restore the operand labels, always → ``success`` or ``failed``
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -91,7 +92,13 @@ class Reconciler:
         return open_host(self.settings.host_root, self.settings.sim)
 
     def tools(self) -> HostTools:
-        return HostTools()
+        """The driver's programs (nvidia-smi, sriov-manage) run chrooted into --driver-root-ctr-path
+        when that directory is mounted (a containerised driver), else in the host root (a driver
+        installed on the host). The simulator answers for them itself."""
+        root = self.settings.driver_root
+        if self.settings.sim or not root or not os.path.isdir(root):
+            return HostTools()
+        return HostTools(driver_root=root)
 
     # -- the flow --------------------------------------------------------------------------------------
 
