@@ -119,7 +119,8 @@ class SimHostRoot(HostRoot):
         timeout: float = 300,
         input: str | None = None,
     ) -> CompletedProcess[str]:
-        """Stand in for the host programs the tool runs: sriov-manage, nvidia-smi, nvidia-mig-parted.
+        """Stand in for the host programs the tool runs: sriov-manage, nvidia-smi, nvidia-mig-parted,
+        systemctl and reboot.
 
         As ``chroot DIR prog`` would, it finds the program inside ``chroot`` (default: the host root) —
         the stand-in files ``sim create`` put in the driver root — and exits 127 when it is not there.
@@ -149,6 +150,10 @@ class SimHostRoot(HostRoot):
         lock = self._locked()
         try:
             state = SimState.load(self.base)
+            if program in ("systemctl", "reboot"):
+                from vgpu_dm.sim import services
+
+                return services.run(self.base, list(argv))
             if program == "nvidia-mig-parted":
                 from vgpu_dm.sim import mig_parted
 

@@ -1,0 +1,115 @@
+"""Host-side parts of the Kubernetes agent's MIG step (upstream nvidia-k8s-vgpu-dm, reference 8.4):
+find ``libnvidia-ml.so.1`` under the driver root, persist the selected MIG config for the host's
+nvidia-mig-manager, stop and start the host's GPU clients, reboot the node. Host programs run through
+the host-root object (``chroot`` into the host), never through a shell; unit names are checked first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from vgpu_dm import log
+from vgpu_dm.errors import HostError
+from vgpu_dm.host.root import HostRoot
+from vgpu_dm.mig.parted import output
+
+# Where upstream looks for NVML under the driver root, in this order.
+NVML_DIRS = (
+    "/",
+    "/usr/lib64",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib64",
+    "/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+)
+NVML = "libnvidia-ml.so.1"
+# A systemd unit name and nothing else: no option (leading '-'), no path, no shell or glob characters.
+_UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,200}\.(?:service|socket|timer|target|path)")
+# A config name that can stand inside Environment="…" of a unit file unchanged.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,252}")
+
+_log = log.get("mig")
+
+
+def find_nvml(driver_root: str) -> str | None:
+    """``libnvidia-ml.so.1`` under ``driver_root``, symlinks resolved inside that root; None if absent."""
+    for directory in NVML_DIRS:
+        path = os.path.join(driver_root, directory.lstrip("/"), NVML)
+        for _ in range(40):
+            if not os.path.islink(path):
+                break
+            target = os.readlink(path)
+            path = (
+                os.path.join(driver_root, target.lstrip("/"))
+                if os.path.isabs(target)
+                else os.path.join(os.path.dirname(path), target)
+            )
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    return None
+
+
+def valid_unit(name: str) -> bool:
+    return bool(_UNIT.fullmatch(name))
+
+
+def persist_selected_config(host: HostRoot, state_file: str, config_name: str) -> bool:
+    """Point the host's nvidia-mig-manager at the config (so it re-applies it at boot), when its
+    override file exists; then ``systemctl daemon-reload``. Returns whether it did."""
+    rel = state_file.lstrip("/")
+    if not host.exists(rel):
+        return False
+    if not _SAFE_NAME.fullmatch(config_name):
+        raise HostError(f"config name {config_name!r} cannot be written into {state_file}")
+    host.save_state(rel, f'[Service]\nEnvironment="MIG_PARTED_SELECTED_CONFIG={config_name}"\n')
+    _systemctl(host, "daemon-reload")
+    return True
+
+
+def _systemctl(host: HostRoot, *args: str):
+    try:
+        proc = host.run(["systemctl", *args])
+    except FileNotFoundError:
+        raise HostError("systemctl not found on the host") from None
+    return proc
+
+
+def stop_clients(host: HostRoot, units: list[str]) -> list[str]:
+    """Stop the GPU clients that are running; returns those stopped, to start them again later."""
+    bad = [u for u in units if not valid_unit(u)]
+    if bad:
+        raise HostError(f"not systemd unit names: {', '.join(map(repr, bad))}")
+    stopped = []
+    for unit in units:
+        if _systemctl(host, "is-active", "--quiet", unit).returncode != 0:
+            continue
+        _log.info(f"stopping host GPU client {unit}")
+        proc = _systemctl(host, "stop", unit)
+        if proc.returncode != 0:
+            start_clients(host, stopped)
+            raise HostError(f"could not stop {unit}: {output(proc)}")
+        stopped.append(unit)
+    return stopped
+
+
+def start_clients(host: HostRoot, units: list[str]) -> list[str]:
+    """Start units stopped earlier, in reverse order; returns the problems (it goes on past them)."""
+    problems = []
+    for unit in reversed(units):
+        _log.info(f"starting host GPU client {unit}")
+        proc = _systemctl(host, "start", unit)
+        if proc.returncode != 0:
+            problems.append(f"could not start {unit}: {output(proc)}")
+    return problems
+
+
+def reboot(host: HostRoot) -> None:
+    """Reboot the node (``chroot <host> reboot``)."""
+    try:
+        proc = host.run(["reboot"])
+    except FileNotFoundError:
+        raise HostError("reboot not found on the host") from None
+    if proc.returncode != 0:
+        raise HostError(f"reboot failed: {output(proc)}")

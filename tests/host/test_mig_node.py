@@ -1,0 +1,88 @@
+"""Host-side pieces of the agent's MIG step, on simulated hosts and real directories."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vgpu_dm.errors import HostError
+from vgpu_dm.mig import node
+from vgpu_dm.sim import services
+from vgpu_dm.sim.host import SimHostRoot
+from vgpu_dm.sim.layout import SimState
+
+STATE_FILE = "/etc/systemd/system/nvidia-mig-manager.service.d/override.conf"
+
+
+def test_find_nvml_follows_symlinks_inside_the_driver_root(tmp_path) -> None:
+    root = tmp_path / "driver"
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    assert node.find_nvml(str(root)) is None
+    (lib / "libnvidia-ml.so.580.159.04").write_text("")
+    # An absolute link is resolved inside the driver root, not in the container's /.
+    os.symlink("/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.580.159.04", lib / "libnvidia-ml.so.1")
+    assert node.find_nvml(str(root)) == str(lib / "libnvidia-ml.so.580.159.04")
+    # The first directory of upstream's list wins.
+    (root / "libnvidia-ml.so.1").write_text("")
+    assert node.find_nvml(str(root)) == str(root / "libnvidia-ml.so.1")
+    # A dangling link does not count.
+    os.unlink(root / "libnvidia-ml.so.1")
+    os.symlink("nowhere.so", root / "libnvidia-ml.so.1")
+    assert node.find_nvml(str(root)) == str(lib / "libnvidia-ml.so.580.159.04")
+
+
+def test_selected_config_is_persisted_only_when_the_override_exists(sim_host) -> None:
+    root = sim_host("A100")
+    host = SimHostRoot(root)
+    assert node.persist_selected_config(host, STATE_FILE, "A100-1-5C") is False
+    assert services.calls(root) == []
+    path = root / STATE_FILE.lstrip("/")
+    path.parent.mkdir(parents=True)
+    path.write_text("[Service]\n")
+    assert node.persist_selected_config(host, STATE_FILE, "A100-1-5C") is True
+    assert path.read_text() == '[Service]\nEnvironment="MIG_PARTED_SELECTED_CONFIG=A100-1-5C"\n'
+    assert services.calls(root) == [["systemctl", "daemon-reload"]]
+    with pytest.raises(HostError, match="cannot be written"):
+        node.persist_selected_config(host, STATE_FILE, 'x"\nExecStart=/bin/evil')
+
+
+def test_gpu_clients_are_stopped_if_running_and_started_again(sim_host) -> None:
+    root = sim_host("A100")
+    host = SimHostRoot(root)
+    services.set_units(
+        root, {"nvidia-dcgm.service": True, "nvsm.service": False, "dcgm-exporter.service": True}
+    )
+    stopped = node.stop_clients(host, ["nvidia-dcgm.service", "nvsm.service", "dcgm-exporter.service"])
+    assert stopped == ["nvidia-dcgm.service", "dcgm-exporter.service"]
+    assert services.load(root)["units"]["nvidia-dcgm.service"] == "inactive"
+    assert node.start_clients(host, stopped) == []
+    assert services.load(root)["units"] == {
+        "nvidia-dcgm.service": "active",
+        "nvsm.service": "inactive",
+        "dcgm-exporter.service": "active",
+    }
+    assert ["systemctl", "start", "dcgm-exporter.service"] in services.calls(root)
+    assert node.start_clients(host, ["gone.service"]) == [
+        "could not start gone.service: Failed to start gone.service: Unit gone.service not found."
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", ["-x.service", "a b.service", "../etc.service", "kubelet", "x;reboot.service", ""]
+)
+def test_unit_names_are_checked_before_anything_runs(sim_host, name) -> None:
+    root = sim_host("A100")
+    with pytest.raises(HostError, match="not systemd unit names"):
+        node.stop_clients(SimHostRoot(root), ["nvidia-dcgm.service", name])
+    assert services.calls(root) == []
+
+
+def test_reboot_runs_a_simulated_reboot(sim_host) -> None:
+    root = sim_host("H200")
+    host = SimHostRoot(root)
+    assert host.run(["sriov-manage", "-e", SimState.load(root).gpus[0].address]).returncode == 0
+    node.reboot(host)
+    assert services.calls(root) == [["reboot"]]
+    assert SimState.load(root).gpus[0].vfs == []
