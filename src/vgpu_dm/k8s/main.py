@@ -258,25 +258,13 @@ def _settings(o: dict) -> S.Settings:
 
 
 def _check_gpu_clients(path: str) -> None:
-    """Upstream's GPU clients file: ``version: v1`` and ``systemd-services: [unit, ...]``."""
-    import yaml
+    """Upstream's GPU clients file (version, systemd-services), checked at start, unit names included."""
+    from vgpu_dm.k8s.mig import GpuClientsError, load_gpu_clients
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except OSError as exc:
-        raise click.BadParameter(f"{path}: {exc.strerror}", param_hint="--gpu-clients-file") from None
-    except yaml.YAMLError as exc:
-        raise click.BadParameter(f"{path}: not valid YAML: {exc}", param_hint="--gpu-clients-file") from None
-    if not isinstance(data, dict) or "version" not in data:
-        raise click.BadParameter(
-            f"{path}: expected a mapping with 'version'", param_hint="--gpu-clients-file"
-        )
-    services = data.get("systemd-services", [])
-    if not isinstance(services, list) or not all(isinstance(x, str) for x in services):
-        raise click.BadParameter(
-            f"{path}: 'systemd-services' must be a list of unit names", param_hint="--gpu-clients-file"
-        )
+        load_gpu_clients(path)
+    except GpuClientsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpu-clients-file") from None
 
 
 def run(settings: S.Settings) -> None:

@@ -3,8 +3,11 @@
 validate the file and name → plan against the host (no operand touched yet: an invalid config, a
 config that does not fit, or a VM holding a vGPU ends here) → already applied: ``success`` → else
 ``pending``, pause the sandbox operands that are on, wait until their pods left this node, run the
-pre-apply steps (the MIG step goes there), apply in-process (host lock, journal, rollback, in-use
-protection) → restore the operand labels, always → ``success`` or ``failed``, and an Event.
+pre-apply steps, the MIG step's host side (k8s/mig.py: driver library, mig-manager state file, host
+GPU clients stopped), apply in-process (MIG mode and instances, then vGPUs, under the host lock, journal,
+rollback, in-use protection), GPU clients started again → restore the operand labels, always →
+``success`` or ``failed``, and an Event. A MIG mode change that waits for a reset ends in ``rebooting``
+and a host reboot with --with-reboot (never twice for one change), else in ``failed``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from vgpu_dm.host.root import HostRoot, open_host
 from vgpu_dm.k8s import labels as L
 from vgpu_dm.k8s.kube import Kube, Stopped, describe
 from vgpu_dm.k8s.metrics import Metrics
+from vgpu_dm.k8s.mig import MigChange, mig_change, mode_pending
+from vgpu_dm.k8s.mig import stop_clients as stop_gpu_clients
 from vgpu_dm.k8s.settings import Settings
+from vgpu_dm.mig import node as mig_node
 from vgpu_dm.mig.step import MigModePending
 from vgpu_dm.plan import build_plan
 from vgpu_dm.spec import load_spec, read_config_source
@@ -33,6 +39,7 @@ _log = log.get("k8s")
 
 # Outcome results (metric label values).
 SUCCESS, FAILED, INTERRUPTED, UNCHANGED = "success", "failed", "interrupted", "unchanged"
+REBOOTING = "rebooting"  # the node is being rebooted for a MIG mode change
 IN_USE_MARK = " is in use by "
 
 
@@ -45,7 +52,9 @@ class Outcome:
 
     @property
     def state(self) -> str:
-        return {SUCCESS: L.SUCCESS, UNCHANGED: L.SUCCESS, FAILED: L.FAILED}.get(self.result, L.PENDING)
+        return {SUCCESS: L.SUCCESS, UNCHANGED: L.SUCCESS, FAILED: L.FAILED, REBOOTING: L.REBOOTING}.get(
+            self.result, L.PENDING
+        )
 
 
 @dataclass
@@ -61,6 +70,10 @@ class Change:
     kube: Kube
     stop: threading.Event
     notes: list[str] = field(default_factory=list)
+    mig: MigChange | None = None  # the GPUs whose MIG state changes
+    prior_state: str | None = None  # the state label before this reconcile (``rebooting`` after a reboot)
+    skip_mig: bool = False
+    stopped_clients: list[str] = field(default_factory=list)
 
 
 PreApplyStep = Callable[[Change], None]
@@ -120,7 +133,11 @@ class Reconciler:
             host = self.host()
             tools = self.tools()
             interrupted_run = journal.read(host)
-            plan = build_plan(entries, Inventory(host, tools), source, force=False)
+            inventory = Inventory(host, tools)
+            # A MIG change is checked as the apply's MIG step checks it: the instances the vGPU types
+            # need do not exist yet, so those GPUs cannot be planned before the step.
+            mig = mig_change(entries, name, inventory, source)
+            plan = None if mig else build_plan(entries, inventory, source, force=False)
         except PlanError as exc:
             in_use = all(IN_USE_MARK in p for p in exc.problems)
             return Outcome(
@@ -131,15 +148,17 @@ class Reconciler:
             )
         except (OSError, HostError, ValueError) as exc:
             return Outcome(FAILED, "HostError", f"reading the host: {_first_lines(describe_host(exc))}", True)
-        if plan.is_noop and interrupted_run is None:
+        if plan is not None and plan.is_noop and interrupted_run is None:
             _log.info(f"Selected vGPU device configuration {name!r} is currently applied")
             return Outcome(
                 UNCHANGED, "VGPUConfigApplied", f"config {name!r} is already applied; nothing changed"
             )
 
         _log.info(f"applying vGPU config {name!r}")
-        change = Change(name, entries, source, host, tools, s, self.kube, self.stop)
+        change = Change(name, entries, source, host, tools, s, self.kube, self.stop, mig=mig)
         try:
+            if mig:
+                change.prior_state = self.kube.labels().get(L.STATE_LABEL)
             self.kube.patch_labels({L.STATE_LABEL: L.PENDING})
             self.metrics.set_state(L.PENDING)
         except Stopped:
@@ -166,13 +185,26 @@ class Reconciler:
                 )
             for step in self.pre_apply:
                 step(change)
+            if change.mig:
+                early = self._mig_prepare(change)
+                if early:
+                    return early
             started = time.monotonic()
             try:
                 plan = apply_config(
-                    change.entries, change.host, change.tools, change.source, self._apply_options(), name
+                    change.entries,
+                    change.host,
+                    change.tools,
+                    change.source,
+                    self._apply_options(change.skip_mig),
+                    name,
                 )
             finally:
                 self.metrics.apply_duration.observe(time.monotonic() - started)
+                # Always, whatever the apply did (also before a reboot: harmless, and in order).
+                for problem in mig_node.start_clients(change.host, change.stopped_clients):
+                    _log.error(problem)
+                    change.notes.append(problem)
         except Stopped:
             return Outcome(
                 INTERRUPTED,
@@ -188,8 +220,15 @@ class Reconciler:
         except ConfigError as exc:
             return Outcome(FAILED, "InvalidVGPUConfig", f"config {name!r}: {_first_lines(str(exc))}")
         except MigModePending as exc:
+            if self.settings.with_reboot:
+                return self._reboot(change, exc)
             # Waits for a GPU reset or a reboot: retrying before that cannot help.
-            return Outcome(FAILED, "MIGModeChangePending", f"config {name!r}: {_first_lines(str(exc))}")
+            return Outcome(
+                FAILED,
+                "MIGModeChangePending",
+                f"config {name!r}: {_first_lines(str(exc))} (start the agent with --with-reboot to let it "
+                f"reboot the node for this)",
+            )
         except (ApplyError, HostError, OSError) as exc:
             return Outcome(
                 FAILED,
@@ -204,10 +243,71 @@ class Reconciler:
         _log.info("Selected vGPU device configuration successfully applied")
         return Outcome(SUCCESS, "VGPUConfigApplied", f"config {name!r} applied: {what}")
 
-    def _apply_options(self) -> ApplyOptions:
+    def _apply_options(self, skip_mig: bool = False) -> ApplyOptions:
         # The stop event (SIGTERM) lets apply finish or roll back the GPU it is on, then raise
         # ApplyInterrupted; it also ends a wait for the host lock.
-        return ApplyOptions(lock_timeout=self.settings.lock_timeout, stop=self.stop)
+        return ApplyOptions(lock_timeout=self.settings.lock_timeout, stop=self.stop, skip_mig=skip_mig)
+
+    # -- MIG -------------------------------------------------------------------------------------------
+
+    def _mig_prepare(self, change: Change) -> Outcome | None:
+        """The host side of the MIG step before the apply; an Outcome when it must end here."""
+        s, name = self.settings, change.config_name
+        mig = change.mig
+        assert mig is not None
+        nvml = mig_node.find_nvml(s.driver_root)
+        if nvml is None:
+            where = ", ".join(mig_node.NVML_DIRS)
+            if mig.wants_mig:
+                return Outcome(
+                    FAILED,
+                    "MIGNotAvailable",
+                    f"config {name!r} has MIG-backed vGPU types, but {mig_node.NVML} is not under the "
+                    f"driver root {s.driver_root} (looked in {where}): mount the driver root there or "
+                    f"set --driver-root-ctr-path",
+                )
+            # As upstream: no NVML, no MIG step; MIG mode is left as it is.
+            _log.warning(f"{mig_node.NVML} not under {s.driver_root}: MIG mode left as it is")
+            change.skip_mig = True
+            return None
+        _log.info(f"MIG step: {mig_node.NVML} found at {nvml}")
+        if change.prior_state == L.REBOOTING:
+            pending = mode_pending(change.entries, name, change.host, change.tools, change.source)
+            if pending:
+                # The reboot did not switch the mode: another one would not either (no reboot loop).
+                return Outcome(
+                    FAILED,
+                    "MIGModeChangeFailed",
+                    f"config {name!r}: MIG mode change failed after reboot: {', '.join(pending)} still "
+                    f"not in the MIG mode the config needs; not rebooting again",
+                )
+        if mig_node.persist_selected_config(change.host, s.host_mig_manager_state_file, name):
+            _log.info(f"host nvidia-mig-manager now selects {name!r} ({s.host_mig_manager_state_file})")
+        if s.with_shutdown_host_gpu_clients:
+            change.stopped_clients = stop_gpu_clients(change.host, s.gpu_clients_file)
+            if change.stopped_clients:
+                change.notes.append(
+                    f"host GPU clients stopped and started again: {', '.join(change.stopped_clients)}"
+                )
+        return None
+
+    def _reboot(self, change: Change, exc: MigModePending) -> Outcome:
+        """State ``rebooting``, an Event, then ``chroot <host> reboot``; the label is the memory that
+        stops a second reboot for the same change (checked in _mig_prepare after the restart)."""
+        name = change.config_name
+        text = f"config {name!r}: rebooting the node for a MIG mode change: {_first_lines(str(exc), 1)}"
+        try:
+            self.kube.patch_labels({L.STATE_LABEL: L.REBOOTING}, ignore_stop=True)
+            self.metrics.set_state(L.REBOOTING)
+        except Exception as err:
+            return Outcome(FAILED, "KubernetesError", f"{text}: cannot set state rebooting: {describe(err)}")
+        self.kube.event("MIGRebooting", text, warning=True, ignore_stop=True)
+        _log.warning(text)
+        try:
+            mig_node.reboot(change.host)
+        except HostError as err:
+            return Outcome(FAILED, "RebootFailed", f"config {name!r}: {err}")
+        return Outcome(REBOOTING, "MIGRebooting", text)
 
     # -- operands ----------------------------------------------------------------------------------------
 
@@ -246,6 +346,8 @@ class Reconciler:
 
     def _finish(self, value: str, outcome: Outcome) -> None:
         self.metrics.applies.labels(outcome.result).inc()
+        if outcome.result == REBOOTING:
+            return  # label and Event were written before the reboot began
         log_line = f"config {value!r}: {outcome.result}: {outcome.message}"
         (_log.info if outcome.result in (SUCCESS, UNCHANGED) else _log.error)(log_line)
         if outcome.result != INTERRUPTED:
