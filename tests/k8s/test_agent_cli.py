@@ -86,11 +86,25 @@ def test_host_root_without_sysfs_is_a_usage_error(sim, capsys, workdir):
     assert "sys does not exist" in capsys.readouterr().err
 
 
-def test_gpu_clients_file_is_checked(sim, capsys, workdir):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("version: v1\nsystemd-services: nvidia-persistenced\n", "must be a list of unit names"),
+        ("version: v2\nsystemd-services: []\n", "expected 'v1'"),
+        ("version: v1\nservices: [a.service]\n", "unknown key(s) services"),
+        ("version: v1\nsystemd-services: [dcgm.service, '--now']\n", "not systemd unit names: '--now'"),
+        ("version: v1\nsystemd-services: ['x.service; reboot']\n", "not systemd unit names"),
+        ("version: v1\nsystemd-services: [../../bin/sh.service]\n", "not systemd unit names"),
+        ("systemd-services: [a.service]\n", "expected a mapping with 'version'"),
+        ("version: [\n", "not valid YAML"),
+    ],
+)
+def test_gpu_clients_file_is_checked(sim, capsys, workdir, text, message):
     bad = workdir / "clients.yaml"
-    bad.write_text("version: v1\nsystemd-services: nvidia-persistenced\n")
+    bad.write_text(text)
     assert main(args(sim, gpu_clients_file=str(bad))) == 2
-    assert "must be a list of unit names" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "--gpu-clients-file" in err
     good = workdir / "clients-ok.yaml"
     good.write_text("version: v1\nsystemd-services: [nvidia-persistenced.service]\n")
     # Accepted (the MIG step uses it later); it gets as far as the credentials.
