@@ -310,7 +310,9 @@ def _map(func, items: list, workers: int) -> list:
         return [func(item) for item in items]
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vgpu-dm-gpu") as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="vgpu-dm-gpu", initializer=_leave_signals_to_main
+    ) as pool:
         futures = [pool.submit(func, item) for item in items]
         pending = set(futures)
         while pending:
@@ -318,6 +320,18 @@ def _map(func, items: list, workers: int) -> list:
             # main thread, and only between bytecodes.
             _, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
         return [f.result() for f in futures]
+
+
+def _leave_signals_to_main() -> None:
+    """Block SIGINT/SIGTERM in a worker so the kernel hands them to the main thread.
+
+    A process-directed signal goes to any thread that does not block it. Caught by a worker, it only
+    flags the interpreter, and the stop request waits until the main thread's next wake-up while the
+    other workers keep writing; caught by the main thread, it interrupts its wait at once.
+    """
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _apply_gpu(

@@ -225,3 +225,16 @@ def test_jobs_1_keeps_the_serial_order(cli, workdir):
     order = [state.gpu_of(line.split("\t")[0].split("/")[4]) for line in writes(root)]
     indices = [state.gpus.index(g) for g in order if g]
     assert indices == sorted(indices)
+
+
+def test_gpu_workers_leave_stop_signals_to_the_main_thread():
+    # A process-directed SIGTERM must reach the main thread (whose wait it interrupts at once), not a
+    # worker, where it would only be noticed at the main thread's next wake-up while writes go on.
+    from vgpu_dm.apply import _map
+
+    def mask(_item) -> set[int]:
+        return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    for blocked in _map(mask, [1, 2, 3], workers=3):
+        assert {signal.SIGINT, signal.SIGTERM} <= blocked
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
