@@ -128,6 +128,30 @@ def test_driver_programs_run_in_the_driver_root(cli, tmp_path):
     assert env.code == 0, env.err
 
 
+def test_every_host_command_takes_the_driver_root(cli, tmp_path):
+    """Naming a full GPU's vGPUs needs nvidia-smi, which lives only in the driver root here: the read
+    commands and the preview must find it there too, not only apply and assert."""
+    root = tmp_path / "host"
+    create_host(root, ["L40S"], driver_root="run/nvidia/driver")
+    driver = str(root / "run/nvidia/driver")
+    cfg = config(tmp_path, "full", {"L40S-48Q": 1})
+    assert cli("apply", "--sim", str(root), "-f", str(cfg), "--driver-root", driver).code == 0
+    for table in (root / "var/lib/nvidia-vgpu-dm/types").iterdir():
+        table.unlink()
+    before = writes(root)
+    without = cli("plan", "--sim", str(root), "-f", str(cfg))
+    assert without.code == 1 and "cannot name the vGPU type of" in without.out + without.err
+    for args in (("plan", "-f", str(cfg)), ("apply", "--dry-run", "-f", str(cfg))):
+        result = cli(*args, "--sim", str(root), "--driver-root", driver)
+        assert result.code == 0 and "apply would change nothing" in result.out, result.err
+    for command in ("list", "export", "types"):
+        result = cli(command, "--sim", str(root), "--driver-root", driver)
+        assert result.code == 0 and "L40S-48Q" in result.out, (command, result.err)
+    via_env = cli("export", "--sim", str(root), env={"VGPU_DM_DRIVER_ROOT": driver})
+    assert '"L40S-48Q": 1' in via_env.out, via_env.err
+    assert writes(root) == before
+
+
 def test_an_unnamed_vgpu_is_never_taken_for_a_foreign_one(cli, tmp_path):
     """A full GPU, no learned table and no working nvidia-smi: its vGPUs cannot be named. Before: they
     read type-<id>, so apply removed and recreated them; now plan and assert refuse with zero writes."""

@@ -73,9 +73,12 @@ def export_layout(inventory, name: str) -> str:
 )
 @options.host_root
 @options.sim
+@options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
-def export_cmd(name: str, host_root: str, sim: str | None, sriov_manage: str, nvidia_smi: str) -> None:
+def export_cmd(
+    name: str, host_root: str, sim: str | None, driver_root: str | None, sriov_manage: str, nvidia_smi: str
+) -> None:
     """Print the host's current vGPU layout as a config file (one config, called NAME).
 
     GPUs with the same layout share one entry ('devices: all' when every GPU has it); GPUs without
@@ -94,7 +97,7 @@ def export_cmd(name: str, host_root: str, sim: str | None, sriov_manage: str, nv
     if not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise click.BadParameter("must be a non-empty name without control characters", param_hint="--name")
     host = open_cli_host(host_root, sim)
-    text = export_layout(Inventory(host, HostTools(sriov_manage, nvidia_smi)), name)
+    text = export_layout(Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root)), name)
     note = journal_note(host)
     if note:
         # What is exported may be a half-done change; say so where the operator looks.

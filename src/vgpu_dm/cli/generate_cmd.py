@@ -170,10 +170,16 @@ def host_models(inventory) -> list[Model]:
 )
 @options.host_root
 @options.sim
+@options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
 def generate_config_cmd(
-    gpus: tuple[str, ...], host_root: str, sim: str | None, sriov_manage: str, nvidia_smi: str
+    gpus: tuple[str, ...],
+    host_root: str,
+    sim: str | None,
+    driver_root: str | None,
+    sriov_manage: str,
+    nvidia_smi: str,
 ) -> None:
     """Print a config file with one config per vGPU type, plus a 'default' config.
 
@@ -197,7 +203,7 @@ def generate_config_cmd(
         from vgpu_dm.host.inventory import HostTools, Inventory
 
         host = open_cli_host(host_root, sim)
-        models = host_models(Inventory(host, HostTools(sriov_manage, nvidia_smi)))
+        models = host_models(Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root)))
         command = "nvidia-vgpu-dm generate-config (from the host's GPUs)"
     if not models:
         from vgpu_dm.errors import HostError

@@ -120,8 +120,11 @@ def journal_by_gpu(host) -> dict[str, dict]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @options.host_root
 @options.sim
+@options.driver_root
 @options.nvidia_smi
-def list_cmd(as_json: bool, host_root: str, sim: str | None, nvidia_smi: str) -> None:
+def list_cmd(
+    as_json: bool, host_root: str, sim: str | None, driver_root: str | None, nvidia_smi: str
+) -> None:
     """Show the host's NVIDIA GPUs, the vGPU framework each uses, and their vGPU devices.
 
     MIXED is the mixed-size (heterogeneous) vGPU mode of vendor-VFIO GPUs; HOLDER is the process (a
@@ -137,7 +140,7 @@ def list_cmd(as_json: bool, host_root: str, sim: str | None, nvidia_smi: str) ->
     from vgpu_dm.host.inventory import HostTools
 
     host = open_cli_host(host_root, sim)
-    report = inventory_report(host, HostTools(nvidia_smi=nvidia_smi))
+    report = inventory_report(host, HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root))
     pending = journal_by_gpu(host)
     if as_json:
         for gpu in report:

@@ -238,10 +238,13 @@ def apply_cmd(
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
+    from vgpu_dm.host.inventory import HostTools
+
+    tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
     if dry_run:
         from vgpu_dm.cli.plan_cmd import run_plan
 
-        code = run_plan((spec, name, entries), host_root, sim, sriov_manage, nvidia_smi, force, as_json)
+        code = run_plan((spec, name, entries), host_root, sim, tools, force, as_json)
         if code:
             raise Failure(code)
         return
@@ -249,7 +252,6 @@ def apply_cmd(
     from vgpu_dm.cli.host_select import open_cli_host
     from vgpu_dm.cli.signals import StopOnSignal
     from vgpu_dm.errors import ApplyInterrupted
-    from vgpu_dm.host.inventory import HostTools
 
     host = open_cli_host(host_root, sim)
     from vgpu_dm.cli.progress import TerminalBar
@@ -267,7 +269,6 @@ def apply_cmd(
             jobs=jobs,
             watchdog_interval=watchdog_interval,
         )
-        tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
         try:
             plan = apply_config(entries, host, tools, spec.source, opts, name)
         except ApplyInterrupted as exc:

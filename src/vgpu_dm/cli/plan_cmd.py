@@ -217,19 +217,18 @@ def run_plan(
     loaded: tuple,
     host_root: str,
     sim: str | None,
-    sriov_manage: str,
-    nvidia_smi: str,
+    tools,
     force: bool,
     as_json: bool,
 ) -> int:
     """Print the preview; returns 0 when apply would succeed, 1 when it would stop on a problem."""
     from vgpu_dm.cli.host_select import open_cli_host
     from vgpu_dm.cli.output import emit
-    from vgpu_dm.host.inventory import HostTools, Inventory
+    from vgpu_dm.host.inventory import Inventory
 
     spec, name, entries = loaded
     host = open_cli_host(host_root, sim)
-    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi))
+    inventory = Inventory(host, tools)
     report = plan_report(entries, inventory, spec.source, name, force=force)
     emit(json.dumps(report, indent=2) if as_json else render_plan(report))
     return 1 if report["problems"] else 0
@@ -240,8 +239,10 @@ def run_plan(
 @options.selected_config
 @options.host_root
 @options.sim
+@options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
+@options.mig_parted
 @options.force
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def plan_cmd(
@@ -249,8 +250,10 @@ def plan_cmd(
     selected_config: str | None,
     host_root: str,
     sim: str | None,
+    driver_root: str | None,
     sriov_manage: str,
     nvidia_smi: str,
+    mig_parted: str,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -266,8 +269,10 @@ def plan_cmd(
       nvidia-vgpu-dm plan -f config.yaml -c T4-small --json | jq '.gpus[] | select(.status=="change")'
     """
     from vgpu_dm.cli.main import Failure, load_selected
+    from vgpu_dm.host.inventory import HostTools
 
     loaded = load_selected(config_file, selected_config)
-    code = run_plan(loaded, host_root, sim, sriov_manage, nvidia_smi, force, as_json)
+    tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
+    code = run_plan(loaded, host_root, sim, tools, force, as_json)
     if code:
         raise Failure(code)

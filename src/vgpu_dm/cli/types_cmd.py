@@ -130,9 +130,17 @@ def render_types(report: list[dict]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @options.host_root
 @options.sim
+@options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
-def types_cmd(as_json: bool, host_root: str, sim: str | None, sriov_manage: str, nvidia_smi: str) -> None:
+def types_cmd(
+    as_json: bool,
+    host_root: str,
+    sim: str | None,
+    driver_root: str | None,
+    sriov_manage: str,
+    nvidia_smi: str,
+) -> None:
     """Show, per GPU, the vGPU types it offers: how many fit (MAX), how many can be created now
     (AVAILABLE), framebuffer and series.
 
@@ -149,5 +157,5 @@ def types_cmd(as_json: bool, host_root: str, sim: str | None, sriov_manage: str,
     from vgpu_dm.host.inventory import HostTools, Inventory
 
     host = open_cli_host(host_root, sim)
-    report = types_report(Inventory(host, HostTools(sriov_manage, nvidia_smi)))
+    report = types_report(Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root)))
     emit(json.dumps(report, indent=2) if as_json else render_types(report))
