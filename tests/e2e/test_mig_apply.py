@@ -75,6 +75,19 @@ def test_mig_sequence_on_two_gpus(cli, workdir, gpu, vendor_vfio, options) -> No
         assert instances(root) == [profiles or {}] * 2, name
 
 
+def test_mig_step_runs_sriov_manage_from_the_driver_root(cli, workdir) -> None:
+    # GPU Operator layout: sriov-manage exists only under the containerised driver's root.
+    root = workdir / "host"
+    create_host(root, ["H200"], vendor_vfio=True, driver_root="run/nvidia/driver")
+    driver = str(root / "run/nvidia/driver")
+    args = ("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "H200-1-18C")
+    missing = cli(*args)
+    assert missing.code == 1 and "sriov-manage" in missing.err and "--driver-root" in missing.err
+    result = cli(*args, "--driver-root", driver)
+    assert result.code == 0, result.err
+    assert layouts(root) == [{"H200-1-18C": 7}] and instances(root) == [{"1g.18gb": 7}]
+
+
 def test_mixed_entries_across_gpus(cli, workdir) -> None:
     root = workdir / "host"
     create_host(root, ["A100", "A100"])

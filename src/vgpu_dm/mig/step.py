@@ -213,10 +213,13 @@ def _remove_vgpus(changing, by_index, inventory: Inventory, force, options, name
 def _sriov(host: HostRoot, tools: HostTools, flag: str, gpu: GPU) -> None:
     if not is_pci_address(gpu.address):
         raise MigStepError(f"refusing to pass {gpu.address!r} to sriov-manage: not a PCI address")
+    from vgpu_dm.host.programs import Programs
+
     try:
-        proc = host.run([tools.sriov_manage, flag, gpu.address])
-    except FileNotFoundError:
-        raise MigStepError(f"{tools.sriov_manage} not found on the host") from None
+        # sriov-manage belongs to the driver: with a containerised driver it is only in the driver root.
+        proc = Programs(host, tools).run([tools.sriov_manage, flag, gpu.address], "sriov-manage")
+    except HostError as exc:
+        raise MigStepError(str(exc)) from None
     if proc.returncode != 0:
         raise MigStepError(f"{gpu.describe()}: 'sriov-manage {flag} {gpu.address}' failed: {output(proc)}")
 
