@@ -184,6 +184,15 @@ def _env(name: str) -> str:
     help="How long an apply waits for another one on this host." + _env("VGPU_DM_LOCK_TIMEOUT"),
 )
 @click.option(
+    "--jobs",
+    envvar="VGPU_DM_JOBS",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default="0: one per GPU being changed, up to 8",
+    metavar="N",
+    help="How many GPUs an apply changes at once; 1 changes them one after another." + _env("VGPU_DM_JOBS"),
+)
+@click.option(
     "--log-format",
     envvar="VGPU_DM_LOG_FORMAT",
     type=click.Choice(["text", "json"]),
@@ -254,6 +263,7 @@ def _settings(o: dict) -> S.Settings:
         retry_initial=o["retry_backoff"],
         retry_max=o["retry_backoff_max"],
         lock_timeout=o["lock_timeout"],
+        jobs=o["jobs"],
     )
 
 

@@ -246,7 +246,12 @@ class Reconciler:
     def _apply_options(self, skip_mig: bool = False) -> ApplyOptions:
         # The stop event (SIGTERM) lets apply finish or roll back the GPU it is on, then raise
         # ApplyInterrupted; it also ends a wait for the host lock.
-        return ApplyOptions(lock_timeout=self.settings.lock_timeout, stop=self.stop, skip_mig=skip_mig)
+        return ApplyOptions(
+            lock_timeout=self.settings.lock_timeout,
+            stop=self.stop,
+            skip_mig=skip_mig,
+            jobs=self.settings.jobs,
+        )
 
     # -- MIG -------------------------------------------------------------------------------------------
 

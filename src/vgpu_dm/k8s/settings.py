@@ -31,3 +31,4 @@ class Settings:
     retry_initial: float = 30.0  # backoff of apply retries after a transient failure
     retry_max: float = 600.0
     lock_timeout: float = 60.0
+    jobs: int = 0  # GPUs changed at once; 0 = one per changing GPU up to apply.AUTO_JOBS, as the CLI
