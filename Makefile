@@ -55,7 +55,7 @@ test: lint unit
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh
 
-bench: $(STAMP)
+bench: $(STAMP) $(ENVTEST_DEP)
 	$(BIN)/python bench/run_all.py
 
 clean:

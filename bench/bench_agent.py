@@ -286,7 +286,8 @@ def measure(server, client, work: Path, args) -> int:
         )
         share = cpu / args.idle * 100
         print(
-            f"idle {args.idle:g} s: CPU {cpu:.2f} s ({share:.2f} %), {requests} API requests, {relists:g} relists"
+            f"idle {args.idle:g} s: CPU {cpu:.2f} s ({share:.2f} %), "
+            f"{requests} API requests, {relists:g} relists"
         )
         benchlib.result(
             f"agent: idle CPU over {args.idle:g} s", f"{cpu:.2f} s ({share:.2f} %)", "~0 (< 1 %)", share < 1.0
@@ -298,7 +299,8 @@ def measure(server, client, work: Path, args) -> int:
         rss_end = rss_kib(agent.pid)
         growth = rss_end - rss_start
         print(
-            f"RSS after start {rss_start / 1024:.1f} MiB, after {args.total} changes {rss_end / 1024:.1f} MiB "
+            f"RSS after start {rss_start / 1024:.1f} MiB, "
+            f"after {args.total} changes {rss_end / 1024:.1f} MiB "
             f"({growth / 1024:+.1f} MiB); those changes took {fmt(more)}"
         )
         benchlib.result(

@@ -66,6 +66,7 @@ def test_required_values_come_from_the_environment_too(sim, monkeypatch, workdir
         ({"operand_timeout": "-1"}, "--operand-timeout"),
         ({"gpu_clients_file": "/no/such/file"}, "No such file"),
         ({"retry_backoff": "60", "retry_backoff_max": "30"}, "must not be smaller"),
+        ({"jobs": "-1"}, "--jobs"),
     ],
 )
 def test_bad_values_exit_2(sim, capsys, extra, message):
@@ -121,7 +122,7 @@ def test_help_lists_upstream_flags_and_env_vars(capsys):
         "--default-vgpu-config",
         "--host-root-mount", "HOST_ROOT_MOUNT", "--driver-root-ctr-path", "--with-reboot",
         "--with-shutdown-host-gpu-clients", "--gpu-clients-file", "--host-mig-manager-state-file",
-        "--metrics-address", "--operand-timeout", "--log-format", "--sim",
+        "--metrics-address", "--operand-timeout", "--log-format", "--sim", "--jobs", "VGPU_DM_JOBS",
     ):  # fmt: skip
         assert text in out, text
 

@@ -9,11 +9,13 @@ from dataclasses import replace
 
 import pytest
 
+from tests.conftest import writes
 from tests.k8s.agentkit import FAST_API, FAST_WATCH, make_sim, running_agent, settings_for, wait_for
 from tests.k8s.fakeapi import FakeAPI
 from tests.simstate import layouts
 from vgpu_dm import log
 from vgpu_dm.k8s import labels as L
+from vgpu_dm.sim.layout import SimState
 
 
 @pytest.fixture(autouse=True)
@@ -224,3 +226,29 @@ def test_values_arriving_during_an_apply_coalesce_to_the_latest(fake, sim, workd
         values = [v for v, _ in agent.reconciled]
     assert values == ["default", "T4-4Q", "T4-16Q"]
     assert layouts(sim.root) == [{"T4-16Q": 1}, {"T4-16Q": 1}]
+
+
+@pytest.mark.parametrize("jobs", [0, 1])
+def test_agent_changes_gpus_at_once_by_default_and_one_after_another_with_jobs_1(
+    fake, sim, workdir, cli, jobs
+):
+    with start(fake, sim, workdir, jobs=jobs) as agent:
+        wait_for(converged(fake, agent, "default"), what="default applied")
+        # Slow writes make the two GPUs' threads overlap when there are two of them.
+        assert (
+            cli("sim", "latency", str(sim.root), "--create-latency-ms", "4", "--remove-latency-ms", "2").code
+            == 0
+        )
+        before = len(writes(sim.root))
+        fake.set_labels({L.CONFIG_LABEL: "T4-2Q"})
+        wait_for(converged(fake, agent, "T4-2Q"), timeout=30, what="T4-2Q applied")
+    assert layouts(sim.root) == [{"T4-2Q": 8}, {"T4-2Q": 8}]
+    state = SimState.load(sim.root)
+    order = [state.gpu_of(line.split("\t")[0].split("/")[4]) for line in writes(sim.root)[before:]]
+    gpus = [state.gpus.index(g) for g in order if g]
+    assert len(gpus) == 2 * 8  # the creates (removes go to the mdev device, named by no GPU)
+    switches = sum(1 for a, b in itertools.pairwise(gpus) if a != b)
+    if jobs == 1:
+        assert gpus == sorted(gpus)
+    else:
+        assert switches > 1, f"the GPUs' writes did not overlap: {gpus}"
