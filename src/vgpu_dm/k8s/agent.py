@@ -6,6 +6,7 @@ are retried with capped exponential backoff; config errors wait for the label or
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from vgpu_dm.k8s.metrics import HealthServer, Metrics
 from vgpu_dm.k8s.reconcile import FAILED, Outcome, PreApplyStep, Reconciler
 from vgpu_dm.k8s.settings import Settings
 from vgpu_dm.k8s.watch import NodeWatcher, WatchTiming
+
+RECONCILED_KEPT = 256
 
 _log = log.get("k8s")
 
@@ -87,7 +90,9 @@ class Agent:
         self.ready = threading.Event()  # the first reconcile is done
         self.server: HealthServer | None = None
         self._threads: list[threading.Thread] = []
-        self.reconciled: list[tuple[str, Outcome]] = []  # every reconcile, oldest first
+        # The latest reconciles, oldest first (for tests and debugging); bounded, as the agent runs for
+        # months and every label change adds one.
+        self.reconciled: collections.deque[tuple[str, Outcome]] = collections.deque(maxlen=RECONCILED_KEPT)
 
     # -- life cycle ------------------------------------------------------------------------------------
 
