@@ -134,6 +134,7 @@ def apply_config(
     with HostLock(host, timeout=options.lock_timeout, stop=options.stop):
         if options.stop is not None and options.stop.is_set():
             raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
+        host.check_before_changes()
         recover(host, tools, force=options.force, watchdog_interval=options.watchdog_interval)
         if not options.skip_mig:
             # MIG mode and GPU instances first: the vGPUs are planned on what they offer afterwards.

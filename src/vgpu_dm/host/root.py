@@ -72,6 +72,10 @@ class HostRoot:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root!r})"
 
+    def check_before_changes(self) -> None:
+        """Called by apply under the host lock before it reads or plans anything (the simulator checks
+        its driver state there); nothing to check on a real host."""
+
     def path(self, rel: str) -> str:
         return os.path.join(self.root, rel.lstrip("/"))
 

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
-
-FAULTS_FILE = "faults.json"
+from vgpu_dm.sim.files import FAULTS_FILE
 
 
 @dataclass

@@ -13,17 +13,19 @@ from typing import TYPE_CHECKING
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER, HostRoot, note_change
-from vgpu_dm.sim.faults import Faults
-from vgpu_dm.sim.latency import WriteLatency
+from vgpu_dm.sim.files import FAULTS_FILE, LATENCY_FILE, STATE_FILE, WRITE_LOG
 
 if TYPE_CHECKING:
     from pathlib import Path
     from subprocess import CompletedProcess
 
-# The driver emulation (and pathlib, json, the catalog) is imported on the first write only: a
-# read-only command such as assert on a simulated host costs no more start-up than on a real one.
+    from vgpu_dm.sim.faults import Faults
+    from vgpu_dm.sim.latency import WriteLatency
 
-WRITE_LOG = "writes.log"
+# The driver emulation (and pathlib, json, the catalog), the fault and the latency settings are
+# imported only when a write, a program run or an armed fault needs them: a read-only command such as
+# assert on a simulated host costs no more start-up than on a real one.
+
 _log = log.get("sim")
 
 
@@ -32,17 +34,47 @@ class SimHostRoot(HostRoot):
 
     def __init__(self, root: str | os.PathLike[str]):
         super().__init__(root)
-        if not os.path.isfile(os.path.join(self.root, SIM_MARKER, "host.json")):
+        marker = os.path.join(self.root, SIM_MARKER)
+        if not os.path.isfile(os.path.join(marker, STATE_FILE)):
             raise HostError(
                 f"{self.root} is not a simulated host; create one with "
                 f"'nvidia-vgpu-dm sim create {self.root} --gpu T4'"
             )
         self._dying = threading.Event()  # set when an injected SIGKILL is about to end the process
-        self.faults = Faults.load(self.root)
+        # Armed faults and latency are read now, as before any command reads the host (a 'sim fault'
+        # given while a command runs does not change it); without their files the defaults are made
+        # on first use.
+        self._faults: Faults | None = None
+        self._latency: WriteLatency | None = None
+        if os.path.exists(os.path.join(marker, FAULTS_FILE)):
+            from vgpu_dm.sim.faults import Faults
+
+            self._faults = Faults.load(self.root)
+        if os.path.exists(os.path.join(marker, LATENCY_FILE)):
+            from vgpu_dm.sim.latency import WriteLatency
+
+            self._latency = WriteLatency.load(self.root)
         self._unbind_failures = 0
-        self.latency = WriteLatency.load(self.root)
-        # Reads never need the driver state, so a corrupt one would first show at a write, after the
-        # journal is written; check it before anything is planned.
+
+    @property
+    def faults(self) -> Faults:
+        if self._faults is None:
+            from vgpu_dm.sim.faults import Faults
+
+            self._faults = Faults()
+        return self._faults
+
+    @property
+    def latency(self) -> WriteLatency:
+        if self._latency is None:
+            from vgpu_dm.sim.latency import WriteLatency
+
+            self._latency = WriteLatency()
+        return self._latency
+
+    def check_before_changes(self) -> None:
+        """A corrupt driver state would first show at a write, after the journal is written: check it
+        before anything is planned. Reads never need it."""
         from vgpu_dm.sim.layout import SimState
 
         SimState.load(self.root)
@@ -54,7 +86,8 @@ class SimHostRoot(HostRoot):
         return Path(self.root)
 
     def read_text(self, rel: str) -> str:
-        self.faults.before_read(rel)
+        if self._faults is not None:
+            self._faults.before_read(rel)
         return super().read_text(rel)
 
     def _locked(self):
@@ -77,12 +110,13 @@ class SimHostRoot(HostRoot):
         self.faults.before_write(position, self.path(rel))
         with open(os.path.join(self.root, SIM_MARKER, WRITE_LOG), "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")
-        delay = self.latency.seconds_for(rel, data) if self.latency else 0.0
-        if delay and not self.latency.serial:
+        latency = self._latency
+        delay = latency.seconds_for(rel, data) if latency else 0.0
+        if delay and not latency.serial:
             time.sleep(delay)  # the driver's work, outside the simulator's lock: other GPUs proceed
         lock = self._locked()
         try:
-            if delay and self.latency.serial:
+            if delay and latency.serial:
                 time.sleep(delay)
             self._emulate(rel, data)
         finally:

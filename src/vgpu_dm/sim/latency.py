@@ -14,8 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from vgpu_dm.host.root import SIM_MARKER
-
-LATENCY_FILE = "latency.json"
+from vgpu_dm.sim.files import LATENCY_FILE
 
 
 @dataclass

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
+from vgpu_dm.sim.files import STATE_FILE
 
 if TYPE_CHECKING:
     from vgpu_dm import catalog
 
-STATE_FILE = "host.json"
 DRIVER_VERSION = "580.105.06"
 # PCI buses of the simulated GPUs, in the order they are added (more than a real server has, for the
 # benchmarks' 32-GPU hosts).

@@ -1,0 +1,10 @@
+"""Names of the simulator's own files in a simulated host's ``.vgpu-dm-sim`` directory.
+
+Kept apart from the modules that parse them so that the read path of a simulated host can see whether
+a file exists without importing its parser (see SimHostRoot).
+"""
+
+STATE_FILE = "host.json"  # the simulated driver's state (sim/layout.py)
+FAULTS_FILE = "faults.json"  # armed faults (sim/faults.py)
+LATENCY_FILE = "latency.json"  # per-write latency (sim/latency.py)
+WRITE_LOG = "writes.log"  # every control-file write the tool made (sim/host.py)
