@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError
@@ -174,7 +174,7 @@ def apply_config(
             inventory = Inventory(host, tools, writable=True)
             log_discovery(inventory)
             plan = build_plan(entries, inventory, source, force=options.force)
-            plan = replace(plan, vfs_enabled=frozenset(g.address for g in pending))
+            plan = plan._replace(vfs_enabled=frozenset(g.address for g in pending))
             log_plan(plan)
             still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
             if still:
@@ -437,7 +437,7 @@ def _keep_journal_only(host: HostRoot, addresses: set[str]) -> None:
     """Keep the journal only for GPUs a rollback could not restore, so the next apply retries them."""
     kept = journal.read(host)
     if kept is not None:
-        journal.write(host, replace(kept, gpus=[g for g in kept.gpus if g.gpu in addresses]))
+        journal.write(host, kept._replace(gpus=[g for g in kept.gpus if g.gpu in addresses]))
 
 
 def _untouched(plan: Plan, outcomes: list[_Outcome]) -> list[str]:

@@ -7,11 +7,10 @@ exactly its devices from before (same types, UUIDs, VFs) and then converges as u
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from vgpu_dm.host.model import VGPUDevice
 from vgpu_dm.host.pci import is_pci_address
@@ -21,8 +20,8 @@ JOURNAL_FILE = "run/nvidia-vgpu-dm/journal.json"
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
-@dataclass(frozen=True)
-class JournalGPU:
+# NamedTuple rather than a frozen dataclass: far cheaper to define at import (README, Performance).
+class JournalGPU(NamedTuple):
     gpu: str
     framework: str
     before: list[dict]  # the GPU's devices before the change
@@ -31,8 +30,7 @@ class JournalGPU:
     mixed_before: bool | None = None  # mixed-size mode before the run, when the run switches it
 
 
-@dataclass(frozen=True)
-class Journal:
+class Journal(NamedTuple):
     pid: int
     started: float
     config: str
@@ -45,7 +43,7 @@ class Journal:
 
 
 def device_record(device: VGPUDevice) -> dict:
-    return asdict(device)
+    return device._asdict()
 
 
 def record_device(record: dict) -> VGPUDevice:
@@ -63,7 +61,10 @@ def _check(gpu: str, device: VGPUDevice) -> None:
 
 
 def write(host: HostRoot, journal: Journal) -> None:
-    host.save_state(JOURNAL_FILE, json.dumps(asdict(journal), indent=1))
+    import json  # only when there is a journal to write or read: not on the no-op path
+
+    record = {**journal._asdict(), "gpus": [g._asdict() for g in journal.gpus]}
+    host.save_state(JOURNAL_FILE, json.dumps(record, indent=1))
 
 
 def read(host: HostRoot, quarantine: bool = False) -> Journal | None:
@@ -72,6 +73,8 @@ def read(host: HostRoot, quarantine: bool = False) -> Journal | None:
     text = host.read_optional(JOURNAL_FILE)
     if text is None:
         return None
+    import json
+
     try:
         raw = json.loads(text)
         found = Journal(

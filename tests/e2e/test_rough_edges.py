@@ -86,12 +86,13 @@ def test_a_full_stdout_is_named_and_nothing_was_changed(sim_host):
 
 
 # -- what list and assert say about a journal ------------------------------------------------------
-def _journal(root: Path, gpus: list | None = None) -> None:
+def _journal(root: Path, gpus: list[dict] | None = None) -> None:
     from vgpu_dm import journal
     from vgpu_dm.sim.host import SimHostRoot
 
     host = SimHostRoot(root)
-    journal.write(host, journal.Journal(pid=4242, started=0.0, config="T4-small", gpus=gpus or []))
+    records = [journal.JournalGPU(**g) for g in gpus or []]
+    journal.write(host, journal.Journal(pid=4242, started=0.0, config="T4-small", gpus=records))
 
 
 def test_an_interrupted_apply_is_reported_with_what_the_next_apply_does(cli, sim_host):

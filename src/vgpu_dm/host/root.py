@@ -10,7 +10,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vgpu_dm import log
@@ -40,12 +39,22 @@ def reset_changes() -> None:
     _changes = 0
 
 
-@dataclass
 class IOCounters:
-    reads: int = 0  # files and links read, existence checks
-    listings: int = 0  # directories listed
-    writes: int = 0  # writes to driver control files
-    state_writes: int = 0  # our own files (learned tables, journal)
+    """What a command did to the host, counted (a plain class: no dataclass to make at import)."""
+
+    __slots__ = ("listings", "reads", "state_writes", "writes")
+
+    def __init__(self) -> None:
+        self.reads = 0  # files and links read, existence checks
+        self.listings = 0  # directories listed
+        self.writes = 0  # writes to driver control files
+        self.state_writes = 0  # our own files (learned tables, journal)
+
+    def __repr__(self) -> str:
+        return (
+            f"IOCounters(reads={self.reads}, listings={self.listings}, writes={self.writes}, "
+            f"state_writes={self.state_writes})"
+        )
 
 
 class HostRoot:

@@ -13,7 +13,6 @@ decimal digits is an integer; a key only has to be told apart from null and the 
 from __future__ import annotations
 
 import gc
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -172,8 +171,11 @@ def _describe(node: yaml.Node) -> str:
 
 def _key_segment(key: str, quote: bool = False) -> str:
     # JSON quoting escapes control characters, so a newline in a name cannot split a log line.
-    plain = key and _KEY_CHARS.issuperset(key)
-    return json.dumps(key, ensure_ascii=False) if quote or not plain else key
+    if key and not quote and _KEY_CHARS.issuperset(key):
+        return key
+    import json  # only for unusual names: keeps json off the start-up path
+
+    return json.dumps(key, ensure_ascii=False)
 
 
 class _Walker:
