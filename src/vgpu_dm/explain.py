@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 
 from vgpu_dm import log
@@ -16,7 +15,7 @@ def _count(names: list[str]) -> str:
 
 def log_discovery(inventory) -> None:
     """One debug line per GPU: identity, driver, framework and current vGPUs."""
-    if not _log.isEnabledFor(logging.DEBUG):
+    if not _log.isEnabledFor(log.DEBUG):
         return
     if not inventory.gpus:
         _log.debug("discovered no NVIDIA GPUs")
@@ -31,7 +30,7 @@ def log_discovery(inventory) -> None:
 
 def log_plan(plan) -> None:
     """One debug line per GPU of the plan (and per GPU no entry selects)."""
-    if not _log.isEnabledFor(logging.DEBUG):
+    if not _log.isEnabledFor(log.DEBUG):
         return
     for gp in plan.gpus:
         parts = [

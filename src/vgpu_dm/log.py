@@ -1,27 +1,43 @@
-"""Log lines in the upstream (logrus) text style, or JSON for machines; everything goes to stderr."""
+"""Log lines in the upstream (logrus) text style, or JSON for machines; everything goes to stderr.
+
+Deliberately not the standard library's ``logging``: importing it (with traceback, string and
+textwrap) costs about a third of the interpreter's own start-up, and the no-op ``assert`` writes a
+single line. What the project needs is small: levels, one stderr sink shared by all threads, three
+line formats, structured fields and a per-thread GPU prefix. Other libraries (the agent's HTTP client)
+keep logging through the standard module, which this does not touch.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import re
 import sys
 import threading
 import time
 from datetime import datetime, timezone
+from typing import NamedTuple, TextIO
 
+DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
 LOGGER_NAME = "vgpu_dm"
 # Structured fields a log call may carry (``extra=fields(gpu=…)``); JSON logs show them beside msg.
 FIELDS = ("gpu", "address", "action", "type", "uuid")
 # Compiled (and cached) by re on first use, not at import: the no-op assert path imports this module.
 _CONTROL = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"
 _START = time.monotonic()
-_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "fatal"}
+_LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", CRITICAL: "fatal"}
+# What json.dumps(ensure_ascii=False) escapes in a string: the quote, the backslash, C0 controls.
+_JSON_ESCAPES = {
+    **{c: f"\\u{c:04x}" for c in range(0x20)},
+    **{ord(k): v for k, v in {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}.items()},
+    ord('"'): '\\"',
+    ord("\\"): "\\\\",
+}
 
 
 def _quote(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    """``value`` as a JSON string literal, exactly as ``json.dumps(value, ensure_ascii=False)`` writes
+    it (json itself is not imported for the text formats)."""
+    return f'"{value.translate(_JSON_ESCAPES)}"'
 
 
 def _escape(char: str) -> str:
@@ -41,38 +57,47 @@ def fields(**values: object) -> dict[str, object]:
     return {"fields": {k: v for k, v in values.items() if v is not None}}
 
 
-def _fields(record: logging.LogRecord) -> dict[str, object]:
-    found = getattr(record, "fields", None)
-    return {k: found[k] for k in FIELDS if k in found} if isinstance(found, dict) else {}
+class Record(NamedTuple):
+    """One log line before formatting."""
+
+    name: str  # the logger: vgpu_dm, vgpu_dm.apply, …
+    level: int
+    message: str
+    created: float  # time.time()
+    fields: dict[str, object]  # the structured fields, in FIELDS order
+
+    @property
+    def level_name(self) -> str:
+        return _LEVEL_NAMES.get(self.level, "info")
 
 
-class TerminalFormatter(logging.Formatter):
+class TerminalFormatter:
     """``INFO[0003] message`` like logrus on a terminal."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        level = _LEVELS.get(record.levelname, record.levelname.lower()).upper()[:4]
+    def format(self, record: Record) -> str:
+        level = record.level_name.upper()[:4]
         elapsed = int(time.monotonic() - _START)
         # A progress bar owns the current line: erase it first; the bar redraws itself below.
         erase = "\r\x1b[K" if bar.active else ""
-        return f"{erase}{level}[{elapsed:04d}] {printable(record.getMessage())}"
+        return f"{erase}{level}[{elapsed:04d}] {printable(record.message)}"
 
 
-class KeyValueFormatter(logging.Formatter):
+class KeyValueFormatter:
     """``time="…" level=info msg="…"`` like logrus when not on a terminal."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        level = _LEVELS.get(record.levelname, record.levelname.lower())
-        extra = "".join(f" {k}={_quote(str(v))}" for k, v in _fields(record).items())
-        return f"time={_quote(stamp)} level={level} msg={_quote(record.getMessage())}{extra}"
+    def format(self, record: Record) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+        extra = "".join(f" {k}={_quote(str(v))}" for k, v in record.fields.items())
+        return f"time={_quote(stamp)} level={record.level_name} msg={_quote(record.message)}{extra}"
 
 
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+class JSONFormatter:
+    def format(self, record: Record) -> str:
+        import json
+
         stamp = datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds")
-        level = _LEVELS.get(record.levelname, record.levelname.lower())
-        line = {"level": level, "msg": record.getMessage(), "time": stamp, **_fields(record)}
-        return json.dumps(line, ensure_ascii=False)
+        line = {"level": record.level_name, "msg": record.message, "time": stamp, **record.fields}
+        return json.dumps(line, ensure_ascii=False, default=str)
 
 
 # What setup() was last called with, so options given after the subcommand can change one of them.
@@ -88,6 +113,27 @@ class _Bar:
 bar = _Bar()
 
 
+class _Sink:
+    """Where lines go: one stream, one formatter, one lock for every thread of the process."""
+
+    def __init__(self, stream: TextIO, formatter: TerminalFormatter | KeyValueFormatter | JSONFormatter):
+        self.stream = stream
+        self.formatter = formatter
+        self.level = INFO
+        self.lock = threading.Lock()
+
+    def emit(self, record: Record) -> None:
+        line = self.formatter.format(record)
+        with self.lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                # A closed or full stderr must not stop an apply half-way (nor its rollback).
+                pass
+
+
+_sink: _Sink | None = None
 _context = threading.local()
 
 
@@ -103,39 +149,79 @@ def gpu_context(label: str):
         _context.gpu = previous
 
 
-class _GPUPrefix(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+class Logger:
+    """The project's loggers (one per part, by name); the calls mirror the standard library's."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def isEnabledFor(self, level: int) -> bool:  # the standard library's name, for familiarity
+        return level >= (_sink.level if _sink is not None else INFO)
+
+    def log(self, level: int, msg: object, extra: dict[str, object] | None = None) -> None:
+        sink = _sink or setup()
+        if level < sink.level:
+            return
+        text = str(msg)
         label = getattr(_context, "gpu", None)
-        if label and isinstance(record.msg, str) and label not in record.msg:
-            record.msg = f"{label}: {record.msg}"
-        return True
+        if label and label not in text:
+            text = f"{label}: {text}"
+        found = (extra or {}).get("fields")
+        values = {k: found[k] for k in FIELDS if k in found} if isinstance(found, dict) else {}
+        sink.emit(Record(self.name, level, text, time.time(), values))
+
+    def debug(self, msg: object, extra: dict[str, object] | None = None) -> None:
+        self.log(DEBUG, msg, extra)
+
+    def info(self, msg: object, extra: dict[str, object] | None = None) -> None:
+        self.log(INFO, msg, extra)
+
+    def warning(self, msg: object, extra: dict[str, object] | None = None) -> None:
+        self.log(WARNING, msg, extra)
+
+    def error(self, msg: object, extra: dict[str, object] | None = None) -> None:
+        self.log(ERROR, msg, extra)
+
+    def exception(self, msg: object, extra: dict[str, object] | None = None) -> None:
+        """An error line followed by the traceback of the exception being handled."""
+        import traceback
+
+        self.log(ERROR, f"{msg}\n{traceback.format_exc().rstrip()}", extra)
 
 
-def setup(debug: bool = False, fmt: str = "text") -> logging.Logger:
-    """Configure the project logger once per process (the CLI calls this first)."""
+_loggers: dict[str, Logger] = {}
+
+
+def get(name: str = "") -> Logger:
+    full = f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME
+    if full not in _loggers:
+        _loggers[full] = Logger(full)
+    return _loggers[full]
+
+
+def setup(debug: bool = False, fmt: str = "text", stream: TextIO | None = None) -> _Sink:
+    """Configure logging for this process (the CLI calls this first; again when -d or --log-format
+    come after the subcommand). Lines go to ``stream``, by default the current standard error."""
+    global _sink
     settings.update(debug=debug, fmt=fmt)
-    logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    out = stream if stream is not None else sys.stderr
+    try:
+        terminal = out.isatty()
+    except (OSError, ValueError):  # closed
+        terminal = False
     if fmt == "json":
-        handler.setFormatter(JSONFormatter())
-    elif sys.stderr.isatty():
-        handler.setFormatter(TerminalFormatter())
+        formatter: TerminalFormatter | KeyValueFormatter | JSONFormatter = JSONFormatter()
+    elif terminal:
+        formatter = TerminalFormatter()
     else:
-        handler.setFormatter(KeyValueFormatter())
-    handler.addFilter(_GPUPrefix())
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    logger.propagate = False
-    return logger
-
-
-def get(name: str = "") -> logging.Logger:
-    return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
+        formatter = KeyValueFormatter()
+    sink = _Sink(out, formatter)
+    sink.level = DEBUG if debug else INFO
+    _sink = sink
+    return sink
 
 
 def setup_if_needed() -> None:
     """Configure logging with defaults if no command did (errors raised while parsing options)."""
-    if not logging.getLogger(LOGGER_NAME).handlers:
+    if _sink is None:
         setup()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import re
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vgpu_dm import __version__
+from vgpu_dm import __version__, log
 from vgpu_dm.cli.main import main
 
 EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "config-t4.yaml")
@@ -265,13 +264,13 @@ def test_env_config_file_stdin(cli) -> None:
 def test_debug_flag_and_env(cli, args: list[str], env: dict[str, str]) -> None:
     r = cli(*args, "assert", "-a", "-f", EXAMPLE, "-c", "T4-small", env=env)
     assert (r.code, kv_messages(r.err)) == (0, [VALID])
-    assert logging.getLogger("vgpu_dm").getEffectiveLevel() == logging.DEBUG
+    assert log.get().isEnabledFor(log.DEBUG)
 
 
 def test_no_debug_by_default(cli) -> None:
     r = cli("assert", "-a", "-f", EXAMPLE, "-c", "T4-small")
     assert r.code == 0
-    assert logging.getLogger("vgpu_dm").getEffectiveLevel() == logging.INFO
+    assert not log.get().isEnabledFor(log.DEBUG) and log.get().isEnabledFor(log.INFO)
 
 
 # -- version, help ----------------------------------------------------------------------------------

@@ -248,11 +248,9 @@ def test_control_characters_in_names_do_not_split_log_lines(cli, tmp_path):
 
 
 def test_terminal_log_lines_escape_control_characters():
-    import logging
+    from vgpu_dm.log import ERROR, Record, TerminalFormatter
 
-    from vgpu_dm.log import TerminalFormatter
-
-    record = logging.LogRecord("vgpu_dm", logging.ERROR, __file__, 1, "a\nb\x1b[2Jc", None, None)
+    record = Record("vgpu_dm", ERROR, "a\nb\x1b[2Jc", 0.0, {})
     assert TerminalFormatter().format(record).endswith("a\\nb\\x1b[2Jc")
 
 

@@ -5,6 +5,7 @@ list/watch, Events) is allowed by the shipped RBAC, and nothing had to be retrie
 from __future__ import annotations
 
 import contextlib
+import io
 import time
 
 import pytest
@@ -26,16 +27,17 @@ from vgpu_dm import log
 from vgpu_dm.k8s import labels as L
 
 
-@pytest.fixture(autouse=True)
-def fresh_logging(caplog):
-    logger = log.setup(debug=True)
-    logger.addHandler(caplog.handler)  # the project logger does not propagate to pytest's root handler
-    yield
-    logger.removeHandler(caplog.handler)
+@pytest.fixture
+def agent_log():
+    """The agent's log lines (debug on), kept for the test to read."""
+    lines = io.StringIO()
+    log.setup(debug=True, stream=lines)
+    yield lines
+    log.setup()
 
 
 def test_agent_runs_a_full_change_with_the_deployed_serviceaccount(
-    apiserver, admin_client, deployed_rbac, k8s_node, workdir, caplog
+    apiserver, admin_client, deployed_rbac, k8s_node, workdir, agent_log
 ):
     sim = make_sim(workdir)
     namespace = deployed_rbac.namespace
@@ -65,7 +67,6 @@ def test_agent_runs_a_full_change_with_the_deployed_serviceaccount(
     assert reasons == ["VGPUConfigApplied", "VGPUConfigApplied"]
     assert api_retries == 0
     # Any refused call would have been logged by the agent as "HTTP 403 (... forbidden ...)".
-    refused = [
-        r.getMessage() for r in caplog.records if r.name == "vgpu_dm.k8s" and "HTTP 403" in r.getMessage()
-    ]
+    refused = [line for line in agent_log.getvalue().splitlines() if "HTTP 403" in line]
     assert refused == []
+    assert "Selected vGPU device configuration successfully applied" in agent_log.getvalue()
