@@ -17,6 +17,8 @@ import time
 from datetime import datetime, timezone
 from typing import NamedTuple, TextIO
 
+from vgpu_dm.text import json_quote as _quote
+
 DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
 LOGGER_NAME = "vgpu_dm"
 # Structured fields a log call may carry (``extra=fields(gpu=…)``); JSON logs show them beside msg.
@@ -25,19 +27,6 @@ FIELDS = ("gpu", "address", "action", "type", "uuid")
 _CONTROL = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"
 _START = time.monotonic()
 _LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", CRITICAL: "fatal"}
-# What json.dumps(ensure_ascii=False) escapes in a string: the quote, the backslash, C0 controls.
-_JSON_ESCAPES = {
-    **{c: f"\\u{c:04x}" for c in range(0x20)},
-    **{ord(k): v for k, v in {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}.items()},
-    ord('"'): '\\"',
-    ord("\\"): "\\\\",
-}
-
-
-def _quote(value: str) -> str:
-    """``value`` as a JSON string literal, exactly as ``json.dumps(value, ensure_ascii=False)`` writes
-    it (json itself is not imported for the text formats)."""
-    return f'"{value.translate(_JSON_ESCAPES)}"'
 
 
 def _escape(char: str) -> str:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vgpu_dm import log
+from vgpu_dm.text import json_quote
 
 
 @pytest.fixture(autouse=True)
@@ -22,8 +23,9 @@ def default_logging():
 
 
 @given(st.text())
-def test_key_value_quoting_is_json_string_quoting(text: str) -> None:
-    assert log._quote(text) == json.dumps(text, ensure_ascii=False)
+def test_quoting_is_json_string_quoting(text: str) -> None:
+    # Log lines and config paths quote names without importing json; they must read as JSON does.
+    assert json_quote(text) == json.dumps(text, ensure_ascii=False)
 
 
 def test_key_value_line_with_fields_and_levels() -> None:

@@ -1,4 +1,4 @@
-"""Entry point: the click group, error-to-exit-code mapping and the apply/assert commands."""
+"""Entry point: the click group, error-to-exit-code mapping and the assert command (the rest load lazily)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Failure(Exception):
 
 # Commands defined in their own modules: name -> (module, attribute).
 LAZY_COMMANDS = {
+    "apply": ("vgpu_dm.cli.apply_cmd", "apply_cmd"),
     "export": ("vgpu_dm.cli.export_cmd", "export_cmd"),
     "generate-config": ("vgpu_dm.cli.generate_cmd", "generate_config_cmd"),
     "list": ("vgpu_dm.cli.list_cmd", "list_cmd"),
@@ -45,7 +46,7 @@ LAZY_COMMANDS = {
 
 
 class _LazyGroup(click.Group):
-    """The command group; commands other than apply and assert are imported only when used or listed.
+    """The command group; commands other than assert are imported only when used or listed.
 
     Start-up time is dominated by imports, and the node agent runs ``assert`` on every label change.
     """
@@ -178,111 +179,6 @@ def _count_names(names: list[str]) -> str:
     for n in names:
         seen[n] = seen.get(n, 0) + 1
     return ", ".join(f"{c} x {n}" for n, c in seen.items()) or "no vGPUs"
-
-
-@cli.command("apply", epilog=EPILOG)
-@options.config_file
-@options.selected_config
-@options.apply_valid_config
-@options.host_root
-@options.sim
-@options.driver_root
-@options.sriov_manage
-@options.nvidia_smi
-@options.force
-@options.watchdog_interval
-@options.keep_going
-@options.uuid_mode
-@options.lock_timeout
-@options.jobs
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Only show what would be done, per GPU (as the plan command does); write nothing, take no lock.",
-)
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
-@options.mig_parted
-@options.skip_mig
-def apply_cmd(
-    config_file: str,
-    selected_config: str | None,
-    valid_config: bool,
-    host_root: str,
-    sim: str | None,
-    driver_root: str | None,
-    sriov_manage: str,
-    nvidia_smi: str,
-    force: bool,
-    watchdog_interval: float,
-    keep_going: bool,
-    uuid_mode: str,
-    lock_timeout: float,
-    jobs: int,
-    dry_run: bool,
-    as_json: bool,
-    mig_parted: str,
-    skip_mig: bool,
-) -> None:
-    """Make the host's vGPU devices match the selected config.
-
-    Everything is checked before the first write (types offered by each GPU, counts that fit); GPUs
-    that already match are not touched and devices that can stay are kept. If a write fails, the
-    GPUs changed so far are put back exactly as they were.
-
-    MIG-backed types: nvidia-mig-parted first sets MIG mode and the GPU instances the config needs (a
-    time-sliced config switches MIG off); GPUs whose MIG layout changes lose their vGPUs first.
-    """
-    if as_json and not dry_run:
-        raise click.UsageError("--json goes with --dry-run (apply itself logs to stderr)")
-    spec, name, entries = load_selected(config_file, selected_config)
-    if valid_config:
-        _log.info("Selected vGPU device configuration is valid")
-        return
-    from vgpu_dm.host.inventory import HostTools
-
-    tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
-    if dry_run:
-        from vgpu_dm.cli.plan_cmd import run_plan
-
-        code = run_plan((spec, name, entries), host_root, sim, tools, force, as_json)
-        if code:
-            raise Failure(code)
-        return
-    from vgpu_dm.apply import ApplyOptions, apply_config
-    from vgpu_dm.cli.host_select import open_cli_host
-    from vgpu_dm.cli.signals import StopOnSignal
-    from vgpu_dm.errors import ApplyInterrupted
-
-    host = open_cli_host(host_root, sim)
-    from vgpu_dm.cli.progress import TerminalBar
-
-    bar = TerminalBar() if TerminalBar.wanted() else None
-    with StopOnSignal() as stopper:
-        opts = ApplyOptions(
-            force=force,
-            keep_going=keep_going,
-            uuid_mode=uuid_mode,
-            lock_timeout=lock_timeout,
-            stop=stopper.event,
-            skip_mig=skip_mig,
-            progress=bar,
-            jobs=jobs,
-            watchdog_interval=watchdog_interval,
-        )
-        try:
-            plan = apply_config(entries, host, tools, spec.source, opts, name)
-        except ApplyInterrupted as exc:
-            for line in str(exc).splitlines():
-                _log.error(line)
-            raise Failure(stopper.exit_code) from None
-        finally:
-            if bar is not None:
-                bar.close()
-    _log.debug(f"host reads: {host.counters.reads}, writes: {host.counters.writes}")
-    if plan.is_noop:
-        _log.info("Selected vGPU device configuration is already applied")
-    else:
-        _log.info("Selected vGPU device configuration successfully applied")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from vgpu_dm.host.holders import HolderIndex
 from vgpu_dm.host.mdev import MdevBackend
 from vgpu_dm.host.model import Backend, VGPUDevice
 from vgpu_dm.host.pci import GPU, discover_gpus
 from vgpu_dm.host.programs import DEFAULT_SRIOV_MANAGE, HostTools, Programs
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.host.vfio import VendorVfioBackend
+
+if TYPE_CHECKING:
+    from vgpu_dm.host.holders import HolderIndex
 
 __all__ = ["DEFAULT_SRIOV_MANAGE", "HostTools", "Inventory"]
 
@@ -40,6 +43,8 @@ class Inventory:
 
     @cached_property
     def holders(self) -> HolderIndex:
+        from vgpu_dm.host.holders import HolderIndex  # assert never asks who holds a vGPU
+
         return HolderIndex(self.host)
 
     def backends(self) -> list[Backend]:

@@ -12,7 +12,6 @@ from vgpu_dm.host.model import MDEV, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, link_name
 from vgpu_dm.host.programs import HostTools, Programs
 from vgpu_dm.host.root import HostRoot
-from vgpu_dm.host.smi import NvidiaSmi
 from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType, short_type_name
 
 MDEV_BUS = "sys/class/mdev_bus"
@@ -30,7 +29,7 @@ class MdevBackend:
 
     def __init__(self, host: HostRoot, gpus: list[GPU], programs: Programs | None = None):
         self.host = host
-        self.smi = NvidiaSmi(programs or Programs(host, HostTools()))
+        self.programs = programs or Programs(host, HostTools())
         self._pf_of: dict[str, str] = {}
         for gpu in gpus:
             self._pf_of[gpu.address] = gpu.address
@@ -175,10 +174,10 @@ class MdevBackend:
     # Mixed sizes exist on mdev hosts too (a V100 on driver 580 ran 1Q + 2Q with the mode enabled);
     # nvidia-smi reports and switches the mode the same way as on vendor-VFIO hosts.
     def mixed_size(self, gpu: GPU) -> tuple[bool, bool]:
-        return self.smi.mixed_size(gpu)
+        return self.programs.smi.mixed_size(gpu)
 
     def set_mixed_size(self, gpu: GPU, enabled: bool) -> None:
-        self.smi.set_mixed_size(gpu, enabled)
+        self.programs.smi.set_mixed_size(gpu, enabled)
 
     # -- writing ---------------------------------------------------------------------------------
     def remove(self, device: VGPUDevice) -> None:

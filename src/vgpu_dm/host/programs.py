@@ -17,6 +17,8 @@ from vgpu_dm.host.root import HostRoot
 if TYPE_CHECKING:
     import subprocess
 
+    from vgpu_dm.host.smi import NvidiaSmi
+
 DEFAULT_SRIOV_MANAGE = "/usr/lib/nvidia/sriov-manage"
 DEFAULT_TIMEOUT = 120.0
 # coreutils chroot exits 127 when the command cannot be found inside the new root.
@@ -46,6 +48,16 @@ class Programs:
     def __init__(self, host: HostRoot, tools: HostTools):
         self.host = host
         self.tools = tools
+        self._smi: NvidiaSmi | None = None
+
+    @property
+    def smi(self) -> NvidiaSmi:
+        """nvidia-smi in this driver root (its module is imported on first use: assert never runs it)."""
+        if self._smi is None:
+            from vgpu_dm.host.smi import NvidiaSmi
+
+            self._smi = NvidiaSmi(self)
+        return self._smi
 
     @property
     def root(self) -> str:

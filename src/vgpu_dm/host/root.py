@@ -64,6 +64,7 @@ class HostRoot:
 
     def __init__(self, root: str | os.PathLike[str] = "/"):
         self.root = os.path.abspath(os.fspath(root))
+        self._prefix = self.root.rstrip("/") + "/"  # path() is called for every read
         self.counters = IOCounters()
         # Why this process is in a container while its host root is "/" (set by open_host): then the
         # /proc it sees is the container's, and removals cannot be checked against VMs.
@@ -86,7 +87,7 @@ class HostRoot:
         its driver state there); nothing to check on a real host."""
 
     def path(self, rel: str) -> str:
-        return os.path.join(self.root, rel.lstrip("/"))
+        return self._prefix + rel.lstrip("/")
 
     def read_text(self, rel: str) -> str:
         self._count("reads")

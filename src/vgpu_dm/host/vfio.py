@@ -13,7 +13,6 @@ from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, is_pci_address
 from vgpu_dm.host.programs import Programs
 from vgpu_dm.host.root import HostRoot, note_change
-from vgpu_dm.host.smi import NvidiaSmi, parse_supported_types
 from vgpu_dm.vgpu_type import short_type_name
 
 # Where learned type id → name tables are kept: creatable lists stop naming a type once the GPU is full.
@@ -26,8 +25,6 @@ UNBIND_RETRIES = 3
 VF_POLL = 0.2
 
 _log = log.get("vfio")
-# Kept under its old name for callers and tests.
-parse_smi_supported = parse_supported_types
 
 
 def unnamed(device: VGPUDevice) -> bool:
@@ -55,7 +52,6 @@ class VendorVfioBackend:
     def __init__(self, host: HostRoot, gpus: list[GPU], programs: Programs, writable: bool = False):
         self.host = host
         self.programs = programs
-        self.smi = NvidiaSmi(programs)
         self.sriov_manage = programs.tools.sriov_manage
         # Only apply writes the learned tables; list and assert read them and learn in memory only.
         self.writable = writable
@@ -159,7 +155,7 @@ class VendorVfioBackend:
             return {}
         self._smi_asked.add(gpu.address)
         try:
-            return self.smi.supported_types(gpu)
+            return self.programs.smi.supported_types(gpu)
         except HostError as exc:
             self.smi_errors[gpu.address] = str(exc)
             return {}
@@ -228,10 +224,10 @@ class VendorVfioBackend:
     # -- mixed-size mode ---------------------------------------------------------------------------
     def mixed_size(self, gpu: GPU) -> tuple[bool, bool]:
         """(supported, enabled) for heterogeneous time-sliced vGPUs, from the GPU's nvidia-smi -q block."""
-        return self.smi.mixed_size(gpu)
+        return self.programs.smi.mixed_size(gpu)
 
     def set_mixed_size(self, gpu: GPU, enabled: bool) -> None:
-        self.smi.set_mixed_size(gpu, enabled)
+        self.programs.smi.set_mixed_size(gpu, enabled)
 
     # -- writing ---------------------------------------------------------------------------------
     def enable_vfs(self, gpu: GPU) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import threading
 import time
@@ -91,6 +90,8 @@ class SimHostRoot(HostRoot):
         return super().read_text(rel)
 
     def _locked(self):
+        import fcntl
+
         fh = open(os.path.join(self.root, SIM_MARKER, "driver.lock"), "a")  # noqa: SIM115 - closed by caller
         fcntl.flock(fh, fcntl.LOCK_EX)
         return fh

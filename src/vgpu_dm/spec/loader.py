@@ -22,6 +22,7 @@ import yaml.resolver
 from vgpu_dm.device_id import DeviceID, InvalidDeviceID
 from vgpu_dm.errors import ConfigError, Problem
 from vgpu_dm.spec.model import ConfigEntry, Spec
+from vgpu_dm.text import json_quote
 from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
 
 NVIDIA_VENDOR = 0x10DE
@@ -173,9 +174,7 @@ def _key_segment(key: str, quote: bool = False) -> str:
     # JSON quoting escapes control characters, so a newline in a name cannot split a log line.
     if key and not quote and _KEY_CHARS.issuperset(key):
         return key
-    import json  # only for unusual names: keeps json off the start-up path
-
-    return json.dumps(key, ensure_ascii=False)
+    return json_quote(key)
 
 
 class _Walker:
@@ -525,7 +524,8 @@ def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
         if len(data) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{source}: config file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")
         try:
-            text = data.decode("utf-8-sig")
+            # What the utf-8-sig codec does, without importing it: a leading byte-order mark is dropped.
+            text = data.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
             raise ConfigError(
