@@ -15,8 +15,8 @@ from typing import NamedTuple
 from vgpu_dm.host.model import VGPUDevice
 from vgpu_dm.host.pci import is_pci_address
 from vgpu_dm.host.root import HostRoot
+from vgpu_dm.state_files import JOURNAL_FILE
 
-JOURNAL_FILE = "run/nvidia-vgpu-dm/journal.json"
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 

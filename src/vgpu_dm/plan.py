@@ -11,9 +11,8 @@ from typing import NamedTuple
 
 from vgpu_dm.errors import HostError, PlanError
 from vgpu_dm.host.inventory import Inventory
-from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
+from vgpu_dm.host.model import UNRESOLVED, VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of, unnamed
 from vgpu_dm.host.pci import GPU
-from vgpu_dm.host.vfio import UNRESOLVED, unnamed
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.vgpu_type import VGPUType
 

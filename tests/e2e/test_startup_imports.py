@@ -32,6 +32,8 @@ NOT_ON_ASSERT_PATH = (
     "dataclasses",  # records on this path are NamedTuples (a dataclass compiles its methods at import)
     "vgpu_dm.host.smi",  # only for mixed-size mode and type names from nvidia-smi
     "vgpu_dm.cli.apply_cmd",
+    "vgpu_dm.journal",  # only when there is a journal to read
+    "vgpu_dm.host.vfio",  # every GPU of this host is an mdev one
     "vgpu_dm.cli.list_cmd",  # other commands load when they are run
     "vgpu_dm.cli.sim_cmd",
     "vgpu_dm.host.lock",  # only when a journal was found

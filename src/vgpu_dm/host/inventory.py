@@ -10,10 +10,10 @@ from vgpu_dm.host.model import Backend, VGPUDevice
 from vgpu_dm.host.pci import GPU, discover_gpus
 from vgpu_dm.host.programs import DEFAULT_SRIOV_MANAGE, HostTools, Programs
 from vgpu_dm.host.root import HostRoot
-from vgpu_dm.host.vfio import VendorVfioBackend
 
 if TYPE_CHECKING:
     from vgpu_dm.host.holders import HolderIndex
+    from vgpu_dm.host.vfio import VendorVfioBackend
 
 __all__ = ["DEFAULT_SRIOV_MANAGE", "HostTools", "Inventory"]
 
@@ -39,6 +39,8 @@ class Inventory:
 
     @cached_property
     def vfio(self) -> VendorVfioBackend:
+        from vgpu_dm.host.vfio import VendorVfioBackend  # not needed on a host whose GPUs are all mdev
+
         return VendorVfioBackend(self.host, self.gpus, self.programs, writable=self.writable)
 
     @cached_property
@@ -52,9 +54,10 @@ class Inventory:
 
     def backend_for(self, gpu: GPU) -> Backend | None:
         """The backend that drives this GPU's vGPUs, or None when the GPU is not in vGPU mode."""
-        for backend in self.backends():
-            if backend.handles(gpu):
-                return backend
+        if self.mdev.handles(gpu):
+            return self.mdev
+        if self.vfio.handles(gpu):  # only now made: mdev hosts never need it
+            return self.vfio
         return None
 
     def devices(self, gpu: GPU) -> list[VGPUDevice]:

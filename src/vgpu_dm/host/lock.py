@@ -11,8 +11,9 @@ from types import TracebackType
 from vgpu_dm import log
 from vgpu_dm.errors import ApplyInterrupted, HostError
 from vgpu_dm.host.root import HostRoot
+from vgpu_dm.state_files import LOCK_FILE
 
-LOCK_FILE = "run/nvidia-vgpu-dm.lock"
+__all__ = ["LOCK_FILE", "HostLock"]
 _log = log.get("lock")
 
 

@@ -9,6 +9,7 @@ from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
 
 MDEV = "mdev"
 VENDOR_VFIO = "vendor-vfio"
+UNRESOLVED = -1  # TypeInfo.type_id of a type whose id on this GPU is not known yet (vendor VFIO)
 
 
 # NamedTuple rather than a frozen dataclass: far cheaper to define at import (README, Performance).
@@ -41,6 +42,11 @@ class TypeInfo(NamedTuple):
     driver_name: str  # the driver's full name text, e.g. "NVIDIA A10-4Q"
     available: int  # creatable now, summed over the GPU's parents
     max_instances: int | None = None  # per GPU, when the driver says so
+
+
+def unnamed(device: VGPUDevice) -> bool:
+    """True for a vendor-VFIO vGPU whose type id nothing could name (it reads ``type-<id>``)."""
+    return device.type_name == f"type-{device.type_id}"
 
 
 def framebuffer_of(type_name: str) -> int | None:

@@ -9,27 +9,21 @@ import time
 
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
-from vgpu_dm.host.model import VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
+from vgpu_dm.host.model import UNRESOLVED, VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
 from vgpu_dm.host.pci import GPU, PCI_DEVICES, is_pci_address
 from vgpu_dm.host.programs import Programs
 from vgpu_dm.host.root import HostRoot, note_change
+from vgpu_dm.state_files import LEARNED_DIR
 from vgpu_dm.vgpu_type import short_type_name
 
 # Where learned type id → name tables are kept: creatable lists stop naming a type once the GPU is full.
-LEARNED_DIR = "var/lib/nvidia-vgpu-dm/types"
 DRIVER_VERSION = "sys/module/nvidia/version"
-UNRESOLVED = -1
 # sriov-manage: how often to retry "Cannot obtain unbindLock" (usually a passing NVML client), the
 # pause between tries, and how long to wait for the new VFs' nvidia/ directories afterwards.
 UNBIND_RETRIES = 3
 VF_POLL = 0.2
 
 _log = log.get("vfio")
-
-
-def unnamed(device: VGPUDevice) -> bool:
-    """True for a vendor-VFIO vGPU whose type id nothing could name (it reads ``type-<id>``)."""
-    return device.type_name == f"type-{device.type_id}"
 
 
 def parse_creatable(text: str) -> dict[int, str]:

@@ -1,0 +1,7 @@
+"""The files this tool keeps below the host root, in one place for operators (and so that checking
+for one does not import the module that reads it). Everything else it writes is a driver control file.
+"""
+
+LOCK_FILE = "run/nvidia-vgpu-dm.lock"  # flock'ed by apply; holds the pid of the apply running now
+JOURNAL_FILE = "run/nvidia-vgpu-dm/journal.json"  # what an apply will change, kept until it ends
+LEARNED_DIR = "var/lib/nvidia-vgpu-dm/types"  # vendor-VFIO type tables learned per GPU, driver and device id
