@@ -122,7 +122,11 @@ class _Sink:
                 pass
 
 
-_sink: _Sink | None = None
+_sink: _Sink | None = None  # set by setup()
+# Until setup() is called (a library caller of apply_config, say), only warnings and errors are
+# written, as the standard library's last-resort handler did.
+_UNCONFIGURED_LEVEL = WARNING
+_fallback: _Sink | None = None
 _context = threading.local()
 
 
@@ -145,10 +149,10 @@ class Logger:
         self.name = name
 
     def isEnabledFor(self, level: int) -> bool:  # the standard library's name, for familiarity
-        return level >= (_sink.level if _sink is not None else INFO)
+        return level >= (_sink.level if _sink is not None else _UNCONFIGURED_LEVEL)
 
     def log(self, level: int, msg: object, extra: dict[str, object] | None = None) -> None:
-        sink = _sink or setup()
+        sink = _sink or _unconfigured()
         if level < sink.level:
             return
         text = str(msg)
@@ -181,6 +185,13 @@ class Logger:
 _loggers: dict[str, Logger] = {}
 
 
+def _unconfigured() -> _Sink:
+    global _fallback
+    if _fallback is None or _fallback.stream is not sys.stderr:
+        _fallback = _make_sink(sys.stderr, "text", _UNCONFIGURED_LEVEL)
+    return _fallback
+
+
 def get(name: str = "") -> Logger:
     full = f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME
     if full not in _loggers:
@@ -193,7 +204,11 @@ def setup(debug: bool = False, fmt: str = "text", stream: TextIO | None = None) 
     come after the subcommand). Lines go to ``stream``, by default the current standard error."""
     global _sink
     settings.update(debug=debug, fmt=fmt)
-    out = stream if stream is not None else sys.stderr
+    _sink = _make_sink(stream if stream is not None else sys.stderr, fmt, DEBUG if debug else INFO)
+    return _sink
+
+
+def _make_sink(out: TextIO, fmt: str, level: int) -> _Sink:
     try:
         terminal = out.isatty()
     except (OSError, ValueError):  # closed
@@ -205,8 +220,7 @@ def setup(debug: bool = False, fmt: str = "text", stream: TextIO | None = None) 
     else:
         formatter = KeyValueFormatter()
     sink = _Sink(out, formatter)
-    sink.level = DEBUG if debug else INFO
-    _sink = sink
+    sink.level = level
     return sink
 
 

@@ -114,3 +114,15 @@ def test_terminal_format_and_is_enabled_for() -> None:
     log.get().warning("careful\x1b[2J")
     assert re.fullmatch(r"WARN\[\d{4}\] careful\\x1b\[2J\n", out.getvalue())
     assert log.get().isEnabledFor(log.INFO) and not log.get().isEnabledFor(log.DEBUG)
+
+
+def test_before_setup_only_warnings_and_errors_are_written(monkeypatch, capsys) -> None:
+    # A library caller (apply_config from Python) that never configured logging sees what the standard
+    # library's last-resort handler showed: warnings and errors, not the progress lines.
+    monkeypatch.setattr(log, "_sink", None)
+    monkeypatch.setattr(log, "_fallback", None)
+    log.get("apply").info("progress")
+    log.get("apply").warning("careful")
+    assert not log.get().isEnabledFor(log.INFO) and log.get().isEnabledFor(log.WARNING)
+    err = capsys.readouterr().err
+    assert "progress" not in err and 'level=warning msg="careful"' in err
