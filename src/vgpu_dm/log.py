@@ -109,7 +109,9 @@ class _Sink:
         self.stream = stream
         self.formatter = formatter
         self.level = INFO
-        self.lock = threading.Lock()
+        # Reentrant: a signal handler that logs (SIGTERM during apply) may run in the main thread
+        # while it is inside a write; a plain lock would deadlock there.
+        self.lock = threading.RLock()
 
     def emit(self, record: Record) -> None:
         line = self.formatter.format(record)

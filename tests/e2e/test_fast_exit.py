@@ -51,3 +51,15 @@ def test_large_json_output_through_a_pipe_arrives_whole(cli, sim_host):
     assert proc.returncode == 0
     listed = json.loads(proc.stdout)
     assert len(listed) == 8 and all(gpu["vgpus"] for gpu in listed)
+
+
+def test_a_closed_stdout_keeps_the_exit_code():
+    # With descriptor 1 closed at start, Python's sys.stdout is None; the command's code must survive.
+    proc = subprocess.run(
+        ["sh", "-c", f'"{ENTRY_POINT}" assert --valid-config -f "{EXAMPLES}/config-t4.yaml" -c T4-small >&-'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr

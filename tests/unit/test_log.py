@@ -126,3 +126,38 @@ def test_before_setup_only_warnings_and_errors_are_written(monkeypatch, capsys) 
     assert not log.get().isEnabledFor(log.INFO) and log.get().isEnabledFor(log.WARNING)
     err = capsys.readouterr().err
     assert "progress" not in err and 'level=warning msg="careful"' in err
+
+
+SIGNAL_DURING_WRITE = """
+import io, signal
+from vgpu_dm import log
+
+class Interrupted(io.StringIO):
+    fired = False
+
+    def write(self, s):
+        if not self.fired:
+            self.fired = True
+            signal.raise_signal(signal.SIGUSR1)  # the handler runs here, inside the sink's lock
+        return super().write(s)
+
+out = Interrupted()
+log.setup(stream=out)
+signal.signal(signal.SIGUSR1, lambda *_: log.get().warning("stopping"))
+log.get().info("in the middle")
+print(out.getvalue(), end="")
+"""
+
+
+def test_a_signal_handler_that_logs_during_a_write_does_not_deadlock() -> None:
+    # SIGTERM during apply: the handler logs from the main thread, maybe while that thread is inside a
+    # write. Run apart, so that a deadlock fails the test instead of hanging the suite.
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_WRITE], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    messages = [line.split("msg=")[1] for line in proc.stdout.splitlines()]
+    assert messages == ['"stopping"', '"in the middle"']

@@ -38,8 +38,9 @@ def exit_now(code: int) -> None:
     if threading.active_count() > 1 or pending:
         sys.exit(code)
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the descriptor was closed when the process started
+                stream.flush()
     except (OSError, ValueError):
         sys.exit(code)  # let the interpreter report a stream it cannot flush, as it always has
     os._exit(code)
