@@ -240,7 +240,3 @@ def log_problems(lines: list[str]) -> None:
         _log.error(line)
     if len(lines) > MAX_PROBLEM_LINES:
         _log.error(f"... and {len(lines) - MAX_PROBLEM_LINES} more problems (fix these first)")
-
-
-def entry_point() -> None:
-    sys.exit(main())

@@ -49,9 +49,6 @@ class Inventory:
 
         return HolderIndex(self.host)
 
-    def backends(self) -> list[Backend]:
-        return [self.mdev, self.vfio]
-
     def backend_for(self, gpu: GPU) -> Backend | None:
         """The backend that drives this GPU's vGPUs, or None when the GPU is not in vGPU mode."""
         if self.mdev.handles(gpu):

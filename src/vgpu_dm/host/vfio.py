@@ -16,7 +16,6 @@ from vgpu_dm.host.root import HostRoot, note_change
 from vgpu_dm.state_files import LEARNED_DIR
 from vgpu_dm.vgpu_type import short_type_name
 
-# Where learned type id → name tables are kept: creatable lists stop naming a type once the GPU is full.
 DRIVER_VERSION = "sys/module/nvidia/version"
 # sriov-manage: how often to retry "Cannot obtain unbindLock" (usually a passing NVML client), the
 # pause between tries, and how long to wait for the new VFs' nvidia/ directories afterwards.
