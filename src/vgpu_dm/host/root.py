@@ -165,6 +165,49 @@ class HostRoot:
         _log.debug(f"run {cmd}")
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, input=input)
 
+    def spawn(
+        self, argv: Sequence[str], env: dict[str, str], workdir: str | None = None
+    ) -> subprocess.Popen[str]:
+        """Start a program of the host (a hook) in its own session, inside the host root, with exactly
+        ``env`` and in ``workdir`` (a directory of the host); stdout and stderr merged into one pipe."""
+        import subprocess
+
+        cmd = list(argv)
+        cwd = None
+        if self.root == "/":
+            cwd = workdir
+        else:
+            import shutil
+
+            # Our own PATH finds chroot (the hook's env may not); inside, sh changes to the workdir
+            # and execs the program with its arguments as they are (nothing is parsed by the shell).
+            chroot = shutil.which("chroot") or "chroot"
+            if workdir:
+                cmd = [
+                    chroot,
+                    self.root,
+                    "/bin/sh",
+                    "-c",
+                    'cd "$1" && shift && exec "$@"',
+                    "sh",
+                    workdir,
+                    *cmd,
+                ]
+            else:
+                cmd = [chroot, self.root, *cmd]
+        _log.debug(f"spawn {cmd} (cwd {cwd or '-'})")
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+
 
 def open_host(root: str | None = None, sim: str | None = None) -> HostRoot:
     """The host object for a command: a simulated host when ``sim`` is given, else the real one."""

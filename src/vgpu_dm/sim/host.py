@@ -205,6 +205,24 @@ class SimHostRoot(HostRoot):
             lock.close()
         raise FileNotFoundError(errno.ENOENT, f"{program}: not available on the simulated host", argv[0])
 
+    def spawn(self, argv: Sequence[str], env: dict[str, str], workdir: str | None = None):
+        """Hooks on a simulated host run on this machine as they are: the simulated tree is no root
+        filesystem to chroot into (the real host root runs them through chroot, see HostRoot.spawn)."""
+        import subprocess
+
+        _log.debug(f"spawn {list(argv)} (cwd {workdir or '-'}; simulated host: not chrooted)")
+        return subprocess.Popen(
+            list(argv),
+            env=env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+
 
 def write_log(root: str | os.PathLike[str]) -> list[str]:
     """Every write the tool made to the simulated host, oldest first (``path<TAB>data``)."""

@@ -544,8 +544,23 @@ def load_spec(data: bytes | str, source: str = "<config>") -> Spec:
 
 
 def _parse(text: str, source: str) -> Spec:
+    root = compose(text, source)
+    walker = _Walker(source, len(text))
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        configs = walker.document(root)
+    except _TooBig as exc:
+        walker.error(exc.node, "", str(exc))
+        configs = {}
+    if walker.problems:
+        raise ConfigError(sorted(walker.problems, key=lambda p: (p.line, p.column)))
+    return Spec(source=source, configs=configs)
+
+
+def compose(text: str, source: str) -> yaml.Node | None:
+    """The YAML node tree of ``text`` (marks for locations, plain scalars untyped until asked); a
+    ConfigError located at the problem when it is not YAML. Shared with other files of ours (hooks)."""
+    try:
+        return yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -566,15 +581,6 @@ def _parse(text: str, source: str) -> Spec:
         raise ConfigError([Problem(source, 1, 1, "", f"invalid YAML/JSON: {exc}")]) from None
     except RecursionError:
         raise ConfigError([Problem(source, 1, 1, "", "document is nested too deeply; refusing it")]) from None
-    walker = _Walker(source, len(text))
-    try:
-        configs = walker.document(root)
-    except _TooBig as exc:
-        walker.error(exc.node, "", str(exc))
-        configs = {}
-    if walker.problems:
-        raise ConfigError(sorted(walker.problems, key=lambda p: (p.line, p.column)))
-    return Spec(source=source, configs=configs)
 
 
 def load_spec_file(path: str | Path) -> Spec:

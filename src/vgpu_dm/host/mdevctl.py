@@ -1,0 +1,173 @@
+"""mdevctl's persistent mdev definitions: read them, and write or remove them in mdevctl's own format.
+
+A definition is the file ``etc/mdevctl.d/<parent>/<uuid>`` (no extension; the parent is the sysfs
+name of the mdev parent, e.g. ``0000:41:00.4``) holding a JSON object with ``mdev_type`` (the type
+directory's name, ``nvidia-558``), ``start`` (``auto`` or ``manual``) and an optional ``attrs`` list of
+one-key objects. The file holds no UUID and no parent: both come from its path. With ``start: auto``,
+mdevctl's udev rule creates the device again whenever its parent appears, i.e. at every boot.
+mdevctl reads strictly (one bad file makes ``mdevctl list --defined`` fail), so we write atomically
+and byte for byte as mdevctl does (serde_json's pretty printer: 2-space indent, keys in this order,
+no trailing newline). (reference/kvm-host.md §E, Traps 6–7; mdevctl src/mdev.rs ``to_json``,
+``write_config``, src/environment.rs ``get_defined_devices``.)
+
+Reading never fails the whole answer: a file mdevctl itself could not use is a warning naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from vgpu_dm.host.root import HostRoot
+
+CONFIG_DIR = "etc/mdevctl.d"
+# Directories beside the parents: legacy callout/notifier scripts, never definitions.
+_NOT_PARENTS = ("scripts.d",)
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+AUTO, MANUAL = "auto", "manual"
+
+
+class Definition(NamedTuple):
+    """One mdevctl definition."""
+
+    parent: str
+    uuid: str  # lowercase
+    mdev_type: str
+    start: str  # AUTO or MANUAL (mdevctl: anything but "auto" is manual)
+    attrs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def auto(self) -> bool:
+        return self.start == AUTO
+
+    @property
+    def path(self) -> str:
+        """Relative to the host root."""
+        return definition_path(self.parent, self.uuid)
+
+
+def definition_path(parent: str, uuid: str) -> str:
+    return f"{CONFIG_DIR}/{parent}/{uuid}"
+
+
+def definition_text(mdev_type: str, start: str, attrs: tuple[tuple[str, str], ...] = ()) -> str:
+    """The file body exactly as mdevctl writes it."""
+    import json
+
+    body = {"mdev_type": mdev_type, "start": start, "attrs": [{k: v} for k, v in attrs]}
+    return json.dumps(body, indent=2, ensure_ascii=False)
+
+
+def parse_definition(text: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """(mdev_type, start, attrs) of a definition file; ValueError says why mdevctl would refuse it."""
+    import json
+
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    for key in ("mdev_type", "start"):
+        if body.get(key) is None:
+            raise ValueError(f"no {key!r}")
+    if not isinstance(body["mdev_type"], str):
+        raise ValueError(f"'mdev_type' is not a string ({body['mdev_type']!r})")
+    attrs: list[tuple[str, str]] = []
+    raw = body.get("attrs")
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise ValueError("'attrs' is not a list")
+        for item in raw:
+            if not (isinstance(item, dict) and len(item) == 1):
+                raise ValueError(f"'attrs' item {item!r} is not an object with one key")
+            ((key, value),) = item.items()
+            if not isinstance(value, str):
+                raise ValueError(f"'attrs' value of {key!r} is not a string ({value!r})")
+            attrs.append((key, value))
+    start = AUTO if body["start"] == AUTO else MANUAL
+    return body["mdev_type"], start, tuple(attrs)
+
+
+class MdevctlIndex:
+    """mdevctl's definitions under the host root, read once on first use."""
+
+    def __init__(self, host: HostRoot):
+        self.host = host
+        self._definitions: list[Definition] | None = None
+        self._warnings: list[str] = []
+
+    @property
+    def installed(self) -> bool:
+        """mdevctl's configuration directory exists (its package creates it; mdevctl refuses without)."""
+        return self.host.exists(CONFIG_DIR)
+
+    @property
+    def definitions(self) -> list[Definition]:
+        if self._definitions is None:
+            self._definitions = self._read()
+        return self._definitions
+
+    @property
+    def warnings(self) -> list[str]:
+        _ = self.definitions
+        return list(self._warnings)
+
+    def for_uuid(self, uuid: str) -> list[Definition]:
+        """Every definition of ``uuid`` (one UUID may be defined under several parents)."""
+        uuid = uuid.lower()
+        return [d for d in self.definitions if d.uuid == uuid]
+
+    def on_parents(self, parents: list[str]) -> list[Definition]:
+        wanted = set(parents)
+        return [d for d in self.definitions if d.parent in wanted]
+
+    def _read(self) -> list[Definition]:
+        found: list[Definition] = []
+        try:
+            parents = self.host.listdir(CONFIG_DIR)
+        except OSError as exc:
+            self._warnings.append(f"cannot read {self.host.path(CONFIG_DIR)} ({exc.strerror or exc})")
+            return found
+        for parent in parents:
+            if parent in _NOT_PARENTS:
+                continue
+            try:
+                names = self.host.listdir(f"{CONFIG_DIR}/{parent}")
+            except OSError as exc:
+                self._warnings.append(
+                    f"cannot read {self.host.path(f'{CONFIG_DIR}/{parent}')} ({exc.strerror})"
+                )
+                continue
+            for name in names:
+                if not re.fullmatch(_UUID, name):
+                    continue  # mdevctl skips such files too (with a warning of its own)
+                rel = definition_path(parent, name)
+                try:
+                    text = self.host.read_text(rel)
+                except IsADirectoryError:
+                    continue
+                except OSError as exc:
+                    self._warnings.append(f"{self.host.path(rel)}: cannot be read ({exc.strerror or exc})")
+                    continue
+                try:
+                    mdev_type, start, attrs = parse_definition(text)
+                except ValueError as exc:
+                    self._warnings.append(
+                        f"{self.host.path(rel)}: not a valid mdevctl definition: {exc} "
+                        f"(mdevctl list --defined, and libvirt's node devices, fail while this file is there)"
+                    )
+                    continue
+                found.append(Definition(parent, name.lower(), mdev_type, start, attrs))
+        return found
+
+
+def write_definition(host: HostRoot, definition: Definition) -> None:
+    """Create or replace a definition atomically (temp file, fsync, rename), as mdevctl lays it out."""
+    text = definition_text(definition.mdev_type, definition.start, definition.attrs)
+    host.save_state(definition.path, text)
+
+
+def remove_definition(host: HostRoot, definition: Definition) -> None:
+    """Delete a definition file; the parent's directory stays (``mdevctl undefine`` keeps it too)."""
+    host.remove_state(definition.path)
