@@ -4,7 +4,9 @@ a blank cell under a GPU column means "same GPU as the row above".
 
 from __future__ import annotations
 
-LIST_COLUMNS = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER")
+LIST_COLUMNS = (
+    "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL"
+)  # fmt: skip
 
 
 def parse_table(text: str, columns: tuple[str, ...], fill: tuple[str, ...] = ()) -> list[dict[str, str]]:

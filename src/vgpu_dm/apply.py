@@ -14,8 +14,9 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError
@@ -51,6 +52,15 @@ class ApplyOptions:
     jobs: int = 1
     # While a forced removal waits for a VM to release the device, say so this often (seconds).
     watchdog_interval: float = 10.0
+    # libvirt domains (names, UUIDs or "all") that are not running and whose vGPUs may be removed.
+    allow_assigned: tuple[str, ...] = ()
+    # The operator's hooks (vgpu_dm.hooks.HooksFile), run at the stage boundaries of apply_config.
+    hooks: Any = None
+    # "mdevctl": after applying, make mdevctl's definitions of the GPUs the config selects match them.
+    persist: str | None = None
+    # Called with the GPUs about to change right before the first change of the host (set by
+    # apply_config: it runs the pre-change hooks once).
+    before_change: Callable[[Iterable[GPU]], None] | None = None
 
 
 # Automatic --jobs: one thread per GPU being changed, at most this many. Each thread mostly waits for
@@ -129,62 +139,122 @@ def apply_config(
     options: ApplyOptions | None = None,
     config_name: str = "",
 ) -> Plan:
-    """Plan and carry out the selected config; returns the plan that was executed."""
+    """Plan and carry out the selected config; returns the plan that was executed.
+
+    With ``options.hooks``, the hooks run under the host lock: apply-start first, pre-change right
+    before the first change, post-change after it, apply-exit last (vgpu_dm.hooks.runner).
+    """
     options = options or ApplyOptions()
     with HostLock(host, timeout=options.lock_timeout, stop=options.stop):
-        if options.stop is not None and options.stop.is_set():
-            raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
-        host.check_before_changes()
-        recover(host, tools, force=options.force, watchdog_interval=options.watchdog_interval)
-        if not options.skip_mig:
-            # MIG mode and GPU instances first: the vGPUs are planned on what they offer afterwards.
-            from vgpu_dm.mig.step import prepare_mig
+        if options.hooks is None:
+            return _apply_locked(entries, host, tools, source, options, config_name)
+        from vgpu_dm.hooks.runner import FAILED, INTERRUPTED, SUCCESS, UNCHANGED, HookSession
 
-            prepare_mig(entries, config_name, host, tools, source, options.force, options)
+        session = HookSession(options.hooks, host, source, config_name, options.stop)
+        options = replace(options, before_change=session.before_change)
+        result, error = FAILED, None
+        try:
+            session.apply_start()
+            plan = _apply_locked(entries, host, tools, source, options, config_name)
+            result = UNCHANGED if plan.is_noop else SUCCESS
+            return plan
+        except ApplyInterrupted as exc:
+            result, error = INTERRUPTED, exc
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            session.finish(result, error)
+
+
+def _apply_locked(
+    entries: tuple[ConfigEntry, ...],
+    host: HostRoot,
+    tools: HostTools | None,
+    source: str,
+    options: ApplyOptions,
+    config_name: str,
+) -> Plan:
+    if options.stop is not None and options.stop.is_set():
+        raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
+    host.check_before_changes()
+    if options.persist:
+        from vgpu_dm.persist import check_persist
+
+        check_persist(options.persist, entries, Inventory(host, tools))
+    recover(
+        host,
+        tools,
+        force=options.force,
+        watchdog_interval=options.watchdog_interval,
+        before_change=options.before_change,
+    )
+    if not options.skip_mig:
+        # MIG mode and GPU instances first: the vGPUs are planned on what they offer afterwards.
+        from vgpu_dm.mig.step import prepare_mig
+
+        prepare_mig(entries, config_name, host, tools, source, options.force, options)
+    inventory = Inventory(host, tools, writable=True)
+    log_discovery(inventory)
+    plan = build_plan(entries, inventory, source, force=options.force, allow_assigned=options.allow_assigned)
+    log_plan(plan)
+    if options.uuid_mode == STABLE and any(gp.framework != VENDOR_VFIO for gp in plan.changed):
+        machine_id(host)  # fail before anything is touched, sriov-manage included
+    pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
+    if pending:
+        # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
+        if options.before_change is not None:
+            options.before_change(pending)
+        enabled: list[str] = []
+        for gpu in pending:
+            if options.stop is not None and options.stop.is_set():
+                raise ApplyInterrupted(
+                    "\n".join(
+                        [
+                            "apply interrupted before it changed any vGPU",
+                            *(f"{a}: SR-IOV virtual functions were enabled (harmless)" for a in enabled),
+                            "every other GPU is unchanged",
+                        ]
+                    )
+                )
+            try:
+                inventory.vfio.enable_vfs(gpu)
+            except HostError as exc:
+                if enabled:
+                    raise HostError(
+                        f"{exc}\n(SR-IOV VFs were enabled on {', '.join(enabled)}; that is harmless)"
+                    ) from None
+                raise
+            enabled.append(gpu.describe())
         inventory = Inventory(host, tools, writable=True)
         log_discovery(inventory)
-        plan = build_plan(entries, inventory, source, force=options.force)
+        plan = build_plan(
+            entries, inventory, source, force=options.force, allow_assigned=options.allow_assigned
+        )
+        plan = plan._replace(vfs_enabled=frozenset(g.address for g in pending))
         log_plan(plan)
-        if options.uuid_mode == STABLE and any(gp.framework != VENDOR_VFIO for gp in plan.changed):
-            machine_id(host)  # fail before anything is touched, sriov-manage included
-        pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
-        if pending:
-            # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
-            enabled: list[str] = []
-            for gpu in pending:
-                if options.stop is not None and options.stop.is_set():
-                    raise ApplyInterrupted(
-                        "\n".join(
-                            [
-                                "apply interrupted before it changed any vGPU",
-                                *(f"{a}: SR-IOV virtual functions were enabled (harmless)" for a in enabled),
-                                "every other GPU is unchanged",
-                            ]
-                        )
-                    )
-                try:
-                    inventory.vfio.enable_vfs(gpu)
-                except HostError as exc:
-                    if enabled:
-                        raise HostError(
-                            f"{exc}\n(SR-IOV VFs were enabled on {', '.join(enabled)}; that is harmless)"
-                        ) from None
-                    raise
-                enabled.append(gpu.describe())
-            inventory = Inventory(host, tools, writable=True)
-            log_discovery(inventory)
-            plan = build_plan(entries, inventory, source, force=options.force)
-            plan = plan._replace(vfs_enabled=frozenset(g.address for g in pending))
-            log_plan(plan)
-            still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
-            if still:
-                raise HostError(f"virtual functions did not appear after sriov-manage -e: {', '.join(still)}")
-        for note in plan.notes:
-            _log.warning(note)
-        if plan.is_noop:
-            return plan
+        still = [gp.gpu.describe() for gp in plan.changed if gp.enable_vfs]
+        if still:
+            raise HostError(f"virtual functions did not appear after sriov-manage -e: {', '.join(still)}")
+    if options.persist:
+        from vgpu_dm.persist import check_plan
+
+        check_plan(options.persist, plan)
+    else:
+        from vgpu_dm.persist import mdevctl_conflicts
+
+        plan = plan._replace(notes=(*plan.notes, *mdevctl_conflicts(plan, inventory)))
+    for note in plan.notes:
+        _log.warning(note)
+    if not plan.is_noop:
         execute(plan, inventory, options, config_name)
-        return plan
+    if options.persist:
+        from vgpu_dm.persist import sync_mdevctl
+
+        # The definitions follow what is on the GPUs now (after a no-op apply too).
+        sync_mdevctl(plan, Inventory(host, tools))
+    return plan
 
 
 def execute(
@@ -193,11 +263,14 @@ def execute(
     """Apply every changing GPU of ``plan``; raises ApplyError after rolling back on failure."""
     options = options or ApplyOptions()
     host = inventory.host
+    if options.before_change is not None:
+        options.before_change([gp.gpu for gp in plan.changed])
     existing = {d.uuid for g in inventory.gpus for d in inventory.devices(g) if d.uuid}
     uuids = UUIDSource(options.uuid_mode, host, existing)
     new_uuids = {
         gp.gpu.address: [
-            uuids.next(gp.gpu.address, t.name) if gp.framework == MDEV else None for t in gp.create
+            (gp.pin(n)[0] or uuids.next(gp.gpu.address, t.name)) if gp.framework == MDEV else None
+            for n, t in enumerate(gp.create)
         ]
         for gp in plan.changed
     }
@@ -381,7 +454,15 @@ def _apply_gpu(
             for ordinal, (vtype, uuid) in enumerate(zip(gp.create, uuids, strict=True)):
                 step = f"create {vtype.name} #{ordinal + 1} of {len(gp.create)} on {gp.gpu.describe()}"
                 _stop_point(options, step, abort)
-                undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid))
+                _, pinned = gp.pin(ordinal)
+                if pinned:
+                    # The same VF or parent as the vGPU it recreates (a VM definition names it).
+                    extra = {"parent": pinned}
+                elif gp.skip_vfs or gp.last_vfs:
+                    extra = {"avoid": gp.skip_vfs, "last": gp.last_vfs}
+                else:
+                    extra = {}
+                undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid, **extra))
                 wrote("create", gp.gpu, undo.created[-1])
             _log.info(
                 f"{where} {gp.gpu.describe()}: done",
@@ -511,7 +592,11 @@ def _unchanged(vfs_enabled: frozenset[str], gpu: GPU) -> str:
 
 
 def recover(
-    host: HostRoot, tools: HostTools | None = None, force: bool = False, watchdog_interval: float = 10.0
+    host: HostRoot,
+    tools: HostTools | None = None,
+    force: bool = False,
+    watchdog_interval: float = 10.0,
+    before_change: Callable[[Iterable[GPU]], None] | None = None,
 ) -> bool:
     """Undo what an interrupted apply left half-done; returns True if there was something to recover."""
     try:
@@ -524,6 +609,8 @@ def recover(
     _log.warning(f"found {found.describe()}; putting those GPUs back to their devices from before it")
     inventory = Inventory(host, tools, writable=True)
     by_address = {g.address: g for g in inventory.gpus}
+    if before_change is not None:
+        before_change([by_address[g.gpu] for g in found.gpus if g.gpu in by_address])
     problems: list[str] = []
     try:
         for jgpu in found.gpus:

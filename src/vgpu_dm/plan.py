@@ -31,6 +31,21 @@ class GPUPlan(NamedTuple):
     enable_vfs: bool = False  # run sriov-manage first, then plan this GPU again
     enable_mixed_size: bool = False  # switch on heterogeneous mode between removals and creations
     disable_mixed_size: bool = False  # back to equal-size mode there (the GPU returns to one size)
+    # Per entry of ``create``: the (UUID, parent) of a removed vGPU of the same type that it recreates,
+    # so a VM definition naming that mdev UUID or VF stays valid; (None, None) for a new vGPU.
+    pins: tuple[tuple[str | None, str | None], ...] = ()
+    # Vendor VFIO: VFs whose vGPU this plan removes while a defined VM names them; no other vGPU goes
+    # there (the VM would start with another type). With --force they are used last instead.
+    skip_vfs: frozenset[str] = frozenset()
+    last_vfs: frozenset[str] = frozenset()
+
+    def pin(self, ordinal: int) -> tuple[str | None, str | None]:
+        return self.pins[ordinal] if ordinal < len(self.pins) else (None, None)
+
+    @property
+    def recreated(self) -> frozenset[str]:
+        """Keys (UUID or VF) of removed vGPUs that this plan creates again, same type, same key."""
+        return frozenset(uuid or parent for uuid, parent in self.pins if uuid or parent)
 
     @property
     def changes(self) -> bool:
@@ -45,6 +60,9 @@ class Plan(NamedTuple):
     # Only with build_plan(strict=False), for previews: what would stop an apply, per GPU index
     # (None: problems of the config as a whole, such as an index the host does not have).
     problems: Mapping[int | None, tuple[str, ...]] = MappingProxyType({})  # shared, so read-only
+    # Only with strict=False: the plans of GPUs left out because a VM holds or is defined to use a vGPU
+    # they would remove (what apply would do with --force), for previews to show.
+    blocked: tuple[GPUPlan, ...] = ()
 
     @property
     def all_problems(self) -> list[str]:
@@ -111,12 +129,15 @@ def build_plan(
     force: bool = False,
     strict: bool = True,
     read_modes: bool = True,
+    allow_assigned: tuple[str, ...] = (),
 ) -> Plan:
     """The plan for the selected config's entries; raises PlanError listing every problem found.
 
     With ``strict=False`` (a preview) problems do not raise: they are returned in ``Plan.problems``,
     and the GPUs that have them are left out of ``Plan.gpus``. ``read_modes=False`` (assert) skips
     asking nvidia-smi whether a changing equal-size GPU is still in mixed-size mode: it changes anyway.
+    ``allow_assigned``: libvirt domains (names or UUIDs, or ``all``) that are not running and whose
+    vGPUs may be removed all the same (``force`` allows every domain's).
     """
     gpus = inventory.gpus
     problems: list[str] = []
@@ -137,22 +158,28 @@ def build_plan(
     elif not gpus:
         notes.append("this host has no NVIDIA GPUs: there is nothing to configure")
     by_gpu: dict[int | None, tuple[str, ...]] = {None: tuple(problems)} if problems else {}
+    blocked: list[GPUPlan] = []
     for gpu in gpus:
         entry = chosen.get(gpu.index)
         if entry is None:
             continue
         before = len(problems)
-        plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes)
+        plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes, allow_assigned)
         if plan is not None:
-            _check_in_use(plan, inventory, force, problems, notes)
+            _check_in_use(plan, inventory, force, problems, notes, allow_assigned)
         if len(problems) > before:
             by_gpu[gpu.index] = tuple(problems[before:])
+            if plan is not None:
+                blocked.append(plan)
         elif plan is not None:
             plans.append(plan)
+    notes.extend(inventory.claim_warnings())
     if problems and strict:
         raise PlanError(problems)
     unselected = tuple(g for g in gpus if g.index not in chosen)
-    return Plan(gpus=tuple(plans), unselected=unselected, notes=tuple(notes), problems=by_gpu)
+    return Plan(
+        gpus=tuple(plans), unselected=unselected, notes=tuple(notes), problems=by_gpu, blocked=tuple(blocked)
+    )
 
 
 def _selects_nothing(entries: tuple[ConfigEntry, ...], gpus: list[GPU], where: str) -> str:
@@ -190,6 +217,7 @@ def _plan_gpu(
     notes: list[str],
     force: bool,
     read_modes: bool = True,
+    allow_assigned: tuple[str, ...] = (),
 ) -> GPUPlan | None:
     wanted = entry.wanted()
     backend = inventory.backend_for(gpu)
@@ -276,17 +304,50 @@ def _plan_gpu(
     for device in current:
         by_type.setdefault(device.type_name, []).append(device)
     if any(len(devs) > resolved.get(n, (None, 0))[1] for n, devs in by_type.items() if n in resolved):
-        # Fewer of a type: keep the ones VMs use, remove idle ones.
+        # Fewer of a type: keep the ones VMs use, then the ones defined VMs name, remove idle ones.
         for devices in by_type.values():
-            devices.sort(key=lambda d: not inventory.holders.holders(d, required=not force))
+            devices.sort(
+                key=lambda d: (
+                    not inventory.holders.holders(d, required=not force),
+                    not inventory.assigned(d),
+                )
+            )
     for name, devices in by_type.items():
         # The mode cannot change while any vGPU exists: switching it rebuilds the GPU.
         n = resolved[name][1] if name in resolved and not (enable_mixed or disable_mixed) else 0
         keep.extend(devices[:n])
         remove.extend(devices[n:])
     kept = Counter(d.type_name for d in keep)
+    # A removed vGPU whose type is created again on this GPU is recreated under its own UUID (mdev)
+    # or on its own VF (vendor VFIO), those defined VMs name first: their definitions stay valid.
+    again: dict[str, list[VGPUDevice]] = {}
+    for device in sorted(remove, key=lambda d: not inventory.assigned(d)):
+        again.setdefault(device.type_name, []).append(device)
+    pinned: list[tuple[TypeInfo, VGPUDevice]] = []
     for name, (info, count) in resolved.items():
-        create.extend([info] * (count - kept[name]))
+        for n in range(count - kept[name]):
+            if n < len(again.get(name, ())):
+                pinned.append((info, again[name][n]))
+            else:
+                create.append(info)
+    pins = tuple((d.uuid, d.parent) for _, d in pinned) + ((None, None),) * len(create)
+    create = [info for info, _ in pinned] + create
+    skip_vfs, last_vfs = _reserved_vfs(remove, {d.key for _, d in pinned}, inventory, force, allow_assigned)
+    if skip_vfs and backend.framework == VENDOR_VFIO:
+        # Only the VFs that are free now or freed by this plan (and not kept for a VM) take new vGPUs.
+        held = {d.parent for d in current} - {d.parent for d in remove}
+        usable = [v for v in gpu.vfs if v not in held and v not in skip_vfs]
+        new = len(create) - len(pinned)
+        if new > len(usable) - len(pinned):
+            names = ", ".join(
+                f"{vf} ({_domains_text(inventory.domains.for_pci(vf))})" for vf in sorted(skip_vfs)
+            )
+            problems.append(
+                f"{label}: {new} new vGPU(s) need free virtual functions, and the ones this config frees "
+                f"are named by defined VMs, which would then start with another vGPU type: {names}; "
+                f"change or undefine those VMs first, or pass --force to use those VFs anyway"
+            )
+            return None
     return GPUPlan(
         gpu,
         framework,
@@ -297,18 +358,54 @@ def _plan_gpu(
         create=tuple(create),
         enable_mixed_size=enable_mixed,
         disable_mixed_size=disable_mixed,
+        pins=pins,
+        skip_vfs=frozenset(skip_vfs) if backend.framework == VENDOR_VFIO else frozenset(),
+        last_vfs=frozenset(last_vfs) if backend.framework == VENDOR_VFIO else frozenset(),
     )
 
 
+def _domains_text(domains) -> str:
+    return ", ".join(d.describe() for d in domains)
+
+
+def allowed_assigned(domain, allow_assigned: tuple[str, ...]) -> bool:
+    """--allow-assigned covers a domain that is not running, named by name or UUID (or ``all``)."""
+    if domain.running:
+        return False
+    return "all" in allow_assigned or domain.name in allow_assigned or (domain.uuid or "") in allow_assigned
+
+
+def _reserved_vfs(remove, recreated, inventory: Inventory, force: bool, allow_assigned) -> tuple[set, set]:
+    """VFs of removed vGPUs that defined VMs name and that no recreation takes back: (skip, last)."""
+    skip: set[str] = set()
+    last: set[str] = set()
+    for device in remove:
+        if device.framework != VENDOR_VFIO or device.key in recreated or not inventory.assigned(device):
+            continue
+        (last if force else skip).add(device.parent)
+    return skip, last
+
+
 def _check_in_use(
-    plan: GPUPlan, inventory: Inventory, force: bool, problems: list[str], notes: list[str]
+    plan: GPUPlan,
+    inventory: Inventory,
+    force: bool,
+    problems: list[str],
+    notes: list[str],
+    allow_assigned: tuple[str, ...] = (),
 ) -> None:
-    """A vGPU that a VM holds is never removed unless the operator forces it."""
+    """A vGPU that a VM holds is never removed unless the operator forces it; one that a defined VM
+    names is not removed (unless recreated as it was) without --force or --allow-assigned."""
+    recreated = plan.recreated
     for device in plan.remove:
         holders = inventory.holders.holders(device, required=not force)
         if not holders:
+            _check_assigned(plan, device, inventory, force, problems, notes, allow_assigned, recreated)
             continue
         who = ", ".join(str(h) for h in holders)
+        domains = inventory.assigned(device)
+        if domains:
+            who += f", libvirt {_domains_text(domains)}"
         what = f"{plan.gpu.describe()}: {device.type_name} {device.key} is in use by {who}"
         if force and device.framework == VENDOR_VFIO:
             # NVIDIA's driver refuses to destroy a vGPU whose VF a VM has open (EPERM), force or not:
@@ -323,6 +420,38 @@ def _check_in_use(
             )
         else:
             problems.append(f"{what}; the config would remove it: stop the VM first, or pass --force")
+
+
+ASSIGNED_MARK = " is assigned to "  # in every problem about a vGPU a defined VM names
+
+
+def _check_assigned(plan, device, inventory, force, problems, notes, allow_assigned, recreated) -> None:
+    domains = inventory.assigned(device)
+    if not domains:
+        return
+    what = f"{plan.gpu.describe()}: {device.type_name} {device.key}{ASSIGNED_MARK}{_domains_text(domains)}"
+    if device.key in recreated:
+        how = "same UUID" if device.uuid else "same VF"
+        notes.append(
+            f"{what}: it is removed and created again ({how}, same type), so the VM's definition stays valid"
+        )
+        return
+    blocking = [d for d in domains if not (force or allowed_assigned(d, allow_assigned))]
+    if not blocking:
+        flag = "--force" if force else "--allow-assigned"
+        notes.append(f"{flag}: removing {what}; that VM will not start until its definition is changed")
+        return
+    files = ", ".join(sorted({inventory.host.path(f) for d in blocking for f in d.files}))
+    running = [d for d in blocking if d.running]
+    if running:
+        hint = "stop the VM and change its definition first, or pass --force"
+    else:
+        names = " ".join(f"--allow-assigned {d.name}" for d in blocking)
+        hint = f"change or undefine the VM first, or pass {names} (or --force)"
+    problems.append(
+        f"{what} (defined in {files}); the config would remove it and the VM could not start without it: "
+        f"{hint}"
+    )
 
 
 def _known_but_full(gpu: GPU, vtype: VGPUType, backend, current: list[VGPUDevice]) -> TypeInfo | None:

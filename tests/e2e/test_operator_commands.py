@@ -98,6 +98,8 @@ def test_plan_reports_a_vm_holding_a_vgpu_that_would_go(cli, sim_host):
             "uuid": uuid,
             "parent": "0000:3b:00.0",
             "holders": [{"pid": pid, "name": "qemu-system-x86_64"}],
+            "assigned": [],
+            "recreated": False,
         }
     ]
     text = cli("apply", "--dry-run", "--force", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-small")
@@ -298,7 +300,9 @@ def test_plan_says_the_mig_step_comes_first_on_mig_capable_gpus(cli, sim_host):
 
 
 # -- list ----------------------------------------------------------------------------------------------
-LIST_COLUMNS = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER")
+LIST_COLUMNS = (
+    "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL"
+)  # fmt: skip
 
 
 def test_list_shows_holders_mixed_size_mode_and_plain_model_names(cli, sim_host, tmp_path):

@@ -37,6 +37,9 @@ NOT_ON_ASSERT_PATH = (
     "vgpu_dm.cli.list_cmd",  # other commands load when they are run
     "vgpu_dm.cli.sim_cmd",
     "vgpu_dm.host.lock",  # only when a journal was found
+    "vgpu_dm.hooks",  # only apply with --hooks-file
+    "vgpu_dm.persist",  # only apply
+    "xml.etree.ElementTree",  # only where libvirt domain files exist (none on this simulated host)
     "kubernetes",
     "lightkube",
     "prometheus_client",

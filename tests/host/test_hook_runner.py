@@ -51,7 +51,7 @@ def recorder(tmp_path: Path, stage: str) -> str:
     trace = tmp_path / "trace"
     return f"""  {stage}:
     - command: /bin/sh
-      args: ["-c", "echo {stage} >> {trace}; env | sort >> {trace}.{stage}"]
+      args: ["-c", "echo {stage} >> {trace}; env -0 > {trace}.{stage}"]
 """
 
 
@@ -61,8 +61,8 @@ def trace(tmp_path: Path) -> list[str]:
 
 
 def env_of(tmp_path: Path, stage: str) -> dict[str, str]:
-    lines = (tmp_path / f"trace.{stage}").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines)
+    entries = (tmp_path / f"trace.{stage}").read_text().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if entry)
 
 
 ALL = ("apply-start", "pre-change", "post-change", "apply-exit")

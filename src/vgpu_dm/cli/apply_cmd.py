@@ -38,6 +38,9 @@ _log = log.get()
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @options.mig_parted
 @options.skip_mig
+@options.allow_assigned
+@options.persist
+@options.hooks_file
 def apply_cmd(
     config_file: str,
     selected_config: str | None,
@@ -57,6 +60,9 @@ def apply_cmd(
     as_json: bool,
     mig_parted: str,
     skip_mig: bool,
+    allow_assigned: tuple[str, ...],
+    persist: str | None,
+    hooks_file: str | None,
 ) -> None:
     """Make the host's vGPU devices match the selected config.
 
@@ -66,10 +72,18 @@ def apply_cmd(
 
     MIG-backed types: nvidia-mig-parted first sets MIG mode and the GPU instances the config needs (a
     time-sliced config switches MIG off); GPUs whose MIG layout changes lose their vGPUs first.
+
+    vGPUs that a libvirt VM is defined to use (running or not) are kept unless --allow-assigned or
+    --force; a vGPU removed and created again keeps its UUID (mdev) or VF (vendor VFIO).
     """
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run (apply itself logs to stderr)")
     spec, name, entries = load_selected(config_file, selected_config)
+    hooks = None
+    if hooks_file:
+        from vgpu_dm.hooks import read_hooks_file
+
+        hooks = read_hooks_file(hooks_file)  # checked before the host is looked at, as the config is
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
@@ -79,7 +93,7 @@ def apply_cmd(
     if dry_run:
         from vgpu_dm.cli.plan_cmd import run_plan
 
-        code = run_plan((spec, name, entries), host_root, sim, tools, force, as_json)
+        code = run_plan((spec, name, entries), host_root, sim, tools, force, as_json, allow_assigned)
         if code:
             raise Failure(code)
         return
@@ -103,6 +117,9 @@ def apply_cmd(
             progress=bar,
             jobs=jobs,
             watchdog_interval=watchdog_interval,
+            allow_assigned=allow_assigned,
+            hooks=hooks,
+            persist=persist,
         )
         try:
             plan = apply_config(entries, host, tools, spec.source, opts, name)

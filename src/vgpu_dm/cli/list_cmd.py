@@ -32,8 +32,30 @@ def _mixed_size(inventory, gpu, framework: str) -> str:
     return "on" if enabled else "off"
 
 
-def inventory_report(host, tools=None) -> list[dict]:
-    """Per GPU: identity, framework, mixed-size mode and vGPUs with the processes that hold them."""
+def _mdevctl(device, inventory) -> dict | None:
+    """How mdevctl defines an mdev: start auto/manual, and the parent it is defined under."""
+    if not device.uuid:
+        return None
+    defined = inventory.mdevctl.for_uuid(device.uuid)
+    if not defined:
+        return None
+    best = next((d for d in defined if d.parent == device.parent), defined[0])
+    return {
+        "start": best.start,
+        "parent": best.parent,
+        "type": best.mdev_type,
+        "file": host_path(inventory, best),
+    }
+
+
+def host_path(inventory, definition) -> str:
+    return inventory.host.path(definition.path)
+
+
+def inventory_report(host, tools=None, warnings: list[str] | None = None) -> list[dict]:
+    """Per GPU: identity, framework, mixed-size mode and vGPUs with the processes that hold them, the
+    libvirt VMs defined to use them and their mdevctl definitions. ``warnings`` collects what the
+    readers of VM definitions and mdevctl files could not vouch for."""
     from vgpu_dm import catalog
     from vgpu_dm.host.inventory import Inventory
 
@@ -64,27 +86,62 @@ def inventory_report(host, tools=None) -> list[dict]:
                             {"pid": h.pid, "name": h.name}
                             for h in inventory.holders.holders(d, required=False)
                         ],
+                        "assigned": [
+                            {"domain": a.name, "uuid": a.uuid, "state": a.state}
+                            for a in inventory.assigned(d)
+                        ],
+                        "mdevctl": _mdevctl(d, inventory),
                     }
                     for d in inventory.devices(gpu)
                 ],
             }
         )
+        if framework == "mdev":
+            # Definitions of mdevs that do not exist now: mdevctl creates the auto ones at boot.
+            existing = {v["uuid"] for v in report[-1]["vgpus"]}
+            report[-1]["mdevctl_not_created"] = [
+                {"uuid": d.uuid, "parent": d.parent, "type": d.mdev_type, "start": d.start}
+                for d in inventory.mdevctl.on_parents(inventory.mdev.parents(gpu))
+                if d.uuid not in existing
+            ]
+    if warnings is not None:
+        warnings.extend(inventory.claim_warnings())
     return report
 
 
 def render_table(report: list[dict]) -> str:
     from vgpu_dm.log import printable
 
-    header = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER")
+    header = (
+        "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED",
+        "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL",
+    )  # fmt: skip
     rows = []
     for gpu in report:
         first = (str(gpu["index"]), gpu["address"], gpu["model"], gpu["framework"], gpu["mixed_size"])
         blank = ("",) * len(first)
         if not gpu["vgpus"]:
-            rows.append((*first, "-", "-", "-", "-"))
+            rows.append((*first, "-", "-", "-", "-", "-", "-"))
         for n, vgpu in enumerate(gpu["vgpus"]):
             holder = ", ".join(f"{h['pid']} {h['name']}" for h in vgpu["holders"]) or "-"
-            rows.append((*(blank if n else first), vgpu["type"], vgpu["uuid"] or "-", vgpu["parent"], holder))
+            vms = ", ".join(f"{a['domain']} ({a['state']})" for a in vgpu.get("assigned", ())) or "-"
+            defined = vgpu.get("mdevctl")
+            mdevctl = "-"
+            if defined:
+                mdevctl = defined["start"] + (
+                    "" if defined["parent"] == vgpu["parent"] else f" on {defined['parent']}"
+                )
+            rows.append(
+                (
+                    *(blank if n else first),
+                    vgpu["type"],
+                    vgpu["uuid"] or "-",
+                    vgpu["parent"],
+                    holder,
+                    vms,
+                    mdevctl,
+                )
+            )
     if not rows:
         return "no NVIDIA GPUs found"
     rows = [tuple(printable(c) for c in r) for r in rows]
@@ -128,7 +185,9 @@ def list_cmd(
     """Show the host's NVIDIA GPUs, the vGPU framework each uses, and their vGPU devices.
 
     MIXED is the mixed-size (heterogeneous) vGPU mode of vendor-VFIO GPUs; HOLDER is the process (a
-    VM) that has the vGPU open. An apply that was interrupted, or is running, is reported too.
+    VM) that has the vGPU open; VM the libvirt VMs defined to use it (running or shut off); MDEVCTL
+    whether mdevctl defines it (auto: created again at boot). An apply that was interrupted, or is
+    running, is reported too.
 
     \b
     Example:
@@ -140,7 +199,8 @@ def list_cmd(
     from vgpu_dm.host.inventory import HostTools
 
     host = open_cli_host(host_root, sim)
-    report = inventory_report(host, HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root))
+    warnings: list[str] = []
+    report = inventory_report(host, HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root), warnings)
     pending = journal_by_gpu(host)
     if as_json:
         for gpu in report:
@@ -155,3 +215,15 @@ def list_cmd(
         notes = {journal_note(host)} - {None}
     for note in sorted(notes):
         click.echo(f"warning: {note}", err=True)
+    for gpu in report:
+        waiting = gpu.get("mdevctl_not_created") or []
+        auto = [d for d in waiting if d["start"] == "auto"]
+        if auto:
+            click.echo(
+                f"note: GPU {gpu['index']} ({gpu['address']}): mdevctl defines {len(auto)} more mdev(s) with "
+                f"start=auto that do not exist now; it creates them when the GPU appears at boot: "
+                + ", ".join(f"{d['uuid']} ({d['type']})" for d in auto),
+                err=True,
+            )
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)

@@ -199,6 +199,34 @@ def add_global_options(command: click.Command) -> None:
     )
 
 
+allow_assigned = click.option(
+    "--allow-assigned",
+    "allow_assigned",
+    envvar="VGPU_DM_ALLOW_ASSIGNED",
+    multiple=True,
+    metavar="VM",
+    help="Also remove vGPUs that the libvirt VM named VM (a domain name or UUID; 'all' for every VM) is "
+    "defined to use, as long as it is not running: it will not start until its definition is changed. "
+    "Repeatable; narrower than --force, which also takes vGPUs from running VMs.  "
+    "[env: VGPU_DM_ALLOW_ASSIGNED, space-separated]",
+)
+persist = click.option(
+    "--persist",
+    envvar="VGPU_DM_PERSIST",
+    type=click.Choice(["mdevctl"]),
+    help="After applying, make mdevctl's definitions of the selected GPUs match their vGPUs (start=auto), so "
+    "mdevctl recreates them at boot; mdev GPUs only. The alternative is the systemd unit in deploy/systemd.  "
+    "[env: VGPU_DM_PERSIST]",
+)
+hooks_file = click.option(
+    "--hooks-file",
+    envvar="VGPU_DM_HOOKS_FILE",
+    metavar="FILE",
+    help="YAML file of programs to run at apply's stages: apply-start, pre-change, post-change, "
+    "apply-exit (see docs/kvm-host.md).  [env: VGPU_DM_HOOKS_FILE]",
+)
+
+
 jobs = click.option(
     "--jobs",
     envvar="VGPU_DM_JOBS",

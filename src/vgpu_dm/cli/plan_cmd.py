@@ -17,25 +17,63 @@ def _counted(names: list[str]) -> list[dict]:
     return [{"type": n, "count": c} for n, c in Counter(names).items()]
 
 
-def _device(device, inventory) -> dict:
+def _device(device, inventory, recreated: frozenset[str] = frozenset()) -> dict:
     holders = inventory.holders.holders(device, required=False)
     return {
         "type": device.type_name,
         "uuid": device.uuid,
         "parent": device.parent,
         "holders": [{"pid": h.pid, "name": h.name} for h in holders],
+        "assigned": _assigned(device, inventory),
+        "recreated": device.key in recreated,
     }
 
 
-def plan_report(entries, inventory, source: str, name: str, force: bool = False) -> dict:
+def _assigned(device, inventory) -> list[dict]:
+    """The libvirt VMs defined to use ``device``."""
+    return [{"domain": d.name, "uuid": d.uuid, "state": d.state} for d in inventory.assigned(device)]
+
+
+def _by_domain(plan, inventory, force: bool, allow_assigned: tuple[str, ...]) -> list[dict]:
+    """Per libvirt VM: its vGPUs this plan removes or recreates (also on GPUs held back by a problem)."""
+    from vgpu_dm.plan import allowed_assigned
+
+    found: dict[str, dict] = {}
+    for gp in (*plan.gpus, *plan.blocked):
+        for device in gp.remove:
+            for domain in inventory.assigned(device):
+                entry = found.setdefault(
+                    domain.uuid or domain.name,
+                    {"domain": domain.name, "uuid": domain.uuid, "state": domain.state, "vgpus": []},
+                )
+                recreated = device.key in gp.recreated
+                entry["vgpus"].append(
+                    {
+                        "gpu": gp.gpu.index,
+                        "address": gp.gpu.address,
+                        "type": device.type_name,
+                        "uuid": device.uuid,
+                        "parent": device.parent,
+                        "action": "recreate" if recreated else "remove",
+                        # apply refuses what is neither recreated nor allowed
+                        "allowed": recreated or force or allowed_assigned(domain, allow_assigned),
+                    }
+                )
+    return sorted(found.values(), key=lambda e: (e["domain"], e["uuid"] or ""))
+
+
+def plan_report(
+    entries, inventory, source: str, name: str, force: bool = False, allow_assigned: tuple[str, ...] = ()
+) -> dict:
     """The preview as data (what ``plan --json`` prints); built from plan.build_plan(strict=False)."""
     from vgpu_dm import catalog
     from vgpu_dm.cli.journal_note import journal_note
     from vgpu_dm.cli.list_cmd import model_name
     from vgpu_dm.errors import HostError
+    from vgpu_dm.persist import mdevctl_conflicts
     from vgpu_dm.plan import build_plan, governing_entries
 
-    plan = build_plan(entries, inventory, source, force=force, strict=False)
+    plan = build_plan(entries, inventory, source, force=force, strict=False, allow_assigned=allow_assigned)
     planned = {gp.gpu.index: gp for gp in plan.gpus}
     chosen = governing_entries(entries, inventory.gpus)
     try:
@@ -66,7 +104,7 @@ def plan_report(entries, inventory, source: str, name: str, force: bool = False)
         elif gp is not None:
             item["status"] = "change" if gp.changes else "unchanged"
             item["keep"] = _counted([d.type_name for d in gp.keep])
-            item["remove"] = [_device(d, inventory) for d in gp.remove]
+            item["remove"] = [_device(d, inventory, gp.recreated) for d in gp.remove]
             item["create"] = _counted([t.name for t in gp.create])
             if gp.enable_vfs:
                 # The VFs come first; the vGPUs are then created as the config says.
@@ -77,7 +115,7 @@ def plan_report(entries, inventory, source: str, name: str, force: bool = False)
         if gpu.index in mig and governing is not None:
             _with_mig_step(item, mig[gpu.index], governing, inventory, gpu)
         gpus.append(item)
-    notes = list(plan.notes)
+    notes = [*plan.notes, *mdevctl_conflicts(plan, inventory)]
     if mig_note:
         notes.append(mig_note)
     removals = sum(len(g.get("remove", [])) for g in gpus)
@@ -92,6 +130,7 @@ def plan_report(entries, inventory, source: str, name: str, force: bool = False)
         "problems": [*plan.problems.get(None, ()), *[p for g in gpus for p in g.get("problems", [])]],
         "notes": notes,
         "journal": journal_note(inventory.host),
+        "assigned": _by_domain(plan, inventory, force, allow_assigned),
     }
 
 
@@ -175,21 +214,44 @@ def render_plan(report: dict) -> str:
             if gpu["remove"]:
                 lines.append(f"  remove   {_count_text(_counted([d['type'] for d in gpu['remove']]))}")
             for device in gpu["remove"]:
+                key = device["uuid"] or device["parent"]
                 if device["holders"]:
                     held = ", ".join(f"pid {h['pid']} ({h['name']})" for h in device["holders"])
-                    key = device["uuid"] or device["parent"]
                     lines.append(f"           {device['type']} {key} is IN USE by {held}")
+                if device["assigned"]:
+                    vms = ", ".join(f"VM {a['domain']!r} ({a['state']})" for a in device["assigned"])
+                    again = ": created again, same type and key" if device["recreated"] else ""
+                    lines.append(f"           {device['type']} {key} is ASSIGNED to {vms}{again}")
             if gpu.get("enable_mixed_size"):
                 lines.append("  enable   mixed-size (heterogeneous) vGPU mode")
             if gpu["create"]:
                 lines.append(f"  create   {_count_text(gpu['create'])}")
             if status == "unchanged":
                 lines.append("  already as the config wants: not touched")
+    if report.get("assigned"):
+        lines.append("libvirt VMs defined to use vGPUs this removes or recreates:")
+        for vm in report["assigned"]:
+            for v in vm["vgpus"]:
+                key = v["uuid"] or v["parent"]
+                if v["action"] == "recreate":
+                    what = "recreated with the same " + ("UUID" if v["uuid"] else "VF") + ": stays valid"
+                elif v["allowed"]:
+                    what = "removed (allowed): the VM will not start until its definition is changed"
+                elif vm["state"] != "shut off":
+                    what = "removed: apply refuses this while the VM runs, without --force"
+                else:
+                    what = f"removed: apply refuses this without --allow-assigned {vm['domain']} or --force"
+                lines.append(
+                    f"  VM {vm['domain']!r} ({vm['state']}): GPU {v['gpu']} {v['type']} {key} {what}"
+                )
     problems = report["problems"]
     general = [p for p in problems if not any(p in g.get("problems", []) for g in report["gpus"])]
     lines.extend(f"problem: {p}" for p in general)
+    from vgpu_dm.plan import ASSIGNED_MARK
+
     for note in report["notes"]:
-        lines.append(f"note: {note}")
+        if ASSIGNED_MARK not in note or not report.get("assigned"):  # else said per VM above
+            lines.append(f"note: {note}")
     if report["journal"]:
         lines.append(f"note: {report['journal']}")
     mig_first = any("nvidia-mig-parted set MIG mode" in n for n in report["notes"])
@@ -220,6 +282,7 @@ def run_plan(
     tools,
     force: bool,
     as_json: bool,
+    allow_assigned: tuple[str, ...] = (),
 ) -> int:
     """Print the preview; returns 0 when apply would succeed, 1 when it would stop on a problem."""
     from vgpu_dm.cli.host_select import open_cli_host
@@ -229,7 +292,7 @@ def run_plan(
     spec, name, entries = loaded
     host = open_cli_host(host_root, sim)
     inventory = Inventory(host, tools)
-    report = plan_report(entries, inventory, spec.source, name, force=force)
+    report = plan_report(entries, inventory, spec.source, name, force=force, allow_assigned=allow_assigned)
     emit(json.dumps(report, indent=2) if as_json else render_plan(report))
     return 1 if report["problems"] else 0
 
@@ -244,6 +307,7 @@ def run_plan(
 @options.nvidia_smi
 @options.mig_parted
 @options.force
+@options.allow_assigned
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def plan_cmd(
     config_file: str,
@@ -255,6 +319,7 @@ def plan_cmd(
     nvidia_smi: str,
     mig_parted: str,
     force: bool,
+    allow_assigned: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Show what apply would do, per GPU, without changing anything (same as apply --dry-run).
@@ -273,6 +338,6 @@ def plan_cmd(
 
     loaded = load_selected(config_file, selected_config)
     tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
-    code = run_plan(loaded, host_root, sim, tools, force, as_json)
+    code = run_plan(loaded, host_root, sim, tools, force, as_json, allow_assigned)
     if code:
         raise Failure(code)

@@ -115,6 +115,21 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     show_default=True,
     help="Whether MIG mode survives 'sim reboot' (GPU instances never do).",
 )
+@click.option(
+    "--mdevctl/--no-mdevctl",
+    default=False,
+    show_default=True,
+    help="Install mdevctl on the simulated host (its directories; 'sim reboot' then starts its auto "
+    "definitions, as its udev rule does at boot).",
+)
+@click.option(
+    "--mdevctl-on-vfs",
+    type=click.Choice(["start", "ignore"]),
+    default="start",
+    show_default=True,
+    help="Whether mdevctl starts the auto definitions of mdev-capable VFs when sriov-manage enables them "
+    "(unconfirmed for NVIDIA VFs).",
+)
 @_latency_options
 def create_cmd(
     directory: str,
@@ -124,6 +139,8 @@ def create_cmd(
     mig_reset: str,
     mig_off_with_vfs: str,
     mig_after_reboot: str,
+    mdevctl: bool,
+    mdevctl_on_vfs: str,
     write_latency_ms: float | None,
     create_latency_ms: float | None,
     remove_latency_ms: float | None,
@@ -148,10 +165,15 @@ def create_cmd(
                 "mig_reset": mig_reset,
                 "mig_off_with_vfs": mig_off_with_vfs,
                 "mig_after_reboot": mig_after_reboot,
+                "mdevctl_on_vfs": mdevctl_on_vfs,
             },
         )
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
+    if mdevctl:
+        from vgpu_dm.sim.libvirt import install_mdevctl
+
+        install_mdevctl(directory)
     from vgpu_dm.cli.list_cmd import model_name
 
     # Indices are what configs use: position in PCI address order, not in the order of the --gpu options.
@@ -413,3 +435,80 @@ def reboot_cmd(directory: str) -> None:
 
     for line in reboot(directory):
         click.echo(line)
+
+
+def _vm_command(action):
+    """Run a simulated virsh action; what libvirt would refuse is a usage error (exit 2)."""
+    from vgpu_dm.sim.libvirt import SimVMError
+
+    try:
+        return action()
+    except SimVMError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@sim_group.command("define")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@click.option(
+    "--vgpu",
+    "vgpus",
+    multiple=True,
+    required=True,
+    metavar="DEVICE",
+    help="A vGPU the VM uses: an mdev UUID, or a vendor-VFIO VF's PCI address; repeatable.",
+)
+@click.option("--start", "start_it", is_flag=True, help="Start it too (as 'sim start').")
+def define_cmd(directory: str, name: str, vgpus: tuple[str, ...], start_it: bool) -> None:
+    """Define a libvirt VM NAME that uses the given vGPUs (as 'virsh define' writes
+    etc/libvirt/qemu/NAME.xml). A defined VM's vGPUs are kept by apply even while it is shut off.
+
+    \b
+    Example:
+      nvidia-vgpu-dm sim define /tmp/host win10 --vgpu 0000:5e:00.4
+    """
+    from vgpu_dm.sim.libvirt import define, start
+
+    _require_sim(directory)
+    uuid = _vm_command(lambda: define(directory, name, list(vgpus)))
+    click.echo(f"VM {name} ({uuid}) defined with {', '.join(vgpus)}")
+    if start_it:
+        pid = _vm_command(lambda: start(directory, name))
+        click.echo(f"VM {name} started (pid {pid})")
+
+
+@sim_group.command("start")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+def start_cmd(directory: str, name: str) -> None:
+    """Start the defined VM NAME: its vGPUs must exist; a fake QEMU process then holds them open and
+    run/libvirt/qemu/NAME.xml says it runs."""
+    from vgpu_dm.sim.libvirt import start
+
+    _require_sim(directory)
+    pid = _vm_command(lambda: start(directory, name))
+    click.echo(f"VM {name} started (pid {pid})")
+
+
+@sim_group.command("shutdown")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+def shutdown_cmd(directory: str, name: str) -> None:
+    """Shut the VM NAME down: its process and status file go, its definition and vGPUs stay."""
+    from vgpu_dm.sim.libvirt import shutdown
+
+    _require_sim(directory)
+    _vm_command(lambda: shutdown(directory, name))
+    click.echo(f"VM {name} shut off")
+
+
+@sim_group.command("undefine")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+def undefine_cmd(directory: str, name: str) -> None:
+    """Remove the definition of the VM NAME (it must be shut off)."""
+    from vgpu_dm.sim.libvirt import undefine
+
+    _require_sim(directory)
+    _vm_command(lambda: undefine(directory, name))
+    click.echo(f"VM {name} undefined")

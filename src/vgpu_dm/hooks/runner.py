@@ -75,7 +75,12 @@ class HookSession:
         if self.pre_change_ran:
             return
         self.pre_change_ran = True
-        self._run_all(PRE_CHANGE, {}, stoppable=True)
+        try:
+            self._run_all(PRE_CHANGE, {}, stoppable=True)
+        except HookFailed as exc:
+            raise HookFailed(
+                f"{exc}\nnothing was changed: a pre-change hook failed before the first write"
+            ) from None
 
     def finish(self, result: str, error: BaseException | None = None) -> None:
         """``post-change`` (if ``pre-change`` ran), then ``apply-exit``. Raises HookFailed when one fails

@@ -50,7 +50,10 @@ class Hook(NamedTuple):
     where: str = ""  # file:line of its entry, for messages
 
     def describe(self) -> str:
-        return " ".join([self.command, *self.args])
+        """The command line as a shell would need it typed (the hook itself runs without a shell)."""
+        import shlex
+
+        return shlex.join([self.command, *self.args])
 
 
 class HooksFile(NamedTuple):

@@ -13,6 +13,8 @@ from vgpu_dm.host.root import HostRoot
 
 if TYPE_CHECKING:
     from vgpu_dm.host.holders import HolderIndex
+    from vgpu_dm.host.libvirt import Domain, DomainIndex
+    from vgpu_dm.host.mdevctl import MdevctlIndex
     from vgpu_dm.host.vfio import VendorVfioBackend
 
 __all__ = ["DEFAULT_SRIOV_MANAGE", "HostTools", "Inventory"]
@@ -48,6 +50,34 @@ class Inventory:
         from vgpu_dm.host.holders import HolderIndex  # assert never asks who holds a vGPU
 
         return HolderIndex(self.host)
+
+    @cached_property
+    def domains(self) -> DomainIndex:
+        """libvirt's VMs (persistent and running), read on first use: nothing on hosts without libvirt."""
+        from vgpu_dm.host.libvirt import DomainIndex
+
+        return DomainIndex(self.host)
+
+    @cached_property
+    def mdevctl(self) -> MdevctlIndex:
+        from vgpu_dm.host.mdevctl import MdevctlIndex
+
+        return MdevctlIndex(self.host)
+
+    def assigned(self, device: VGPUDevice) -> list[Domain]:
+        """The libvirt VMs whose definitions name ``device``: its mdev UUID, or its VF's address."""
+        if device.uuid:
+            return self.domains.for_mdev(device.uuid)
+        return self.domains.for_pci(device.parent)
+
+    def claim_warnings(self) -> list[str]:
+        """What the readers of VM definitions and mdevctl files could not vouch for (only those read)."""
+        found = []
+        if "domains" in self.__dict__:
+            found += self.domains.warnings
+        if "mdevctl" in self.__dict__:
+            found += self.mdevctl.warnings
+        return found
 
     def backend_for(self, gpu: GPU) -> Backend | None:
         """The backend that drives this GPU's vGPUs, or None when the GPU is not in vGPU mode."""

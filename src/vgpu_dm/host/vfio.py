@@ -300,11 +300,22 @@ class VendorVfioBackend:
         self._types.pop(device.gpu, None)
 
     def create(
-        self, gpu: GPU, vtype: TypeInfo, ordinal: int = 0, uuid: str | None = None, parent: str | None = None
+        self,
+        gpu: GPU,
+        vtype: TypeInfo,
+        ordinal: int = 0,
+        uuid: str | None = None,
+        parent: str | None = None,
+        avoid: frozenset[str] = frozenset(),
+        last: frozenset[str] = frozenset(),
     ) -> VGPUDevice:
-        """Set ``vtype`` on the first free VF whose creatable list offers it (or on ``parent``)."""
+        """Set ``vtype`` on the first free VF whose creatable list offers it (or on ``parent``); never on
+        a VF in ``avoid``, and on one in ``last`` only when no other VF takes it."""
         type_id = vtype.type_id
-        for vf in [parent] if parent else gpu.vfs:
+        order = [parent] if parent else [v for v in gpu.vfs if v not in avoid and v not in last]
+        if not parent:
+            order += [v for v in gpu.vfs if v in last and v not in avoid]
+        for vf in order:
             if self._vf_type(vf):
                 continue
             if parent and type_id != UNRESOLVED:

@@ -193,6 +193,13 @@ def _env(name: str) -> str:
     help="How many GPUs an apply changes at once; 1 changes them one after another." + _env("VGPU_DM_JOBS"),
 )
 @click.option(
+    "--hooks-file",
+    envvar="VGPU_DM_HOOKS_FILE",
+    metavar="FILE",
+    help="Programs to run at apply's stages (apply-start, pre-change, post-change, apply-exit), inside the "
+    "host root; read again at every apply, like the config file." + _env("VGPU_DM_HOOKS_FILE"),
+)
+@click.option(
     "--log-format",
     envvar="VGPU_DM_LOG_FORMAT",
     type=click.Choice(["text", "json"]),
@@ -226,6 +233,14 @@ def _settings(o: dict) -> S.Settings:
         raise click.BadParameter(f"{o['config_file']}: no such file", param_hint="--config-file")
     if o["gpu_clients_file"]:
         _check_gpu_clients(o["gpu_clients_file"])
+    if o["hooks_file"]:
+        from vgpu_dm.errors import ConfigError
+        from vgpu_dm.hooks import read_hooks_file
+
+        try:
+            read_hooks_file(o["hooks_file"])
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--hooks-file") from None
     if o["metrics_address"]:
         from vgpu_dm.k8s.metrics import parse_address
 
@@ -264,6 +279,7 @@ def _settings(o: dict) -> S.Settings:
         retry_max=o["retry_backoff_max"],
         lock_timeout=o["lock_timeout"],
         jobs=o["jobs"],
+        hooks_file=o["hooks_file"] or None,
     )
 
 

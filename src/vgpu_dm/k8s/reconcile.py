@@ -43,6 +43,18 @@ REBOOTING = "rebooting"  # the node is being rebooted for a MIG mode change
 IN_USE_MARK = " is in use by "
 
 
+def refusal(problems: list[str]) -> tuple[str, bool]:
+    """The Event reason for a plan that cannot go ahead, and whether a retry may succeed by itself:
+    vGPUs that running VMs hold, or that defined VMs are assigned, may be freed by their owners."""
+    from vgpu_dm.plan import ASSIGNED_MARK
+
+    if all(IN_USE_MARK in p for p in problems):
+        return "VGPUDeviceInUse", True
+    if all(IN_USE_MARK in p or ASSIGNED_MARK in p for p in problems):
+        return "VGPUDeviceAssigned", True
+    return "VGPUConfigNotApplicable", False
+
+
 @dataclass
 class Outcome:
     result: str  # SUCCESS, UNCHANGED, FAILED or INTERRUPTED
@@ -74,6 +86,7 @@ class Change:
     prior_state: str | None = None  # the state label before this reconcile (``rebooting`` after a reboot)
     skip_mig: bool = False
     stopped_clients: list[str] = field(default_factory=list)
+    hooks: object = None  # the hooks file read for this reconcile (vgpu_dm.hooks.HooksFile)
 
 
 PreApplyStep = Callable[[Change], None]
@@ -129,6 +142,14 @@ class Reconciler:
             name, entries = spec.select(value)
         except ConfigError as exc:
             return Outcome(FAILED, "InvalidVGPUConfig", f"config {value!r}: {_first_lines(str(exc))}")
+        hooks = None
+        if s.hooks_file:
+            from vgpu_dm.hooks import read_hooks_file
+
+            try:
+                hooks = read_hooks_file(s.hooks_file)
+            except ConfigError as exc:
+                return Outcome(FAILED, "InvalidHooksFile", f"hooks file: {_first_lines(str(exc))}")
         try:
             host = self.host()
             tools = self.tools()
@@ -139,13 +160,8 @@ class Reconciler:
             mig = mig_change(entries, name, inventory, source)
             plan = None if mig else build_plan(entries, inventory, source, force=False)
         except PlanError as exc:
-            in_use = all(IN_USE_MARK in p for p in exc.problems)
-            return Outcome(
-                FAILED,
-                "VGPUDeviceInUse" if in_use else "VGPUConfigNotApplicable",
-                f"config {name!r}: {_first_lines(str(exc))}",
-                transient=in_use,
-            )
+            reason, transient = refusal(exc.problems)
+            return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=transient)
         except (OSError, HostError, ValueError) as exc:
             return Outcome(FAILED, "HostError", f"reading the host: {_first_lines(describe_host(exc))}", True)
         if plan is not None and plan.is_noop and interrupted_run is None:
@@ -155,7 +171,7 @@ class Reconciler:
             )
 
         _log.info(f"applying vGPU config {name!r}")
-        change = Change(name, entries, source, host, tools, s, self.kube, self.stop, mig=mig)
+        change = Change(name, entries, source, host, tools, s, self.kube, self.stop, mig=mig, hooks=hooks)
         try:
             if mig:
                 change.prior_state = self.kube.labels().get(L.STATE_LABEL)
@@ -196,7 +212,7 @@ class Reconciler:
                     change.host,
                     change.tools,
                     change.source,
-                    self._apply_options(change.skip_mig),
+                    self._apply_options(change.skip_mig, change.hooks),
                     name,
                 )
             finally:
@@ -214,9 +230,8 @@ class Reconciler:
         except ApplyInterrupted as exc:
             return Outcome(INTERRUPTED, "VGPUConfigInterrupted", f"config {name!r}: {_first_lines(str(exc))}")
         except PlanError as exc:
-            in_use = all(IN_USE_MARK in p for p in exc.problems)
-            reason = "VGPUDeviceInUse" if in_use else "VGPUConfigNotApplicable"
-            return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=in_use)
+            reason, transient = refusal(exc.problems)
+            return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=transient)
         except ConfigError as exc:
             return Outcome(FAILED, "InvalidVGPUConfig", f"config {name!r}: {_first_lines(str(exc))}")
         except MigModePending as exc:
@@ -243,7 +258,7 @@ class Reconciler:
         _log.info("Selected vGPU device configuration successfully applied")
         return Outcome(SUCCESS, "VGPUConfigApplied", f"config {name!r} applied: {what}")
 
-    def _apply_options(self, skip_mig: bool = False) -> ApplyOptions:
+    def _apply_options(self, skip_mig: bool = False, hooks=None) -> ApplyOptions:
         # The stop event (SIGTERM) lets apply finish or roll back the GPU it is on, then raise
         # ApplyInterrupted; it also ends a wait for the host lock.
         return ApplyOptions(
@@ -251,6 +266,7 @@ class Reconciler:
             stop=self.stop,
             skip_mig=skip_mig,
             jobs=self.settings.jobs,
+            hooks=hooks,
         )
 
     # -- MIG -------------------------------------------------------------------------------------------

@@ -32,3 +32,4 @@ class Settings:
     retry_max: float = 600.0
     lock_timeout: float = 60.0
     jobs: int = 0  # GPUs changed at once; 0 = one per changing GPU up to apply.AUTO_JOBS, as the CLI
+    hooks_file: str | None = None  # hooks run by apply (vgpu_dm.hooks), read at every reconcile

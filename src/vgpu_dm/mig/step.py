@@ -91,6 +91,9 @@ def prepare_mig(
         from vgpu_dm.errors import ApplyInterrupted
 
         raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
+    before_change = getattr(options, "before_change", None)
+    if before_change is not None:
+        before_change([by_index[i] for i in changing])  # the pre-change hooks, before the first write
     work = _Work(vfs_before={by_index[i].address: bool(by_index[i].vfs) for i in changing})
     _remove_vgpus(changing, by_index, inventory, force, options, name, work)
     try:

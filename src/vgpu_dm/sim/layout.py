@@ -77,6 +77,10 @@ DEFAULT_OPTIONS = {
     # MIG mode after a reboot: "keep" (host-interfaces.md 3.2: it survives, GPU instances do not) or
     # "lose" (gpu-operator PR #2603 reports it lost on the vGPU host path).
     "mig_after_reboot": "keep",
+    # mdevctl's udev rule starts a parent's auto definitions when the parent registers with the mdev
+    # core (kvm-host.md §E). Whether NVIDIA's VFs, enabled by sriov-manage, raise that event is
+    # unconfirmed: "start" (they do, as the kernel's mdev core does on registration) or "ignore".
+    "mdevctl_on_vfs": "start",
 }
 
 

@@ -33,14 +33,16 @@ def release_holder(base: Path, pid: int) -> None:
     (base / SIM_MARKER / HOLDERS_FILE).write_text(json.dumps(made))
 
 
-def add_holder(base: Path, node: str, name: str = "qemu-system-x86_64") -> int:
-    """Make a fake process that holds ``node`` (e.g. ``/dev/vfio/104``) open; returns its pid."""
+def add_holder(base: Path, node: str | list[str], name: str = "qemu-system-x86_64") -> int:
+    """Make a fake process that holds ``node`` (e.g. ``/dev/vfio/104``; a list for a VM with several
+    vGPUs) open; returns its pid."""
     proc = base / "proc"
     pids = [int(p) for p in os.listdir(proc) if p.isdigit()]
     pid = max([4000, *pids]) + 1
     (proc / str(pid) / "fd").mkdir(parents=True)
     (proc / str(pid) / "comm").write_text(name + "\n")
-    os.symlink(node, proc / str(pid) / "fd" / "42")
+    for fd, target in enumerate([node] if isinstance(node, str) else node, start=42):
+        os.symlink(target, proc / str(pid) / "fd" / str(fd))
     (base / SIM_MARKER / HOLDERS_FILE).write_text(json.dumps([*_made(base), pid]))
     return pid
 

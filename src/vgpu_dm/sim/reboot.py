@@ -3,7 +3,8 @@
 SR-IOV VFs, vGPUs (mdevs and vendor-VFIO types), MIG GPU instances and mixed-size mode are gone; a
 pending MIG mode change takes effect (a reboot resets the GPU), and MIG mode itself stays or is lost
 by the host option ``mig_after_reboot``; ``/run`` (a tmpfs: lock, journal) is empty and the fake VM
-processes have ended.
+processes have ended (libvirt's running-VM status files in /run with them). When the simulated
+host has mdevctl, its udev rule then starts the auto definitions of the parents that appear at boot.
 """
 
 from __future__ import annotations
@@ -65,4 +66,11 @@ def reboot(root: str | os.PathLike[str]) -> list[str]:
         lines.append(f"{gpu.address}: lost {', '.join(lost) or 'nothing'}{mode}")
     state.save(base)
     refresh_all(base, state)
+    from vgpu_dm.sim.driver import parents_of
+    from vgpu_dm.sim.libvirt import boot_start
+
+    # The GPUs' own mdev parents register when the driver loads: mdevctl starts their auto definitions.
+    lines += boot_start(
+        base, [p for gpu in state.gpus if gpu.framework == "mdev-pf" for p in parents_of(gpu)]
+    )
     return lines

@@ -164,6 +164,11 @@ def sriov_manage(
     for gpu in targets:
         if gpu.framework != "mdev-pf":
             refresh_gpu(base, gpu)
+    if argv[1] == "-e" and state.options.get("mdevctl_on_vfs") == "start":
+        from vgpu_dm.sim.libvirt import boot_start
+
+        # New mdev parents appeared: mdevctl's udev rule starts their auto definitions.
+        boot_start(base, [vf for gpu in targets if gpu.framework == "mdev-vf" for vf in gpu.vfs])
     return _result(argv, 0, out="".join(out))
 
 
