@@ -303,3 +303,22 @@ def test_sim_vm_commands_refuse_what_virsh_would(cli, host):
     sim(cli, "shutdown", str(root), "vm")
     sim(cli, "undefine", str(root), "vm")
     assert not (root / "etc/libvirt/qemu/vm.xml").exists()
+
+
+def test_a_mig_change_refuses_to_take_a_defined_vms_vgpu(cli, workdir):
+    """A MIG layout change removes every vGPU of the GPU and makes new ones: a VM defined with one of
+    them would lose it, so the MIG step refuses before its first write, as the vGPU plan does."""
+    from vgpu_dm.sim.host import write_log
+
+    config = Path(__file__).resolve().parents[2] / "examples" / "config-mig.yaml"
+    root = workdir / "host"
+    create_host(root, ["A100"])
+    run(cli, "apply", root, config, "A100-1-5C")
+    uuid = snapshot(root)[0][2]
+    sim(cli, "define", str(root), "train01", "--vgpu", uuid)
+    logged = len(write_log(root))
+    result = run(cli, "apply", root, config, "A100-2-10C", code=1)
+    assert f"{uuid} is assigned to VM 'train01' (shut off)" in result.err and "MIG layout" in result.err
+    assert len(write_log(root)) == logged
+    run(cli, "apply", root, config, "A100-2-10C", "--allow-assigned", "train01")
+    assert layouts(root) == [{"A100-2-10C": 3}]

@@ -76,7 +76,7 @@ def prepare_mig(
     parted, per_gpu, changing = found
     _precheck(entries, inventory, source, force, changing)
     mode_change = [i for i in changing if not parted.holds(_one(name, [per_gpu[i]]), "--mode-only")]
-    _check_removals(changing, by_index, inventory, force)
+    _check_removals(changing, by_index, inventory, force, getattr(options, "allow_assigned", ()))
     before = parted.export()
     for i in changing:
         gpu, item = by_index[i], per_gpu[i]
@@ -180,7 +180,15 @@ def _precheck(entries, inventory: Inventory, source: str, force: bool, changing:
         raise PlanError(problems)
 
 
-def _check_removals(changing: list[int], by_index: dict[int, GPU], inventory: Inventory, force: bool) -> None:
+def _check_removals(
+    changing: list[int],
+    by_index: dict[int, GPU],
+    inventory: Inventory,
+    force: bool,
+    allow_assigned: tuple[str, ...] = (),
+) -> None:
+    from vgpu_dm.plan import ASSIGNED_MARK, allowed_assigned
+
     problems = []
     for i in changing:
         gpu = by_index[i]
@@ -191,6 +199,18 @@ def _check_removals(changing: list[int], by_index: dict[int, GPU], inventory: In
                 problems.append(
                     f"{gpu.describe()}: {device.type_name} {device.key} is in use by {who}; the GPU's MIG "
                     f"layout changes, which removes all its vGPUs: stop the VM first, or pass --force"
+                )
+                continue
+            # The vGPUs made after the MIG change are new ones: a VM defined with this one loses it.
+            blocking = [
+                d for d in inventory.assigned(device) if not (force or allowed_assigned(d, allow_assigned))
+            ]
+            if blocking:
+                vms = ", ".join(d.describe() for d in blocking)
+                problems.append(
+                    f"{gpu.describe()}: {device.type_name} {device.key}{ASSIGNED_MARK}{vms}; the GPU's MIG "
+                    f"layout changes, which removes all its vGPUs: change the VM first, or pass "
+                    f"--allow-assigned or --force"
                 )
     if problems:
         raise PlanError(problems)
