@@ -145,3 +145,16 @@ def test_reading_a_file(tmp_path):
     path.write_bytes(b"version: v1\n\xff\n")
     with pytest.raises(ConfigError, match="2:1: not valid UTF-8"):
         read_hooks_file(str(path))
+
+
+def test_the_shipped_example_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "hooks.yaml"
+    hooks = read_hooks_file(str(example))
+    assert [len(hooks.get(n)) for n in ("apply-start", "pre-change", "post-change", "apply-exit")] == [
+        1,
+        1,
+        1,
+        1,
+    ]

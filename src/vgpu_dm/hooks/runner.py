@@ -58,7 +58,10 @@ class HookSession:
     ):
         self.hooks = hooks
         self.host = host
-        self.config_file = config_file
+        # Absolute: the hook runs in its own working directory (and, on a host root, in a chroot).
+        self.config_file = (
+            os.path.abspath(config_file) if config_file and config_file != "<stdin>" else config_file
+        )
         self.config_name = config_name
         self.stop = stop
         self.pre_change_ran = False
