@@ -268,3 +268,32 @@ print(root.counters.reads, root.counters.listings, "xml.etree.ElementTree" in sy
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "2", "False"]
+
+
+def test_any_text_is_a_domain_or_a_located_refusal_never_a_crash():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from vgpu_dm.host.libvirt import DomainFileError
+
+    pieces = st.sampled_from(
+        ["<domain>", "</domain>", "<domstatus state='running'>", "</domstatus>", "<devices>", "</devices>",
+         "<hostdev type='pci'>", "<hostdev type='mdev'>", "</hostdev>", "<source>", "</source>",
+         "<address bus='0x41' slot='08'/>", "<address bus='65' function='04'/>",
+         f"<address uuid='{MDEV_A}'/>", "<interface type='hostdev'>", "</interface>",
+         "<actual type='hostdev'/>", "<name>x</name>", "&amp;", "<!-- c -->", "\x00", "é"]
+    )  # fmt: skip
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(pieces | st.text(max_size=5), max_size=14))
+    def check(parts):
+        try:
+            parsed = parse_domain_xml("".join(parts))
+        except DomainFileError as exc:
+            assert str(exc)
+        else:
+            from vgpu_dm.host.pci import is_pci_address
+
+            assert all(is_pci_address(a) for a in parsed.pci), parsed.pci
+
+    check()
