@@ -28,7 +28,7 @@ endif
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[k8s,test]'
+	$(BIN)/pip install --quiet -e '.[k8s,dra,test]'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -27,7 +27,7 @@ from vgpu_dm.host.lock import HostLock
 from vgpu_dm.host.model import MDEV, VENDOR_VFIO, TypeInfo, VGPUDevice
 from vgpu_dm.host.pci import GPU
 from vgpu_dm.host.root import HostRoot
-from vgpu_dm.plan import GPUPlan, Plan, build_plan
+from vgpu_dm.plan import GPUPlan, Plan, build_plan, plan_create_one, plan_remove_one
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.uuids import RANDOM, STABLE, UUIDSource, machine_id
 
@@ -675,3 +675,71 @@ def _recover_gpu(
     for device in before:
         if (device.key, device.type_id) not in current_keys:
             _restore(gpu, backend, device)
+
+
+# -- One vGPU at a time (the DRA driver's prepare and unprepare) -------------------------------------
+# Exactly apply's path for a one-vGPU plan: host lock, recovery of an interrupted run, intent journal,
+# in-use checks, rollback of a failed write.
+
+
+def create_one(
+    host: HostRoot,
+    tools: HostTools | None,
+    gpu_address: str,
+    type_name: str,
+    *,
+    mixed_size: bool = False,
+    options: ApplyOptions | None = None,
+    label: str = "",
+) -> VGPUDevice:
+    """Create one vGPU of ``type_name`` on the GPU at ``gpu_address``, keeping its other vGPUs; returns
+    the new device (read back from the host, with its IOMMU group). ``label`` names the run in the
+    journal. Raises PlanError (nothing written), ApplyError (rolled back) or HostError."""
+    options = options or ApplyOptions()
+    with HostLock(host, timeout=options.lock_timeout, stop=options.stop):
+        host.check_before_changes()
+        recover(host, tools, force=False, watchdog_interval=options.watchdog_interval)
+        inventory = Inventory(host, tools, writable=True)
+        plan = plan_create_one(inventory, gpu_address, type_name, mixed_size)
+        if plan.gpus[0].enable_vfs:
+            inventory.vfio.enable_vfs(plan.gpus[0].gpu)
+            inventory = Inventory(host, tools, writable=True)
+            plan = plan_create_one(inventory, gpu_address, type_name, mixed_size)
+            if plan.gpus[0].enable_vfs:
+                raise HostError(f"virtual functions did not appear after sriov-manage -e: {gpu_address}")
+        gpu = plan.gpus[0].gpu
+        before = {d.key for d in inventory.devices(gpu)}
+        execute(plan, inventory, options, label)
+        after = Inventory(host, tools).devices(gpu)
+        new = [d for d in after if d.key not in before]
+        if len(new) != 1:
+            raise HostError(
+                f"{gpu.describe()}: expected one new {type_name} after creating it, found "
+                f"{len(new)} ({', '.join(d.key for d in new) or 'none'})"
+            )
+        return new[0]
+
+
+def remove_one(
+    host: HostRoot,
+    tools: HostTools | None,
+    gpu_address: str,
+    key: str,
+    *,
+    options: ApplyOptions | None = None,
+    label: str = "",
+) -> bool:
+    """Remove the vGPU ``key`` (mdev UUID or VF address) from the GPU at ``gpu_address``; False when it
+    was gone already. A vGPU a VM holds raises PlanError (unless ``options.force``), nothing written."""
+    options = options or ApplyOptions()
+    with HostLock(host, timeout=options.lock_timeout, stop=options.stop):
+        host.check_before_changes()
+        recover(host, tools, force=False, watchdog_interval=options.watchdog_interval)
+        inventory = Inventory(host, tools, writable=True)
+        plan = plan_remove_one(inventory, gpu_address, key, force=options.force)
+        if plan.is_noop:
+            return False
+        for note in plan.notes:
+            _log.warning(note)
+        execute(plan, inventory, options, label)
+        return True

@@ -159,11 +159,20 @@ def build_plan(
         notes.append("this host has no NVIDIA GPUs: there is nothing to configure")
     by_gpu: dict[int | None, tuple[str, ...]] = {None: tuple(problems)} if problems else {}
     blocked: list[GPUPlan] = []
+    owned = inventory.dra_owned if chosen else None
     for gpu in gpus:
         entry = chosen.get(gpu.index)
         if entry is None:
             continue
         before = len(problems)
+        if owned is not None and gpu.address in owned.gpus:
+            # Its vGPUs come and go with ResourceClaims: a static layout must not rewrite them.
+            problems.append(
+                f"{gpu.describe()} [{entry.path}]: {owned.describe(inventory.host, gpu.address)}; select a "
+                f"config that leaves this GPU out, or hand it back first (docs/dra.md, 'Giving a GPU back')"
+            )
+            by_gpu[gpu.index] = tuple(problems[before:])
+            continue
         plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes, allow_assigned)
         if plan is not None:
             _check_in_use(plan, inventory, force, problems, notes, allow_assigned)
@@ -605,3 +614,211 @@ def _type_sort_key(name: str) -> tuple:
         return (t.gpu_instance_slices, t.framebuffer_gb, t.series, t.attribute)
     except ValueError:
         return (99, 0, name, "")
+
+
+# -- One vGPU at a time (the DRA driver's prepare and unprepare) -------------------------------------
+# The same checks as a whole-config plan, for a change of exactly one vGPU: the type must be offered
+# and have room, mixed sizes need the GPU's mixed-size mode, and a vGPU a VM holds is never removed.
+
+
+def _gpu_at(inventory: Inventory, address: str) -> GPU:
+    for gpu in inventory.gpus:
+        if gpu.address == address:
+            return gpu
+    raise PlanError(
+        [
+            f"GPU {address} is not on this host (its NVIDIA GPUs: "
+            f"{', '.join(g.address for g in inventory.gpus) or 'none'})"
+        ]
+    )
+
+
+def plan_create_one(inventory: Inventory, gpu_address: str, type_name: str, mixed_size: bool = False) -> Plan:
+    """The plan that adds one vGPU of ``type_name`` to one GPU and keeps every vGPU the GPU has.
+
+    ``mixed_size``: the GPU is meant to host several framebuffer sizes, so its mixed-size mode is
+    switched on before the first vGPU (the mode cannot change while vGPUs exist). Raises PlanError.
+    """
+    gpu = _gpu_at(inventory, gpu_address)
+    try:
+        vtype = VGPUType.parse(type_name)
+    except ValueError as exc:
+        raise PlanError([f"{gpu.describe()}: {exc}"]) from None
+    entry = ConfigEntry((gpu.index,), (), ((vtype, 1),), path=f"one {vtype.name}")
+    if vtype.is_mig_backed:
+        raise PlanError(
+            [
+                f"{gpu.describe()}: {vtype.name} is MIG-backed; one-at-a-time creation supports "
+                f"time-sliced types only (MIG instances are laid out by apply's MIG step)"
+            ]
+        )
+    backend = inventory.backend_for(gpu)
+    if backend is None:
+        if inventory.vfio.needs_vfs(gpu):
+            return Plan((GPUPlan(gpu, "sriov-vfs-off", entry, {vtype.name: 1}, enable_vfs=True),))
+        raise PlanError(
+            [
+                f"{gpu.describe()}: no vGPU parent devices found: the NVIDIA vGPU host driver "
+                f"exposes no vGPU types for this GPU (driver: {gpu.driver or 'none'})"
+            ]
+        )
+    current = backend.devices(gpu)
+    nameless = [d for d in current if d.framework == VENDOR_VFIO and unnamed(d)]
+    if nameless:
+        raise PlanError([_unnamed_problem(gpu, nameless, inventory, gpu.describe())])
+    offered = backend.types(gpu)
+    info = _resolve(vtype, offered)
+    if info is None:
+        choices = ", ".join(sorted(offered, key=_type_sort_key)) or "none"
+        raise PlanError(
+            [f"{gpu.describe()}: vGPU type {vtype.name} is not supported on this GPU (it offers: {choices})"]
+        )
+    have = ", ".join(f"{c} x {n}" for n, c in Counter(d.type_name for d in current).items()) or "no vGPUs"
+    sizes = {framebuffer_of(d.type_name) for d in current} | {vtype.framebuffer_gb}
+    enable_mixed = False
+    if len(sizes) > 1 or mixed_size:
+        verdict = _mixed_size_verdict(gpu, backend, {info.name: (info, 1)})
+        if isinstance(verdict, str):
+            raise PlanError([f"{gpu.describe()} (has {have}): {verdict}"])
+        if not verdict and current:
+            raise PlanError(
+                [
+                    f"{gpu.describe()} has {have} in equal-size mode; {vtype.name} needs mixed-size "
+                    f"mode, which can only be switched on while the GPU has no vGPUs"
+                ]
+            )
+        enable_mixed = not verdict
+    if info.available <= 0 and not enable_mixed:
+        raise PlanError([f"{gpu.describe()} has {have}: the driver has no room for another {info.name}"])
+    wanted = Counter(d.type_name for d in current)
+    wanted[info.name] += 1
+    gp = GPUPlan(
+        gpu,
+        backend.framework,
+        entry,
+        dict(wanted),
+        keep=tuple(current),
+        create=(info,),
+        enable_mixed_size=enable_mixed,
+    )
+    return Plan((gp,))
+
+
+def plan_remove_one(inventory: Inventory, gpu_address: str, key: str, force: bool = False) -> Plan:
+    """The plan that removes the vGPU ``key`` (mdev UUID or VF address) from one GPU and keeps the rest;
+    an empty plan when it is gone already. Raises PlanError when a VM holds it (unless ``force``)."""
+    gpu = _gpu_at(inventory, gpu_address)
+    backend = inventory.backend_for(gpu)
+    current = backend.devices(gpu) if backend else []
+    device = next((d for d in current if d.key == key), None)
+    if device is None:
+        return Plan(())
+    keep = tuple(d for d in current if d.key != key)
+    entry = ConfigEntry((gpu.index,), (), (), path=f"remove {key}")
+    gp = GPUPlan(
+        gpu, backend.framework, entry, dict(Counter(d.type_name for d in keep)), keep=keep, remove=(device,)
+    )
+    problems: list[str] = []
+    notes: list[str] = []
+    _check_in_use(gp, inventory, force, problems, notes)
+    if problems:
+        raise PlanError(problems)
+    return Plan((gp,), notes=tuple(notes))
+
+
+class OfferedType(NamedTuple):
+    """One vGPU type a GPU may offer one at a time: how many at most and its framebuffer in GB."""
+
+    name: str  # the driver's type name
+    count: int
+    framebuffer_gb: float  # 0.5 for the 512 MB types
+
+
+class GPUOffer(NamedTuple):
+    """What a config lets one GPU offer one vGPU at a time (the DRA driver publishes it)."""
+
+    gpu: GPU
+    framework: str  # mdev, vendor-vfio or sriov-vfs-off
+    types: tuple[OfferedType, ...]
+    mixed: bool  # several framebuffer sizes: each type up to its count, all within framebuffer_gb
+    framebuffer_gb: float | None
+
+
+def check_offer(gpu: GPU, entry: ConfigEntry, inventory: Inventory) -> GPUOffer:
+    """The vGPUs ``entry`` lets ``gpu`` offer, checked as apply checks a layout; raises PlanError.
+
+    One framebuffer size: exactly the entry's devices, whose total must fit as for apply (so every
+    subset of them can be created). Several sizes (the GPU's mixed-size mode): each type up to its count,
+    which must not exceed the type's maximum; their sum may exceed the framebuffer, which the consumer
+    (a DRA counter set) then shares out.
+    """
+    label = f"{gpu.describe()} [{entry.path}]"
+    wanted = entry.wanted()
+    if entry.is_mig_backed:
+        raise PlanError(
+            [
+                f"{label}: MIG-backed types ({', '.join(t.name for t in wanted if t.is_mig_backed)})"
+                f" cannot be offered one at a time: their GPU instances are laid out up front"
+            ]
+        )
+    backend = inventory.backend_for(gpu)
+    from vgpu_dm import catalog
+
+    model = catalog.for_device(gpu.device_id)
+    if backend is None:
+        if not inventory.vfio.needs_vfs(gpu):
+            raise PlanError(
+                [
+                    f"{label}: no vGPU parent devices found: the NVIDIA vGPU host driver exposes no "
+                    f"vGPU types for this GPU (driver: {gpu.driver or 'none'})"
+                ]
+            )
+        framework, offered = "sriov-vfs-off", {}
+        for t in wanted:
+            if model is None or t.name not in model.vgpu_types:
+                raise PlanError(
+                    [
+                        f"{label}: vGPU type {t.name} is not a known type of this GPU (its VFs "
+                        f"are not enabled, so only the GPU catalog can tell)"
+                    ]
+                )
+            offered[t.name] = TypeInfo(t.name, UNRESOLVED, t.name, 0, model.vgpu_types[t.name])
+        fb = model.framebuffer_gb if model else None
+    else:
+        framework, offered = backend.framework, backend.types(gpu)
+        fb = backend.framebuffer_gb(gpu)
+    resolved: dict[str, tuple[TypeInfo, int]] = {}
+    problems: list[str] = []
+    for vtype, count in wanted.items():
+        info = _resolve(vtype, offered) or (
+            _known_but_full(gpu, vtype, backend, backend.devices(gpu)) if backend else None
+        )
+        if info is None:
+            choices = ", ".join(sorted(offered, key=_type_sort_key)) or "none"
+            problems.append(
+                f"{label}: vGPU type {vtype.name} is not supported on this GPU (it offers: {choices})"
+            )
+        else:
+            resolved[info.name] = (info, count)
+    if problems:
+        raise PlanError(problems)
+    sizes = {framebuffer_of(name) for name in resolved}
+    mixed = len(sizes) > 1
+    if mixed:
+        verdict = _mixed_size_verdict(gpu, backend or inventory.vfio, resolved)
+        if isinstance(verdict, str):
+            raise PlanError([f"{label}: {verdict}"])
+    total = sum(c for _, c in resolved.values())
+    for name, (info, count) in resolved.items():
+        cap = info.max_instances or catalog.max_instances(name, gpu.device_id)
+        need = count if mixed else total
+        if cap is not None and need > cap:
+            what = " + ".join(f"{c} x {n}" for n, (_, c) in resolved.items())
+            problems.append(f"{label}: {what} offered, but the GPU holds at most {cap} x {name}")
+    slots = backend.slots(gpu) if backend else gpu.sriov_totalvfs
+    if slots is not None and total > slots and not mixed:
+        problems.append(f"{label}: {total} vGPUs offered, but the GPU has only {slots} virtual functions")
+    if problems:
+        raise PlanError(problems)
+    types = tuple(OfferedType(n, c, float(framebuffer_of(n) or 0.5)) for n, (_, c) in resolved.items())
+    return GPUOffer(gpu, framework, types, mixed, float(fb) if fb is not None else None)

@@ -7,3 +7,6 @@ JOURNAL_FILE = "run/nvidia-vgpu-dm/journal.json"  # what an apply will change, k
 # Vendor-VFIO type id -> name tables learned per GPU, driver and device id: a VF's creatable list stops
 # naming a type once the GPU is full, so the names seen earlier are kept here.
 LEARNED_DIR = "var/lib/nvidia-vgpu-dm/types"
+# GPUs whose vGPUs the DRA driver (nvidia-vgpu-dra) creates per ResourceClaim: apply and the agent leave
+# them alone. Persistent (a node set up for DRA stays so across reboots); see host/owner.py.
+DRA_OWNED_FILE = "var/lib/nvidia-vgpu-dm/dra-owned.json"

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from vgpu_dm.host.holders import HolderIndex
     from vgpu_dm.host.libvirt import Domain, DomainIndex
     from vgpu_dm.host.mdevctl import MdevctlIndex
+    from vgpu_dm.host.owner import DraOwnership
     from vgpu_dm.host.vfio import VendorVfioBackend
 
 __all__ = ["DEFAULT_SRIOV_MANAGE", "HostTools", "Inventory"]
@@ -78,6 +79,22 @@ class Inventory:
         if "mdevctl" in self.__dict__:
             found += self.mdevctl.warnings
         return found
+
+    @cached_property
+    def dra_owned(self) -> DraOwnership | None:
+        """The GPUs the DRA driver owns (None: none). One existence check unless the record exists."""
+        from vgpu_dm.state_files import DRA_OWNED_FILE
+
+        if not self.host.exists(DRA_OWNED_FILE):
+            return None
+        from vgpu_dm.host.owner import read_dra_owned
+
+        try:
+            return read_dra_owned(self.host)
+        except ValueError as exc:
+            from vgpu_dm.errors import HostError
+
+            raise HostError(str(exc)) from None
 
     def backend_for(self, gpu: GPU) -> Backend | None:
         """The backend that drives this GPU's vGPUs, or None when the GPU is not in vGPU mode."""
