@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import httpx2
-from lightkube import ApiError, Client, KubeConfig
+from lightkube import ApiError, Client
 from lightkube.config.client_adapter import Client as HttpClient
 from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import SingleConfig
@@ -34,6 +34,7 @@ from lightkube.types import PatchType
 
 from vgpu_dm import log
 from vgpu_dm.k8s.backoff import Backoff
+from vgpu_dm.nodeconfig import load_kubeconfig
 
 COMPONENT = "nvidia-k8s-vgpu-dm"
 T = TypeVar("T")
@@ -87,9 +88,7 @@ class ApiTiming:
 
 def load_config(kubeconfig: str | None) -> SingleConfig:
     """The kubeconfig file's current context, or the in-cluster service account when no file is given."""
-    if kubeconfig:
-        return KubeConfig.from_file(kubeconfig).get()
-    return KubeConfig.from_service_account().get()
+    return load_kubeconfig(kubeconfig)
 
 
 class Kube:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-CONFIG_LABEL = "nvidia.com/vgpu.config"
+from vgpu_dm.nodeconfig import CONFIG_LABEL, desired_config
+
+__all__ = ["CONFIG_LABEL", "desired_config"]  # shared with the DRA driver (vgpu_dm.nodeconfig)
 STATE_LABEL = "nvidia.com/vgpu.config.state"
 
 PENDING = "pending"
@@ -22,12 +24,6 @@ OPERANDS: dict[str, str] = {
     DEVICE_PLUGIN_LABEL: "app=nvidia-sandbox-device-plugin-daemonset",
     VALIDATOR_LABEL: "app=nvidia-sandbox-validator",
 }
-
-
-def desired_config(labels: Mapping[str, str] | None, default: str) -> str:
-    """Level-triggered input: the label's value, or the default when the label is absent or empty."""
-    value = (labels or {}).get(CONFIG_LABEL, "")
-    return value or default
 
 
 def pause_patch(labels: Mapping[str, str]) -> dict[str, str]:

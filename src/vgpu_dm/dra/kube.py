@@ -1,0 +1,184 @@
+"""The DRA driver's Kubernetes API calls (lightkube): its Node, its pool's ResourceSlices, and the
+ResourceClaims it prepares. Transient failures (409 on a stale update aside, 429, 5xx, broken
+connections) are retried with jittered backoff for a bounded time; anything else is raised.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx2
+from lightkube import ApiError, Client
+from lightkube.resources.core_v1 import Node
+from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
+
+from vgpu_dm import log
+from vgpu_dm.nodeconfig import load_kubeconfig
+
+T = TypeVar("T")
+COMPONENT = "nvidia-vgpu-dra"
+_log = log.get("dra")
+
+
+def status_code(exc: BaseException) -> int | None:
+    if isinstance(exc, ApiError) and exc.status is not None and exc.status.code:
+        return int(exc.status.code)
+    if isinstance(exc, httpx2.HTTPStatusError):
+        return exc.response.status_code
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    code = status_code(exc)
+    if code is not None:
+        message = exc.status.message if isinstance(exc, ApiError) and exc.status else ""
+        return f"HTTP {code}" + (f" ({message})" if message else "")
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx2.TransportError):
+        return True
+    code = status_code(exc)
+    return code is not None and (code == 429 or code >= 500)
+
+
+class DraApi:
+    """API access for one node's DRA driver; thread-safe (gRPC handlers and the publisher share it)."""
+
+    def __init__(self, kubeconfig: str | None, node: str, stop: threading.Event, deadline: float = 20.0):
+        self.node = node
+        self.stop = stop
+        self.deadline = deadline  # seconds a call is retried (prepare must answer within the kubelet's 45 s)
+        self.client = Client(
+            load_kubeconfig(kubeconfig),
+            trust_env=False,
+            timeout=httpx2.Timeout(10.0),
+            field_manager=COMPONENT,
+        )
+        self.node_uid: str | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        delay, end = 0.2, time.monotonic() + self.deadline
+        while True:
+            try:
+                return fn()
+            except (httpx2.HTTPError, ApiError) as exc:
+                if not _transient(exc) or time.monotonic() + delay > end or self.stop.is_set():
+                    raise
+                _log.warning(f"{what}: {describe(exc)}; retrying in {delay:.1f} s")
+                time.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 5.0)
+
+    # -- the node --------------------------------------------------------------------------------------
+
+    def node_labels(self) -> dict[str, str]:
+        def once() -> dict[str, str]:
+            node = self.client.get(Node, self.node)
+            self.node_uid = node.metadata.uid
+            return dict(node.metadata.labels or {})
+
+        return self.call(f"get node {self.node}", once)
+
+    def watch_node(self, resource_version: str | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+        """(event type, labels) of the node until the server ends the watch."""
+        for kind, node in self.client.watch(
+            Node, fields={"metadata.name": self.node}, resource_version=resource_version, server_timeout=300
+        ):
+            yield kind, dict(node.metadata.labels or {})
+
+    # -- ResourceSlices --------------------------------------------------------------------------------
+
+    def list_slices(self, node: str, driver: str) -> list[dict[str, Any]]:
+        def once() -> list[dict[str, Any]]:
+            found = self.client.list(ResourceSlice, fields={"spec.nodeName": node, "spec.driver": driver})
+            return [s.to_dict() for s in found]
+
+        return self.call("list ResourceSlices", once)
+
+    def put_slice(
+        self, name: str, spec: dict[str, Any], annotations: dict[str, str], existing: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """Create or replace the slice ``name``; returns it as stored, or None if the server finds it
+        invalid (422: e.g. a layout this Kubernetes version does not accept)."""
+        if self.node_uid is None:
+            self.node_labels()
+        body = {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceSlice",
+            "metadata": {
+                "name": name,
+                "annotations": annotations,
+                "labels": {"app.kubernetes.io/managed-by": COMPONENT},
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Node",
+                        "name": self.node,
+                        "uid": self.node_uid,
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": spec,
+        }
+        if existing is not None:
+            body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+        obj = ResourceSlice.from_dict(body)
+
+        def once() -> dict[str, Any]:
+            if existing is None:
+                return self.client.create(obj).to_dict()
+            return self.client.replace(obj).to_dict()
+
+        try:
+            return self.call(f"write ResourceSlice {name}", once)
+        except ApiError as exc:
+            if status_code(exc) == 422:
+                _log.warning(f"ResourceSlice {name}: {describe(exc)}")
+                return None
+            raise
+
+    def delete_slice(self, name: str) -> None:
+        def once() -> None:
+            try:
+                self.client.delete(ResourceSlice, name)
+            except ApiError as exc:
+                if status_code(exc) != 404:
+                    raise
+
+        self.call(f"delete ResourceSlice {name}", once)
+
+    # -- ResourceClaims --------------------------------------------------------------------------------
+
+    def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        def once() -> dict[str, Any] | None:
+            try:
+                return self.client.get(ResourceClaim, name, namespace=namespace).to_dict()
+            except ApiError as exc:
+                if status_code(exc) == 404:
+                    return None
+                raise
+
+        return self.call(f"get ResourceClaim {namespace}/{name}", once)
+
+    def allocated_devices(self, driver: str, pool: str) -> set[str]:
+        """Names of the devices of ``pool`` that some ResourceClaim has allocated (prepared or not yet)."""
+
+        def once() -> set[str]:
+            found = set()
+            for claim in self.client.list(ResourceClaim, namespace="*"):
+                allocation = claim.status.allocation if claim.status else None
+                for result in (allocation.devices.results or []) if allocation and allocation.devices else []:
+                    if result.driver == driver and result.pool == pool:
+                        found.add(result.device)
+            return found
+
+        return self.call("list ResourceClaims", once)
