@@ -11,6 +11,8 @@ DEMO_DIR ?= $(CURDIR)/.demo-host
 # ships. A KUBEBUILDER_ASSETS set by the user wins and nothing is unpacked.
 SHARED ?= ../shared
 APISERVER_XZ := $(SHARED)/envtest/kube-apiserver.xz
+# The real kube-scheduler does the DRA allocation in tests/k8s/test_dra_*.py (unpacked the same way).
+SCHEDULER_XZ := $(SHARED)/envtest/kube-scheduler.xz
 ENVTEST := $(CURDIR)/.envtest
 ENVTEST_DEP :=
 ifeq ($(origin KUBEBUILDER_ASSETS),undefined)
@@ -18,12 +20,15 @@ ifneq ($(wildcard $(APISERVER_XZ)),)
 ENVTEST_DEP := $(ENVTEST)/.ready
 KUBEBUILDER_ASSETS := $(ENVTEST)
 endif
+ifneq ($(wildcard $(SCHEDULER_XZ)),)
+ENVTEST_DEP += $(ENVTEST)/kube-scheduler
+endif
 endif
 ifdef KUBEBUILDER_ASSETS
 export KUBEBUILDER_ASSETS
 endif
 
-.PHONY: test lint unit demo bench clean envtest
+.PHONY: test lint unit demo dra-demo bench clean envtest protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +55,24 @@ $(ENVTEST)/.ready: $(APISERVER_XZ) $(STAMP)
 	$(ENVTEST)/etcd --version | head -1
 	touch $@
 
+$(ENVTEST)/kube-scheduler: $(SCHEDULER_XZ)
+	mkdir -p $(ENVTEST)
+	xz -dc $(SCHEDULER_XZ) > $@.part
+	chmod +x $@.part
+	mv $@.part $@
+
 test: lint unit
+
+# The DRA driver's gRPC messages, generated from our .proto files with protoc (grpcio-tools, installed
+# here on demand) and committed, so installing the package needs no protoc.
+protos: $(STAMP)
+	$(BIN)/pip install --quiet 'grpcio-tools>=1.66'
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src src/vgpu_dm/dra/proto/*.proto
+
+# The DRA driver end to end: real API server + scheduler, simulated host, a claim allocated,
+# prepared (vGPU in the simulated sysfs, metadata written) and released.
+dra-demo: $(STAMP) $(ENVTEST_DEP)
+	$(BIN)/python examples/dra_demo.py
 
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh

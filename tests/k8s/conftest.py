@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.k8s import manifests
-from tests.k8s.envtest import APIServer, EnvtestError, client_from_kubeconfig
+from tests.k8s.envtest import APIServer, EnvtestError, Scheduler, client_from_kubeconfig
 
 __all__ = ["client_from_kubeconfig"]
 
@@ -69,6 +69,26 @@ def apiserver() -> Iterator[APIServer]:
         yield server
     finally:
         server.teardown()
+
+
+@pytest.fixture(scope="session")
+def kube_scheduler(apiserver: APIServer) -> Iterator[Scheduler]:
+    """A real kube-scheduler on the session's API server (the DRA tests' allocator). Missing from
+    KUBEBUILDER_ASSETS: skipped, or failed under CI=true (`make test` unpacks it)."""
+    try:
+        scheduler = Scheduler(apiserver)
+    except EnvtestError as err:
+        if in_ci(os.environ):
+            pytest.fail(f"CI=true but {err}", pytrace=False)
+        pytest.skip(str(err))
+    try:
+        scheduler.start()
+    except EnvtestError as err:
+        pytest.fail(str(err), pytrace=False)
+    try:
+        yield scheduler
+    finally:
+        scheduler.stop()
 
 
 @pytest.fixture(scope="session")

@@ -320,3 +320,41 @@ def client_from_kubeconfig(path: str, field_manager: str = "envtest"):
     from lightkube import Client, KubeConfig
 
     return Client(config=KubeConfig.from_file(path), field_manager=field_manager)
+
+
+class Scheduler:
+    """A real kube-scheduler (KUBEBUILDER_ASSETS/kube-scheduler) against an APIServer: it does the DRA
+    allocation in tests. Nothing deallocates (no kube-controller-manager): see release_claim helpers."""
+
+    def __init__(self, apiserver: APIServer):
+        self.binary = apiserver.assets / "kube-scheduler"
+        if not os.access(self.binary, os.X_OK):
+            raise EnvtestError(f"KUBEBUILDER_ASSETS={apiserver.assets}: no executable kube-scheduler there")
+        self.apiserver = apiserver
+        self.log = apiserver.workdir / "kube-scheduler.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        kc = self.apiserver.admin_kubeconfig
+        self._proc = APIServer._spawn(
+            [
+                str(self.binary),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--leader-elect=false",
+                "--secure-port=0",
+            ],
+            self.log,
+        )
+        time.sleep(0.3)
+        if self._proc.poll() is not None:
+            raise EnvtestError(f"kube-scheduler exited with {self._proc.returncode}:\n{_tail(self.log)}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            APIServer._terminate(self._proc)
+            self._proc = None
+
+    def tail(self) -> str:
+        return _tail(self.log)

@@ -154,7 +154,12 @@ class Driver:
                         f"{' …' if len(devices) > 4 else ''}); remove them (e.g. nvidia-vgpu-dm apply with a "
                         f"config that leaves the GPU empty) before the DRA driver can offer it"
                     )
-            offer, _ = build_offer(entries, inventory, refuse)
+            offer, offers = build_offer(entries, inventory, refuse)
+            if any(o.framework == "sriov-vfs-off" for o in offers.values()):
+                # Which framework a GPU uses shows only once its VFs exist; enabling them is harmless.
+                self._enable_vfs([o.gpu for o in offers.values() if o.framework == "sriov-vfs-off"])
+                inventory = Inventory(self.host, self.tools)
+                offer, offers = build_offer(entries, inventory, refuse)
             offer = self._keep_allocated(offer, prepared)
             new_owned = dict(owned.gpus)
             for address in offer.gpus():
@@ -173,6 +178,15 @@ class Driver:
                 _log.warning(problem)
             return result
 
+    def _enable_vfs(self, gpus: list) -> None:
+        with HostLock(self.host, timeout=self.s.lock_timeout):
+            inventory = Inventory(self.host, self.tools, writable=True)
+            for gpu in gpus:
+                try:
+                    inventory.vfio.enable_vfs(gpu)
+                except HostError as exc:
+                    _log.error(f"{gpu.describe()}: {exc}")
+
     def _keep_allocated(self, offer: NodeOffer, prepared: dict[str, PreparedDevice]) -> NodeOffer:
         """A GPU whose allocated devices the new offer does not contain keeps exactly those devices
         (and nothing new) until they are released: devices are never withdrawn from under a claim."""
@@ -182,14 +196,16 @@ class Driver:
         except Exception as exc:
             _log.warning(f"could not list ResourceClaims ({exc}); keeping the prepared devices only")
         new = offer.by_name()
+        held = [self.offered[name] for name in sorted(allocated) if name in self.offered]
+        moved = {
+            old.gpu
+            for old in held
+            if new.get(old.name) is None or new[old.name]._replace(attributes={}) != old._replace(attributes={})
+        }
         frozen: dict[str, list[DeviceSpec]] = {}
-        for name in sorted(allocated):
-            old = self.offered.get(name)
-            if old is None:
-                continue
-            if new.get(name) is not None and new[name]._replace(attributes={}) == old._replace(attributes={}):
-                continue
-            frozen.setdefault(old.gpu, []).append(old)
+        for old in held:
+            if old.gpu in moved:
+                frozen.setdefault(old.gpu, []).append(old)
         if not frozen:
             return offer
         for gpu, kept in frozen.items():
