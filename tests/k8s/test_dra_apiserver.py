@@ -13,7 +13,7 @@ import pytest
 
 from tests.k8s import drakit as K
 from tests.k8s.agentkit import wait_for
-from vgpu_dm.sim.processes import add_holder, release_holder
+from vgpu_dm.sim.processes import add_holder, device_node, release_holder
 
 
 @pytest.fixture
@@ -259,10 +259,7 @@ def test_unprepare_of_a_vgpu_a_vm_holds_fails_and_is_retried(apiserver, dra, k8s
     kubelet = node.kubelet()
     assert kubelet.prepare(K.identity(claim)).claims[uid].error == ""
     mdev = K.kubevirt_read_metadata(node, "c1", "vgpu")["mdev"]
-    pid = add_holder(
-        node.sim,
-        f"/dev/vfio/{os.path.basename(os.readlink(node.sim / 'sys/bus/mdev/devices' / mdev / 'iommu_group'))}",
-    )
+    pid = add_holder(node.sim, device_node(node.sim, mdev))
     error = kubelet.unprepare(K.identity(claim)).claims[uid].error
     assert "in use by pid" in error and mdev in error
     assert (node.sim / "sys/bus/mdev/devices" / mdev).exists() and uid in node.checkpoint["claims"]

@@ -200,7 +200,7 @@ class Driver:
         moved = {
             old.gpu
             for old in held
-            if new.get(old.name) is None or new[old.name]._replace(attributes={}) != old._replace(attributes={})
+            if old.name not in new or new[old.name]._replace(attributes={}) != old._replace(attributes={})
         }
         frozen: dict[str, list[DeviceSpec]] = {}
         for old in held:
