@@ -44,6 +44,10 @@ NOT_ON_ASSERT_PATH = (
     "lightkube",
     "prometheus_client",
     "pynvml",
+    "grpc",  # the DRA driver's dependencies: never on the CLI's path
+    "google.protobuf",
+    "vgpu_dm.dra",
+    "vgpu_dm.host.owner",  # only when the DRA driver owns GPUs here
 )
 # A failing assert plans removals, and which vGPUs VMs use decides which ones it would keep.
 NOT_ON_NOOP_ASSERT_PATH = ("vgpu_dm.host.holders",)

@@ -98,6 +98,18 @@ class FakeKubelet:
         return self._call("NodeUnprepareResources", list(claims), version)
 
 
+def _accepts(path: str) -> bool:
+    """A Unix socket someone listens on (a killed driver leaves its socket file behind)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def identity(claim: dict) -> dict:
     meta = claim["metadata"]
     return {"namespace": meta["namespace"], "uid": meta["uid"], "name": meta["name"]}
@@ -155,7 +167,7 @@ class DraNode:
             )
         if wait:
             wait_for(
-                lambda: os.path.exists(self.registration_socket) or self.proc.poll() is not None,
+                lambda: _accepts(self.registration_socket) or self.proc.poll() is not None,
                 timeout=60,
                 what="the registration socket",
             )

@@ -24,6 +24,9 @@ class Faults:
     fail_write: int = 0  # 1-based position of the write that fails; 0 = none
     fail_errno: int = errno.EIO
     kill_at_write: int = 0  # SIGKILL the process right before this write; 0 = none
+    # SIGKILL the process right after this write took effect (the driver made the device, the tool never
+    # learnt it): the crash window between a change and the tool's own record of it; 0 = none.
+    kill_after_write: int = 0
     eio_reads: list[str] = field(default_factory=list)  # substrings of paths whose reads fail
     signal_at_writes: list[int] = field(default_factory=list)  # send signal_number before these writes
     signal_number: int = signal.SIGTERM
@@ -67,6 +70,11 @@ class Faults:
             os.kill(os.getpid(), self.signal_number)
         if self.fail_write and position == self.fail_write:
             raise OSError(self.fail_errno, f"{os.strerror(self.fail_errno)} (injected fault)", path)
+
+    def after_write(self, position: int) -> None:
+        """Called once the ``position``-th write (1-based) was carried out."""
+        if self.kill_after_write and position == self.kill_after_write:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def before_read(self, path: str) -> None:
         if any(pattern in path for pattern in self.eio_reads):

@@ -122,6 +122,8 @@ class SimHostRoot(HostRoot):
             self._emulate(rel, data)
         finally:
             lock.close()
+        if self._faults is not None:
+            self._faults.after_write(position)
 
     def _emulate(self, rel: str, data: str) -> None:
         from pathlib import Path

@@ -1,0 +1,165 @@
+"""nvidia-vgpu-dra when things go wrong: killed between creating a vGPU and recording it, killed after,
+prepare and unprepare repeated, a replaced or unallocated claim, a GPU that carries someone else's vGPUs,
+and apply meeting a GPU the DRA driver owns. Real API server and scheduler, simulated host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import grpc
+import pytest
+
+from tests.conftest import writes
+from tests.k8s import drakit as K
+from tests.k8s.test_dra_apiserver import published
+from vgpu_dm.cli.main import main as cli_main
+from vgpu_dm.sim.faults import Faults
+from vgpu_dm.sim.host import SimHostRoot
+
+
+@pytest.fixture
+def node(apiserver, kube_scheduler, workdir):
+    K.ensure_device_class(apiserver)
+    name = f"dra-{uuid.uuid4().hex[:10]}"
+    K.ready_node(apiserver, name)
+    K.set_label(apiserver, name, "T4-2Q")
+    made = K.DraNode(name, workdir / name, apiserver.admin_kubeconfig, gpus=("T4", "T4"))
+    yield made
+    made.stop()
+    apiserver.request("DELETE", f"/api/v1/nodes/{name}")
+
+
+def allocate(apiserver, node, namespace: str, name: str = "c1") -> dict:
+    K.create_claim(apiserver, namespace, name)
+    K.create_pod(apiserver, namespace, f"vm-{name}", name, node.name)
+    return K.allocated(apiserver, namespace, name)
+
+
+def mdevs(node) -> list[str]:
+    return sorted(os.listdir(node.sim / "sys/bus/mdev/devices"))
+
+
+def test_killed_between_creating_the_vgpu_and_the_checkpoint_the_orphan_goes_at_restart(
+    apiserver, node, k8s_namespace
+):
+    Faults(kill_after_write=1).save(node.sim)  # the driver's first write is the prepare's mdev create
+    node.start()
+    published(apiserver, node, 16)
+    claim = allocate(apiserver, node, k8s_namespace)
+    kubelet = node.kubelet()
+    with pytest.raises(grpc.RpcError):
+        kubelet.prepare(K.identity(claim))
+    node.proc.wait(timeout=10)
+    assert len(mdevs(node)) == 1  # made, and never recorded as prepared
+    assert node.checkpoint["claims"][claim["metadata"]["uid"]]["state"] == "preparing"
+    Faults().save(node.sim)
+    node.proc = None
+    node.start()
+    assert mdevs(node) == []
+    assert node.checkpoint["claims"] == {}
+    assert "removing" in node.tail(80) or "interrupted apply" in node.tail(80)
+    # The kubelet retries: now it works, with one vGPU.
+    entry = node.kubelet().prepare(K.identity(claim)).claims[claim["metadata"]["uid"]]
+    assert entry.error == "" and len(mdevs(node)) == 1
+
+
+def test_killed_after_the_checkpoint_the_claim_stays_prepared(apiserver, node, k8s_namespace):
+    node.start()
+    published(apiserver, node, 16)
+    claim = allocate(apiserver, node, k8s_namespace)
+    uid = claim["metadata"]["uid"]
+    first = node.kubelet().prepare(K.identity(claim)).claims[uid]
+    assert first.error == ""
+    before = mdevs(node)
+    node.kill()
+    node.start()
+    assert mdevs(node) == before  # not taken for an orphan
+    again = node.kubelet().prepare(K.identity(claim)).claims[uid]
+    assert again.error == "" and again.devices[0].device_name == first.devices[0].device_name
+    assert list(again.devices[0].cdi_device_ids) == list(first.devices[0].cdi_device_ids)
+    assert mdevs(node) == before
+
+
+def test_an_orphan_without_a_journal_is_removed_at_start(apiserver, node, k8s_namespace):
+    """The window after apply's journal is gone and before the checkpoint says prepared."""
+    node.start()
+    published(apiserver, node, 16)
+    node.stop()
+    host = SimHostRoot(node.sim)
+    host.write_text(
+        "sys/bus/pci/devices/0000:3b:00.0/mdev_supported_types/nvidia-201/create", str(uuid.uuid4())
+    )
+    assert len(mdevs(node)) == 1
+    node.start()
+    assert mdevs(node) == []
+
+
+def test_prepare_twice_and_unprepare_twice(apiserver, node, k8s_namespace):
+    node.start()
+    published(apiserver, node, 16)
+    claim = allocate(apiserver, node, k8s_namespace)
+    uid = claim["metadata"]["uid"]
+    kubelet = node.kubelet()
+    one = kubelet.prepare(K.identity(claim)).claims[uid]
+    two = kubelet.prepare(K.identity(claim), version="v1beta1").claims[uid]  # the same over v1beta1
+    assert one.error == two.error == ""
+    assert one.devices[0].device_name == two.devices[0].device_name
+    assert list(one.devices[0].cdi_device_ids) == list(two.devices[0].cdi_device_ids)
+    assert len(mdevs(node)) == 1
+    creates = [w for w in writes(node.sim) if w.split("\t")[0].endswith("/create")]
+    assert len(creates) == 1
+    assert kubelet.unprepare(K.identity(claim)).claims[uid].error == ""
+    assert kubelet.unprepare(K.identity(claim), version="v1beta1").claims[uid].error == ""
+    assert mdevs(node) == []
+    # A claim this driver never prepared: nothing to do, success.
+    stranger = {"namespace": k8s_namespace, "uid": str(uuid.uuid4()), "name": "never"}
+    assert kubelet.unprepare(stranger).claims[stranger["uid"]].error == ""
+
+
+def test_replaced_unallocated_and_missing_claims_are_refused(apiserver, node, k8s_namespace):
+    node.start()
+    published(apiserver, node, 16)
+    claim = allocate(apiserver, node, k8s_namespace)
+    kubelet = node.kubelet()
+    replaced = {**K.identity(claim), "uid": str(uuid.uuid4())}
+    error = kubelet.prepare(replaced).claims[replaced["uid"]].error
+    assert "was replaced" in error and claim["metadata"]["uid"] in error
+    pending = K.create_claim(apiserver, k8s_namespace, "pending")
+    error = kubelet.prepare(K.identity(pending)).claims[pending["metadata"]["uid"]].error
+    assert "not allocated" in error
+    gone = {"namespace": k8s_namespace, "uid": str(uuid.uuid4()), "name": "gone"}
+    assert "not found" in kubelet.prepare(gone).claims[gone["uid"]].error
+    # Several claims in one call: one entry each, the good one prepared.
+    both = kubelet.prepare(K.identity(claim), replaced)
+    assert set(both.claims) == {claim["metadata"]["uid"], replaced["uid"]}
+    assert both.claims[claim["metadata"]["uid"]].error == "" and both.claims[replaced["uid"]].error
+    assert len(mdevs(node)) == 1
+
+
+def test_a_gpu_with_vgpus_the_driver_did_not_make_is_not_offered_and_apply_refuses_owned_gpus(
+    apiserver, node, capsys
+):
+    config = node.base / "static.yaml"
+    config.write_text(
+        'version: v1\nvgpu-configs:\n  one:\n    - devices: [0]\n      vgpu-devices: {"T4-4Q": 4}\n'
+    )
+    assert cli_main(["apply", "--sim", str(node.sim), "-f", str(config), "-c", "one"]) == 0
+    node.start()
+    devices = published(apiserver, node, 8)
+    assert {d.split("-")[0] for d in devices} == {"gpu1"}
+    assert "did not create" in node.tail(80)
+    owned = json.loads((node.sim / "var/lib/nvidia-vgpu-dm/dra-owned.json").read_text())
+    assert list(owned["gpus"]) == ["0000:5e:00.0"]
+    # The static side now refuses GPU 1, before any write.
+    config.write_text(
+        'version: v1\nvgpu-configs:\n  two:\n    - devices: all\n      vgpu-devices: {"T4-4Q": 4}\n'
+    )
+    before = len(writes(node.sim))
+    capsys.readouterr()
+    assert cli_main(["apply", "--sim", str(node.sim), "-f", str(config), "-c", "two"]) == 1
+    err = capsys.readouterr().err
+    assert "GPU 1 (0000:5e:00.0)" in err and "owned by the DRA driver vgpu.nvidia.com" in err
+    assert len(writes(node.sim)) == before
