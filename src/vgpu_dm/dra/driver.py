@@ -59,6 +59,7 @@ class Driver:
         self.problems: tuple[str, ...] = ()
         self.config_name = ""
         self.on_republish: Callable[[], None] = lambda: None  # wakes the publisher loop
+        self._frozen_said: dict[str, tuple] = {}  # GPU → the held-back devices last logged
 
     def _options(self) -> ApplyOptions:
         return ApplyOptions(lock_timeout=self.s.lock_timeout, jobs=1)
@@ -207,8 +208,13 @@ class Driver:
             if old.gpu in moved:
                 frozen.setdefault(old.gpu, []).append(old)
         if not frozen:
+            self._frozen_said.clear()
             return offer
         for gpu, kept in frozen.items():
+            said = (self.config_name, tuple(d.name for d in kept))
+            if self._frozen_said.get(gpu) == said:
+                continue
+            self._frozen_said[gpu] = said
             _log.warning(
                 f"GPU {kept[0].gpu_index} ({gpu}): {len(kept)} allocated device(s) of the previous layout "
                 f"({', '.join(d.name for d in kept)}) stay published alone until released; the GPU follows "
