@@ -44,6 +44,13 @@ vgpu-configs:
   L40S-8Q:
     - devices: all
       vgpu-devices: {"L40S-8Q": 6}
+  two-kinds:
+    - device-filter: "0x1EB810DE"
+      devices: all
+      vgpu-devices: {"T4-4Q": 4}
+    - device-filter: "0x26B910DE"
+      devices: all
+      vgpu-devices: {"L40S-24Q": 2, "L40S-12Q": 4}
 """
 _PACKAGES = {
     "v1": ("k8s.io.kubelet.pkg.apis.dra.v1", dra_v1_pb2),

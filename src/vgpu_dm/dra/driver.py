@@ -172,8 +172,13 @@ class Driver:
             if new_owned != owned.gpus:
                 write_dra_owned(self.host, DraOwnership(self.s.driver, self.s.node, new_owned))
             result = self.publisher.publish(offer)
-            withdrawn = {p for p in result.problems if "not offered" in p}
+            withdrawn = result.mode == "plain" and bool(offer.counter_sets)  # counters not kept
             self.offered = {d.name: d for d in offer.devices if not (d.mixed and withdrawn)}
+            kept = {d.gpu for d in self.offered.values()} | {d.gpu for d in prepared.values()}
+            if set(new_owned) - kept:
+                # Offered nothing after all (the server dropped their counters): not ours to hold.
+                new_owned = {a: t for a, t in new_owned.items() if a in kept}
+                write_dra_owned(self.host, DraOwnership(self.s.driver, self.s.node, new_owned))
             self.problems = offer.problems + result.problems
             for problem in offer.problems:
                 _log.warning(problem)

@@ -138,7 +138,8 @@ class SlicePublisher:
         self.driver = driver
         self.node = node
         self.pool = node
-        self.mode: str | None = None  # the counter layout this server takes, once known
+        self.mode: str | None = None  # the counter layout this server takes, once known (PLAIN: none)
+        self.why = ""  # why no counter layout was kept
 
     def slice_name(self, index: int) -> str:
         return f"{self.node}-{self.driver.split('.')[0]}-{index}"
@@ -167,6 +168,8 @@ class SlicePublisher:
         mixed = bool(offer.counter_sets)
         modes = [PLAIN] if not mixed else ([self.mode] if self.mode else [SPLIT, COMBINED])
         why: list[str] = []
+        if mixed and self.mode == PLAIN:
+            modes, why = [], [self.why]  # found out before: not tried again until the driver restarts
         for mode in modes:
             try:
                 result = self._publish(offer, mode)
@@ -179,14 +182,16 @@ class SlicePublisher:
             return result
         # No layout keeps the counters: partitionable devices are off on this cluster. Publishing the
         # mixed-size GPUs' devices without their counters would let the scheduler overfill them.
-        self.mode = None
+        first = self.mode != PLAIN
+        self.mode, self.why = PLAIN, "; ".join(why)
         gpus = sorted({f"GPU {c.gpu_index} ({c.gpu})" for c in offer.counter_sets})
         problem = (
             f"{', '.join(gpus)} not offered: they mix framebuffer sizes, which needs partitionable devices "
             f"(feature gate DRAPartitionableDevices, on by default from Kubernetes 1.36, in the API server "
             f"and the scheduler), and the API server did not keep their counters ({'; '.join(why)})"
         )
-        _log.error(problem)
+        if first:
+            _log.error(problem)
         plain = NodeOffer(tuple(d for d in offer.devices if not d.mixed), (), offer.problems)
         result = self._publish(plain, PLAIN)
         return result._replace(problems=(*result.problems, problem))
