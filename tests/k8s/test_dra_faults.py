@@ -163,3 +163,26 @@ def test_a_gpu_with_vgpus_the_driver_did_not_make_is_not_offered_and_apply_refus
     err = capsys.readouterr().err
     assert "GPU 1 (0000:5e:00.0)" in err and "owned by the DRA driver vgpu.nvidia.com" in err
     assert len(writes(node.sim)) == before
+
+
+def test_after_a_reboot_prepared_claims_get_their_vgpus_back(apiserver, node, k8s_namespace):
+    from vgpu_dm.sim.reboot import reboot
+
+    node.start()
+    published(apiserver, node, 16)
+    claim = allocate(apiserver, node, k8s_namespace)
+    uid = claim["metadata"]["uid"]
+    first = node.kubelet().prepare(K.identity(claim)).claims[uid]
+    assert first.error == ""
+    node.stop()
+    reboot(node.sim)  # vGPUs gone; the checkpoint (kubelet plugin dir) and the ownership record stay
+    assert mdevs(node) == []
+    node.start()
+    (again,) = mdevs(node)
+    assert node.checkpoint["claims"][uid]["devices"][0]["key"] == again
+    spec = json.loads((node.cdi / f"{K.DRIVER}_vgpu_{uid}.json").read_text())
+    group = os.path.basename(os.readlink(node.sim / "sys/bus/mdev/devices" / again / "iommu_group"))
+    assert {"path": f"/dev/vfio/{group}"} in spec["devices"][0]["containerEdits"]["deviceNodes"]
+    assert K.kubevirt_read_metadata(node, "c1", "vgpu")["mdev"] == again
+    same = node.kubelet().prepare(K.identity(claim)).claims[uid]
+    assert list(same.devices[0].cdi_device_ids) == list(first.devices[0].cdi_device_ids)
