@@ -119,3 +119,20 @@ def test_deviceclass_template_and_vm_fit_together():
     assert vm["metadata"]["namespace"] == template["metadata"]["namespace"]
     (gpu,) = spec["domain"]["devices"]["gpus"]
     assert gpu["claimName"] == claim["name"] and gpu["requestName"] == request["name"]
+
+
+def test_the_image_installs_the_dra_extra_and_its_program():
+    dockerfile = (REPO / "deploy" / "container" / "Dockerfile").read_text()
+    assert "[k8s,dra]" in dockerfile and "nvidia-vgpu-dra --help" in dockerfile
+    import re
+    from importlib import metadata
+
+    dist = metadata.distribution("vgpu-device-manager")
+    scripts = {ep.name: ep for ep in dist.entry_points if ep.group == "console_scripts"}
+    assert callable(scripts["nvidia-vgpu-dra"].load())
+    extra = {
+        re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower()
+        for req in dist.requires or []
+        if re.search(r"extra\s*==\s*.dra.", req)
+    }
+    assert extra == {"grpcio", "protobuf", "lightkube"}
