@@ -196,6 +196,13 @@ def test_mixed_size_counters_keep_claims_within_the_framebuffer(apiserver, dra, 
     assert len([t for t in types if t != "0"]) == 3
     meta = K.kubevirt_read_metadata(node, "big", "vgpu")
     assert "pci" in meta and meta["pci"] != "0000:3b:00.0"  # the VF, not the GPU
+    assert (node.sim / "sys/bus/pci/devices" / meta["pci"] / "physfn").exists()
+    vf_group = os.path.basename(os.readlink(node.sim / "sys/bus/pci/devices" / meta["pci"] / "iommu_group"))
+    spec = json.loads((node.cdi / f"{K.DRIVER}_vgpu_{big['metadata']['uid']}.json").read_text())
+    assert spec["devices"][0]["containerEdits"]["deviceNodes"] == [
+        {"path": "/dev/vfio/vfio"},
+        {"path": f"/dev/vfio/{vf_group}"},
+    ]
     for claim in (big, mid):
         assert kubelet.unprepare(K.identity(claim)).claims[claim["metadata"]["uid"]].error == ""
 

@@ -186,3 +186,37 @@ def test_after_a_reboot_prepared_claims_get_their_vgpus_back(apiserver, node, k8
     assert K.kubevirt_read_metadata(node, "c1", "vgpu")["mdev"] == again
     same = node.kubelet().prepare(K.identity(claim)).claims[uid]
     assert list(same.devices[0].cdi_device_ids) == list(first.devices[0].cdi_device_ids)
+
+
+def test_the_agent_refuses_a_gpu_the_dra_driver_owns(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir
+):
+    """The static agent on a node whose GPU 1 the DRA driver owns: state failed, an Event saying why,
+    and not one write to the host (GPU 0 is not changed either: the plan is refused as a whole)."""
+    import time as _time
+
+    from tests.k8s.agentkit import (
+        make_sim,
+        node_events,
+        running_agent,
+        set_labels,
+        settings_for,
+        state_is,
+        wait_for,
+    )
+    from vgpu_dm.host.owner import DraOwnership, write_dra_owned
+    from vgpu_dm.k8s import labels as L
+
+    sim = make_sim(workdir)
+    write_dra_owned(SimHostRoot(sim.root), DraOwnership(K.DRIVER, k8s_node, {"0000:5e:00.0": _time.time()}))
+    set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "T4-4Q"})
+    with running_agent(apiserver.admin_kubeconfig, settings_for(k8s_node, k8s_namespace, sim)):
+        wait_for(state_is(admin_client, k8s_node, L.FAILED), what="state failed")
+    (event,) = [
+        e for e in node_events(admin_client, k8s_namespace, k8s_node) if e.reason != "VGPUConfigApplied"
+    ]
+    assert (
+        event.reason == "VGPUConfigNotApplicable"
+        and "owned by the DRA driver vgpu.nvidia.com" in event.message
+    )
+    assert writes(sim.root) == []
