@@ -90,6 +90,12 @@ def test_mixed_size_config_shares_each_gpus_framebuffer_through_counters(apiserv
         {"counterSet": "gpu-0-framebuffer", "counters": {"framebuffer": {"value": "24Gi"}}}
     ]
     assert attr(d, "framework") == "vendor-vfio" and attr(d, "mixedSize") is True
+    # One size again: no counters, one slice; the counter slice of the old generation is deleted.
+    K.set_label(apiserver, node.name, "L40S-8Q")
+    assert sorted(published(apiserver, node, 6)) == [f"gpu0-l40s-8q-{n}" for n in range(6)]
+    (only,) = wait_for(lambda: len(K.slices(apiserver, node.name)) == 1 and K.slices(apiserver, node.name))
+    assert only["spec"]["pool"]["generation"] == items[0]["spec"]["pool"]["generation"] + 1
+    assert only["spec"]["pool"]["resourceSliceCount"] == 1 and "sharedCounters" not in only["spec"]
 
 
 def test_claim_with_a_cel_selector_is_allocated_prepared_and_released(apiserver, dra, k8s_namespace):

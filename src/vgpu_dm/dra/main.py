@@ -176,7 +176,7 @@ def run(opts: dict) -> None:
     plugin_dir = os.path.join(opts["kubelet_plugins_dir"], driver_name)
     try:
         host = open_host(None if opts["sim"] else opts["host_root_mount"], opts["sim"])
-        api = DraApi(opts["kubeconfig"] or None, opts["node_name"], stop)
+        api = DraApi(opts["kubeconfig"] or None, opts["node_name"], stop, deadline=10.0)
     except VgpuDmError as exc:
         _log.error(str(exc))
         raise Failure(EXIT_FAILED) from None
