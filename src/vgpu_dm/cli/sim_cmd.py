@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+# Where 'sim create --driver container' puts the driver: the GPU Operator's driver root on the host.
+DRIVER_CONTAINER_ROOT = "run/nvidia/driver"
+
 
 @click.group("sim")
 def sim_group() -> None:
@@ -130,6 +133,22 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     help="Whether mdevctl starts the auto definitions of mdev-capable VFs when sriov-manage enables them "
     "(unconfirmed for NVIDIA VFs).",
 )
+@click.option(
+    "--driver",
+    type=click.Choice(["host", "container"]),
+    default="host",
+    show_default=True,
+    help="Where the vGPU manager's files (nvidia-smi, sriov-manage, libnvidia-ml.so.1) are: installed on "
+    "the host, or only in the GPU Operator's driver container root, run/nvidia/driver (without /sys).",
+)
+@click.option(
+    "--sriov-manage-without-sysfs",
+    type=click.Choice(["fail", "noop"]),
+    default="fail",
+    show_default=True,
+    help="What sriov-manage does when run chrooted into a root without sysfs (a driver container's): "
+    "exit with an error, or exit 0 having made no VFs (which one a real script does is unknown).",
+)
 @_latency_options
 def create_cmd(
     directory: str,
@@ -141,6 +160,8 @@ def create_cmd(
     mig_after_reboot: str,
     mdevctl: bool,
     mdevctl_on_vfs: str,
+    driver: str,
+    sriov_manage_without_sysfs: str,
     write_latency_ms: float | None,
     create_latency_ms: float | None,
     remove_latency_ms: float | None,
@@ -166,7 +187,9 @@ def create_cmd(
                 "mig_off_with_vfs": mig_off_with_vfs,
                 "mig_after_reboot": mig_after_reboot,
                 "mdevctl_on_vfs": mdevctl_on_vfs,
+                "sriov_manage_without_sysfs": sriov_manage_without_sysfs,
             },
+            driver_root=DRIVER_CONTAINER_ROOT if driver == "container" else "",
         )
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
@@ -186,6 +209,11 @@ def create_cmd(
         )
         mig = ", MIG-capable" if gpu.mig_profiles else ""
         click.echo(f"GPU {i}: {gpu.address} {model_name(gpu.model)} ({gpu.framework}{vfs}{mig})")
+    if driver == "container":
+        click.echo(
+            f"driver: in the GPU Operator's driver container root {directory}/{DRIVER_CONTAINER_ROOT} "
+            f"(nothing on the host root; pass --driver-root {directory}/{DRIVER_CONTAINER_ROOT})"
+        )
     latency = _latency(WriteLatency(), write_latency_ms, create_latency_ms, remove_latency_ms, serial_writes)
     if latency != WriteLatency():
         latency.save(directory)

@@ -7,17 +7,26 @@ before ``Attached GPUs``; then one block per GPU (``GPU 00000000:3B:00.0``), who
 ``vGPU Device Capability`` says ``Heterogeneous Time-Slice Sizes : Supported|Not Supported`` and whose
 ``GPU Virtualization Mode`` says ``vGPU Heterogeneous Mode : Enabled|Disabled``. The driver-wide line
 reads Supported on GPUs whose own line reads Not Supported, so only the per-GPU block counts.
+
+``host/programs.py`` owns this module: it decides where nvidia-smi runs and hands a ``run`` function in;
+nothing here imports it back.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.pci import GPU, address_key
-from vgpu_dm.host.programs import Programs
 from vgpu_dm.host.root import note_change
+
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable
+
+    Runner = Callable[[list[str], str], subprocess.CompletedProcess[str]]
 
 _log = log.get("smi")
 
@@ -73,11 +82,11 @@ def parse_supported_types(text: str) -> dict[int, str]:
 
 
 class NvidiaSmi:
-    """nvidia-smi in the driver root."""
+    """nvidia-smi, run through ``run(argv, what)`` (Programs.run: in the root where it was found)."""
 
-    def __init__(self, programs: Programs):
-        self.programs = programs
-        self.path = programs.tools.nvidia_smi
+    def __init__(self, run: Runner, path: str = "nvidia-smi"):
+        self._run = run
+        self.path = path
 
     def _fail(self, gpu: GPU, what: str, proc) -> HostError:
         out = (proc.stderr or proc.stdout or "").strip()
@@ -85,7 +94,7 @@ class NvidiaSmi:
 
     def mixed_size(self, gpu: GPU) -> tuple[bool, bool]:
         """(supported, enabled) for heterogeneous time-sliced vGPUs on this GPU."""
-        proc = self.programs.run([self.path, "-q", "-i", gpu.address], "nvidia-smi")
+        proc = self._run([self.path, "-q", "-i", gpu.address], "nvidia-smi")
         if proc.returncode != 0:
             raise self._fail(gpu, f"-q -i {gpu.address}", proc)
         try:
@@ -102,7 +111,7 @@ class NvidiaSmi:
             extra=log.fields(gpu=gpu.index, address=gpu.address, action=action),
         )
         note_change()
-        proc = self.programs.run(
+        proc = self._run(
             [self.path, "vgpu", "-i", gpu.address, "-shm", "1" if enabled else "0"], "nvidia-smi"
         )
         if proc.returncode != 0:
@@ -113,7 +122,7 @@ class NvidiaSmi:
 
     def supported_types(self, gpu: GPU) -> dict[int, str]:
         """Every vGPU type of the GPU (ids are hex in this output); HostError when nvidia-smi fails."""
-        proc = self.programs.run([self.path, "vgpu", "-s", "-v", "-i", gpu.address], "nvidia-smi")
+        proc = self._run([self.path, "vgpu", "-s", "-v", "-i", gpu.address], "nvidia-smi")
         if proc.returncode != 0:
             raise self._fail(gpu, f"vgpu -s -v -i {gpu.address}", proc)
         return parse_supported_types(proc.stdout)

@@ -228,11 +228,12 @@ class VendorVfioBackend:
         transient ``Cannot obtain unbindLock``, then wait for the VFs' ``nvidia/`` directories."""
         if not is_pci_address(gpu.address):
             raise HostError(f"refusing to pass {gpu.address!r} to sriov-manage: not a PCI address")
-        if not self.programs.exists(self.sriov_manage):
-            where = self.programs.where(self.sriov_manage)
+        found = self.programs.locate(self.sriov_manage)
+        if not found.found:
             raise HostError(
-                f"{gpu.describe()} has no VFs and sriov-manage was not found at {where}; enable them "
-                f"yourself ('/usr/lib/nvidia/sriov-manage -e {gpu.address}'), or pass --driver-root "
+                f"{gpu.describe()} has no VFs and sriov-manage was not found (looked for "
+                f"{self.sriov_manage} in {found.places()}); enable them yourself "
+                f"('/usr/lib/nvidia/sriov-manage -e {gpu.address}'), or pass --driver-root "
                 f"(containerised driver: the host's /run/nvidia/driver) or --sriov-manage PATH"
             )
         _log.info(f"{gpu.describe()}: enabling SR-IOV virtual functions (sriov-manage -e {gpu.address})")

@@ -6,49 +6,20 @@ the host-root object (``chroot`` into the host), never through a shell; unit nam
 
 from __future__ import annotations
 
-import os
 import re
 
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
+from vgpu_dm.host.locate import NVML, NVML_DIRS, find_nvml  # noqa: F401 - where NVML is looked for
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.mig.parted import output
 
-# Where upstream looks for NVML under the driver root, in this order.
-NVML_DIRS = (
-    "/",
-    "/usr/lib64",
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib/aarch64-linux-gnu",
-    "/lib64",
-    "/lib/x86_64-linux-gnu",
-    "/lib/aarch64-linux-gnu",
-)
-NVML = "libnvidia-ml.so.1"
 # A systemd unit name and nothing else: no option (leading '-'), no path, no shell or glob characters.
 _UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,200}\.(?:service|socket|timer|target|path)")
 # A config name that can stand inside Environment="…" of a unit file unchanged.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,252}")
 
 _log = log.get("mig")
-
-
-def find_nvml(driver_root: str) -> str | None:
-    """``libnvidia-ml.so.1`` under ``driver_root``, symlinks resolved inside that root; None if absent."""
-    for directory in NVML_DIRS:
-        path = os.path.join(driver_root, directory.lstrip("/"), NVML)
-        for _ in range(40):
-            if not os.path.islink(path):
-                break
-            target = os.readlink(path)
-            path = (
-                os.path.join(driver_root, target.lstrip("/"))
-                if os.path.isabs(target)
-                else os.path.join(os.path.dirname(path), target)
-            )
-        if os.path.isfile(path):
-            return os.path.normpath(path)
-    return None
 
 
 def valid_unit(name: str) -> bool:

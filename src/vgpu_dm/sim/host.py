@@ -187,6 +187,10 @@ class SimHostRoot(HostRoot):
         lock = self._locked()
         try:
             state = SimState.load(self.base)
+            if program == "sriov-manage" and not (inside / "sys/bus/pci/devices").is_dir():
+                # The GPU Operator's driver container publishes its root without /sys (design.md,
+                # "Three roots"): chrooted there, sriov-manage cannot see or change any device.
+                return self._sriov_without_sysfs(argv, inside, state)
             if program in ("systemctl", "reboot"):
                 from vgpu_dm.sim import services
 
@@ -224,6 +228,17 @@ class SimHostRoot(HostRoot):
             errors="replace",
             start_new_session=True,
         )
+
+    def _sriov_without_sysfs(self, argv: Sequence[str], inside: Path, state) -> CompletedProcess[str]:
+        """sriov-manage in a root without sysfs: nothing changes; it fails, or (an unknown the
+        simulator keeps configurable: option ``sriov_manage_without_sysfs``) exits 0 all the same."""
+        import subprocess
+
+        _log.debug(f"run {list(argv)} in {inside}: that root has no sysfs (simulated)")
+        if state.options.get("sriov_manage_without_sysfs") == "noop":
+            return subprocess.CompletedProcess(list(argv), 0, "", "")
+        err = f"{inside}/sys/bus/pci/devices: No such file or directory (simulated: this root has no sysfs)\n"
+        return subprocess.CompletedProcess(list(argv), 1, "", err)
 
 
 def write_log(root: str | os.PathLike[str]) -> list[str]:

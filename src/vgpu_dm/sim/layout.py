@@ -81,6 +81,12 @@ DEFAULT_OPTIONS = {
     # core (kvm-host.md §E). Whether NVIDIA's VFs, enabled by sriov-manage, raise that event is
     # unconfirmed: "start" (they do, as the kernel's mdev core does on registration) or "ignore".
     "mdevctl_on_vfs": "start",
+    # What sriov-manage does when it runs chrooted into a root without the host's sysfs, as the GPU
+    # Operator's driver container root is published (design.md "Three roots"; issue 16 item 6). That
+    # it cannot enable VFs there is the fact; how it says so is unknown (the script reads sysfs and
+    # lspci, reference/host-interfaces.md 3.2), so both are modelled: "fail" = an error exit, "noop" =
+    # exit 0 having made no VFs.
+    "sriov_manage_without_sysfs": "fail",
 }
 
 
@@ -220,10 +226,16 @@ def create_host(
     _write(base / "proc/1/comm", "systemd\n")
     (base / "proc/1/fd").mkdir()
     os.symlink("/dev/null", base / "proc/1/fd/0")
-    # Stand-ins for the driver's programs; the simulator emulates what running them does.
+    # Stand-ins for the driver's files, where the driver is installed: on the host itself, or only in
+    # the GPU Operator's driver container root (reference/gpu-operator.md §1). The simulator emulates
+    # what running the programs does; NVML is where the driver installs it (behind its soname link, in
+    # one of the directories upstream searches: cmd/nvidia-k8s-vgpu-dm/find.go).
     driver_dir = base / driver_root.strip("/")
     for program in ("usr/lib/nvidia/sriov-manage", "usr/bin/nvidia-smi"):
         _write(driver_dir / program, "#!/bin/sh\n# emulated by the nvidia-vgpu-dm simulator\n")
+    libdir = driver_dir / "usr/lib/x86_64-linux-gnu"
+    _write(libdir / f"libnvidia-ml.so.{driver_version}", "# NVML stand-in of the nvidia-vgpu-dm simulator\n")
+    os.symlink(f"libnvidia-ml.so.{driver_version}", libdir / "libnvidia-ml.so.1")
     _write(base / "sys/module/nvidia/version", f"{driver_version}\n")
     (base / SIM_MARKER).mkdir()
     # Non-GPU devices a discovery must skip: a host bridge and an NVIDIA HD-audio function.
