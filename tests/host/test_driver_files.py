@@ -106,7 +106,7 @@ def test_missing_program_names_both_places(workdir):
         programs.run(["nvidia-smi", "-q"])
     assert f"the driver root {mount}" in str(err.value) and f"the host root {root}" in str(err.value)
     assert (
-        f"nvidia-smi: not found (looked in the driver root {mount} and the host root {root})"
+        f"nvidia-smi: not found (looked for nvidia-smi in the driver root {mount} and the host root {root})"
         in (programs.report()[0])
     )
 

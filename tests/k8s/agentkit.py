@@ -88,6 +88,7 @@ def settings_for(node: str, namespace: str, sim: SimSetup, **overrides) -> Setti
         retry_initial=60.0,
         retry_max=600.0,
         lock_timeout=5.0,
+        gpu_clients_settle=0.0,  # not upstream's 30 s before a MIG mode change: tests set it when needed
     )
     return replace(base, **overrides)
 

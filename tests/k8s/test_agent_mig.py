@@ -216,8 +216,10 @@ def test_mig_config_without_nvml_fails_before_touching_mig(
     apiserver, admin_client, k8s_node, k8s_namespace, stage, workdir
 ):
     sim = a100_host(workdir)
-    empty = workdir / "no-driver"
+    empty = workdir / "no-driver"  # the operator's empty /driver-root ...
     empty.mkdir()
+    for lib in (sim.root / "usr/lib/x86_64-linux-gnu").glob("libnvidia-ml.so*"):
+        lib.unlink()  # ... and no NVML on the host either
     settings = agent_settings(k8s_node, k8s_namespace, sim, empty)
     with running_agent(apiserver.admin_kubeconfig, settings) as agent:
         wait_for(state_is(admin_client, k8s_node, L.SUCCESS), what="A100-40C applied")
@@ -227,6 +229,7 @@ def test_mig_config_without_nvml_fails_before_touching_mig(
     event = node_events(admin_client, k8s_namespace, k8s_node)[-1]
     assert event.reason == "MIGNotAvailable"
     assert "libnvidia-ml.so.1 is not under the driver root" in event.message
+    assert f"and the host root {sim.root}" in event.message
     assert layouts(sim.root) == [{"A100-40C": 1}, {"A100-40C": 1}]
     assert mig_modes(sim.root) == [False, False]
     assert services.calls(sim.root) == []

@@ -41,20 +41,3 @@ def test_backoff_doubles_up_to_the_cap_with_jitter():
     delays = [j.next() for _ in range(6)]
     for delay, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
         assert ceiling / 2 <= delay <= ceiling
-
-
-def test_driver_root_is_used_when_mounted(tmp_path):
-    import threading
-
-    from vgpu_dm.k8s.reconcile import Reconciler
-    from vgpu_dm.k8s.settings import Settings
-
-    def tools(**kw):
-        settings = Settings(node_name="n", namespace="ns", config_file="f", default_config="d", **kw)
-        return Reconciler(settings, kube=None, metrics=None, stop=threading.Event()).tools()
-
-    mounted = tmp_path / "driver-root"
-    mounted.mkdir()
-    assert tools(driver_root=str(mounted)).driver_root == str(mounted)
-    assert tools(driver_root=str(tmp_path / "absent")).driver_root is None  # host root
-    assert tools(driver_root=str(mounted), sim=str(tmp_path)).driver_root is None  # the simulator

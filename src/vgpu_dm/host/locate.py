@@ -61,9 +61,10 @@ class Location(NamedTuple):
         return " and ".join(f"the {kind} {where}" for kind, where in self.looked)
 
     def describe(self) -> str:
+        name = os.path.basename(self.name)
         if not self.found:
-            return f"{self.name}: not found (looked in {self.places()})"
-        return f"{self.name}: {self.kind} {self.root} ({self.path})"
+            return f"{name}: not found (looked for {self.name} in {self.places()})"
+        return f"{name}: {self.kind} {self.root} ({self.path})"
 
 
 def find_nvml(root: str) -> str | None:

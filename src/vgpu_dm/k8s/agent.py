@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vgpu_dm import log
@@ -77,6 +78,7 @@ class Agent:
             self.stop_event,
             on_retry=lambda what, why: self.metrics.api_retries.inc(),
             timing=api_timing,
+            on_event_lost=lambda why: self.metrics.events_not_recorded.labels(why).inc(),
         )
         self.view = NodeView()
         self.watcher = NodeWatcher(
@@ -88,6 +90,9 @@ class Agent:
         )
         self.reconciler = Reconciler(settings, self.kube, self.metrics, self.stop_event, pre_apply)
         self.ready = threading.Event()  # the first reconcile is done
+        self.finished = threading.Event()  # the worker has ended
+        # Called (from the worker thread) when it ends, e.g. to wake a main thread that waits for it.
+        self.on_finished: Callable[[], None] = lambda: None
         self.server: HealthServer | None = None
         self._threads: list[threading.Thread] = []
         # The latest reconciles, oldest first (for tests and debugging); bounded, as the agent runs for
@@ -97,6 +102,7 @@ class Agent:
     # -- life cycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.log_driver_files()
         if self.settings.metrics_address:
             self.server = HealthServer(
                 self.settings.metrics_address, self.metrics, self.healthy, self.ready.is_set
@@ -109,6 +115,17 @@ class Agent:
             thread = threading.Thread(target=target, name=f"vgpu-dm-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def log_driver_files(self) -> None:
+        """Say which root serves nvidia-smi, sriov-manage and NVML (each looked for in the driver root,
+        then the host root)."""
+        try:
+            lines = self.reconciler.driver_files()
+        except Exception as exc:  # the host is read again at every reconcile, which reports it
+            _log.warning(f"cannot look for the driver's files: {describe(exc)}")
+            return
+        for found, line in lines:
+            (_log.info if found else _log.warning)(f"driver files: {line}")
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (SIGTERM): a running apply finishes or rolls back its current GPU,
@@ -138,6 +155,13 @@ class Agent:
     # -- the worker ------------------------------------------------------------------------------------
 
     def _work(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.finished.set()
+            self.on_finished()
+
+    def _loop(self) -> None:
         handled: str | None = None  # the value the last reconcile was for
         retry: _Retry | None = None
         backoff = Backoff(self.settings.retry_initial, self.settings.retry_max)

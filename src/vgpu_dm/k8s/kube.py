@@ -1,8 +1,17 @@
 """The agent's Kubernetes API calls: lightkube for requests, our own streaming for watches.
 
 Every call goes through ``Kube.call``, which retries 409, 429, 5xx and transport errors with jittered
-exponential backoff and gives up only when told to stop (or at a deadline). Label changes are JSON
-merge patches of ``metadata.labels`` only, so other controllers' labels are never overwritten.
+exponential backoff and gives up only when told to stop (or at a deadline).
+
+Label changes are JSON merge patches of ``metadata.labels`` where RBAC allows ``patch``. The GPU
+Operator grants ``nodes: update`` but not ``patch`` (reference/gpu-operator.md §1): on a 403 for a patch
+the agent switches, for the life of the process, to GET + PUT of the Node with its resourceVersion,
+changing only its own labels, and on 409 (another writer came in between) starts again from the fresh
+object. The PUT sends back the JSON the server gave, not a typed model: lightkube's models drop fields
+they do not know, and a PUT without them would erase a newer server's Node fields.
+
+Events are optional: the operator's RBAC does not grant them. A 403 on Event creation is said once, at
+info, and no Event is attempted again; every Event not recorded is counted.
 
 Watches are read here, not through lightkube's ``Client.watch``: that one silently re-opens a stream
 that ends without an error, which turns a proxy that drops streams at once into a request storm, and
@@ -38,6 +47,10 @@ from vgpu_dm.nodeconfig import load_kubeconfig
 
 COMPONENT = "nvidia-k8s-vgpu-dm"
 T = TypeVar("T")
+PATCH, UPDATE = "patch", "update"  # how node labels are written
+# GET + PUT rounds tried at once when another writer keeps changing the Node in between; then the 409
+# goes to Kube.call's backoff.
+CONFLICT_TRIES = 5
 _log = log.get("k8s")
 
 
@@ -102,12 +115,17 @@ class Kube:
         stop: threading.Event,
         on_retry: Callable[[str, str], None] | None = None,
         timing: ApiTiming | None = None,
+        on_event_lost: Callable[[str], None] | None = None,
     ):
         self.node = node
         self.namespace = namespace
         self.stop = stop
         self.timing = timing or ApiTiming()
         self.on_retry = on_retry or (lambda what, why: None)
+        self.on_event_lost = on_event_lost or (lambda why: None)
+        self.label_mode: str | None = None  # PATCH or UPDATE once the first label write said which
+        self.events_forbidden = False
+        self._mode_lock = threading.Lock()
         timeout = httpx2.Timeout(self.timing.request_timeout)
         self.client = Client(config, trust_env=False, timeout=timeout, field_manager=COMPONENT)
         # Watches: same server, TLS and credentials; no read timeout of their own (see ``stream``).
@@ -173,17 +191,81 @@ class Kube:
         return self.call(f"get node {self.node}", once, **kw)
 
     def patch_labels(self, labels: Mapping[str, str | None], **kw: Any) -> dict[str, str]:
-        """JSON merge patch of ``metadata.labels`` only (None removes a label); returns the new labels."""
-
-        def once() -> dict[str, str]:
-            node = self.client.patch(
-                Node, self.node, {"metadata": {"labels": dict(labels)}}, patch_type=PatchType.MERGE
-            )
-            return dict(node.metadata.labels or {})
-
+        """Set (None: remove) these labels of the node and no others; returns the node's labels after.
+        A JSON merge patch, or GET + update once the server refused a patch (see the module doc)."""
         shown = ", ".join(f"{k}={v}" for k, v in labels.items())
-        _log.debug(f"patch node {self.node} labels: {shown}")
-        return self.call(f"patch labels of node {self.node} ({shown})", once, **kw)
+        what = f"set labels of node {self.node} ({shown})"
+        if self.label_mode != UPDATE:
+            _log.debug(f"patch node {self.node} labels: {shown}")
+            try:
+                result = self.call(what, lambda: self._merge_patch(labels), **kw)
+            except ApiError as exc:
+                if status_code(exc) != 403:
+                    raise
+                self._use_mode(UPDATE, f"the API server refused to patch node {self.node} ({describe(exc)})")
+            else:
+                self._use_mode(PATCH)
+                return result
+        _log.debug(f"update node {self.node} labels: {shown}")
+        return self.call(what, lambda: self._update_labels(labels), **kw)
+
+    def _use_mode(self, mode: str, why: str = "") -> None:
+        """Remember how labels are written; say it once, at info."""
+        with self._mode_lock:
+            if self.label_mode == mode or self.label_mode == UPDATE:
+                return
+            self.label_mode = mode
+        if mode == PATCH:
+            _log.info(f"node labels are written by JSON merge patch of node {self.node}'s metadata.labels")
+        else:
+            _log.info(
+                f"{why}: node labels are written by GET + update of node {self.node} with its "
+                f"resourceVersion from now on (RBAC grants nodes 'update' but not 'patch', as the GPU "
+                f"Operator's does); only this agent's labels are changed"
+            )
+
+    def _merge_patch(self, labels: Mapping[str, str | None]) -> dict[str, str]:
+        node = self.client.patch(
+            Node, self.node, {"metadata": {"labels": dict(labels)}}, patch_type=PatchType.MERGE
+        )
+        return dict(node.metadata.labels or {})
+
+    def _request(self, method: str, path: str, **kw: Any) -> dict:
+        """One plain JSON request with the agent's credentials; ApiError on an API error."""
+        resp = self._http.request(method, path, **kw)
+        if resp.status_code >= 400:
+            if "json" in resp.headers.get("content-type", ""):
+                raise ApiError(request=resp.request, response=resp)
+            resp.raise_for_status()
+        return resp.json()
+
+    def _update_labels(self, labels: Mapping[str, str | None]) -> dict[str, str]:
+        """GET the node, change only ``labels`` in it, PUT it back with its resourceVersion; a 409 means
+        someone wrote in between: start again from the fresh object (their change kept)."""
+        path = f"/api/v1/nodes/{self.node}"
+        for attempt in range(1, CONFLICT_TRIES + 1):
+            node = self._request("GET", path)
+            meta = node.setdefault("metadata", {})
+            self.node_uid = meta.get("uid", self.node_uid)
+            current = dict(meta.get("labels") or {})
+            wanted = dict(current)
+            for key, value in labels.items():
+                if value is None:
+                    wanted.pop(key, None)
+                else:
+                    wanted[key] = value
+            if wanted == current:
+                return current
+            meta["labels"] = wanted
+            try:
+                updated = self._request("PUT", path, json=node, params={"fieldManager": COMPONENT})
+            except ApiError as exc:
+                if status_code(exc) != 409 or attempt == CONFLICT_TRIES:
+                    raise
+                _log.debug(f"update of node {self.node}: {describe(exc)}; again from the fresh node")
+                continue
+            return dict((updated.get("metadata") or {}).get("labels") or {})
+        raise AssertionError("unreachable")
 
     # -- events ----------------------------------------------------------------------------------------
 
@@ -208,11 +290,26 @@ class Kube:
             lastTimestamp=now,
             count=1,
         )
+        if self.events_forbidden:
+            self.on_event_lost("forbidden")
+            _log.debug(f"event {reason} not recorded (Events are not allowed): {message}")
+            return
         try:
             self.call(f"create event {reason}", lambda: self.client.create(event), **kw)
         except Stopped:
             raise
         except Exception as exc:  # an Event is best effort; the state label is the contract
+            if status_code(exc) == 403:
+                self.events_forbidden = True
+                self.on_event_lost("forbidden")
+                _log.info(
+                    f"Events are not recorded: creating one in namespace {self.namespace} was refused "
+                    f"({describe(exc)}); the state label nvidia.com/vgpu.config.state and this log tell "
+                    f"the outcome (the GPU Operator's RBAC grants no Events); counted in "
+                    f"vgpu_dm_events_not_recorded_total"
+                )
+                return
+            self.on_event_lost("failed")
             _log.warning(f"could not record event {reason} on node {self.node}: {describe(exc)}")
 
     # -- watches ---------------------------------------------------------------------------------------

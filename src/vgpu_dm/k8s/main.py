@@ -1,12 +1,18 @@
-"""``nvidia-k8s-vgpu-dm``: flags and environment (upstream names), start-up checks, signal handling.
+"""``nvidia-k8s-vgpu-dm``: flags and environment (upstream names and spellings, k8s/flags.py), start-up
+checks, signal handling.
 
 Exit codes: 0 after SIGTERM/SIGINT (operands restored), 1 when it cannot start (kubeconfig, metrics
-port), 2 for a usage error (a missing required flag, a bad value).
+port), 2 for a usage error (a missing required flag, a bad value, the ``k8s`` extra not installed).
+
+Idle, the process sleeps: the main thread blocks in ``select`` on a pipe that a signal (through
+``signal.set_wakeup_fd``, whichever thread the kernel hands it to) or the worker's end writes to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import sys
 
@@ -49,7 +55,9 @@ def _env(name: str) -> str:
 )
 @click.option(
     "-ns",
+    "--ns",
     "--namespace",
+    "namespace",
     envvar="NAMESPACE",
     required=True,
     metavar="NS",
@@ -94,8 +102,18 @@ def _env(name: str) -> str:
     default=S.DEFAULT_DRIVER_ROOT,
     show_default=True,
     metavar="DIR",
-    help="Where the driver root (nvidia-smi, sriov-manage) is mounted; when it does not exist, the "
-    "programs are looked for in the host root." + _env("DRIVER_ROOT_CTR_PATH"),
+    help="Where the driver root is mounted. nvidia-smi, sriov-manage and libnvidia-ml.so.1 are each "
+    "looked for here first, then in the host root (under the GPU Operator this directory exists but is "
+    "empty when the vGPU manager is installed on the host)." + _env("DRIVER_ROOT_CTR_PATH"),
+)
+@click.option(
+    "--driver-install-dir",
+    envvar="DRIVER_INSTALL_DIR",
+    metavar="DIR",
+    help="The driver root's path on the host (default: the GPU Operator's /run/nvidia/driver, checked to "
+    "be the same files). sriov-manage from the driver root runs there, in the host root, because the "
+    "driver container's root has no /sys. Set it when ClusterPolicy hostPaths.driverInstallDir is changed."
+    + _env("DRIVER_INSTALL_DIR"),
 )
 @click.option(
     "-o",
@@ -113,7 +131,8 @@ def _env(name: str) -> str:
     default=S.DEFAULT_KUBELET_SERVICE,
     show_default=True,
     metavar="UNIT",
-    help="MIG: the kubelet's systemd unit." + _env("HOST_KUBELET_SYSTEMD_SERVICE"),
+    help="MIG: the kubelet's systemd unit; with -w it is stopped (after the GPU clients) around a MIG "
+    "mode change and started again (before them)." + _env("HOST_KUBELET_SYSTEMD_SERVICE"),
 )
 @click.option(
     "-g",
@@ -125,17 +144,29 @@ def _env(name: str) -> str:
 )
 @click.option(
     "-r",
-    "--with-reboot",
+    "--with-reboot/--no-with-reboot",
     envvar="WITH_REBOOT",
-    is_flag=True,
-    help="MIG: reboot the node when a MIG mode change needs it." + _env("WITH_REBOOT"),
+    default=False,
+    help="MIG: reboot the node when a MIG mode change needs it (also --with-reboot=true|false)."
+    + _env("WITH_REBOOT"),
 )
 @click.option(
     "-w",
-    "--with-shutdown-host-gpu-clients",
+    "--with-shutdown-host-gpu-clients/--no-with-shutdown-host-gpu-clients",
     envvar="WITH_SHUTDOWN_HOST_GPU_CLIENTS",
-    is_flag=True,
-    help="MIG: stop the host GPU clients around a MIG change." + _env("WITH_SHUTDOWN_HOST_GPU_CLIENTS"),
+    default=False,
+    help="MIG: stop the running units of --gpu-clients-file (and the kubelet, -k, when the MIG mode "
+    "changes) around a MIG change, and always start them again." + _env("WITH_SHUTDOWN_HOST_GPU_CLIENTS"),
+)
+@click.option(
+    "--gpu-clients-settle",
+    envvar="VGPU_DM_GPU_CLIENTS_SETTLE",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="MIG: wait this long after stopping host units before a MIG mode change (upstream's 30 s)."
+    + _env("VGPU_DM_GPU_CLIENTS_SETTLE"),
 )
 @click.option(
     "--metrics-address",
@@ -212,12 +243,32 @@ def _env(name: str) -> str:
 def command(**opts) -> None:
     """Make this Kubernetes node's NVIDIA vGPU devices follow its nvidia.com/vgpu.config label.
 
-    Reports progress in nvidia.com/vgpu.config.state (pending, success, failed) and in Events on the
-    Node; pauses the GPU Operator's sandbox device plugin and validator while it changes vGPUs.
+    Reports progress in nvidia.com/vgpu.config.state (pending, success, failed, and rebooting while a
+    MIG mode change reboots the node with --with-reboot) and in Events on the Node where RBAC allows
+    them; pauses the GPU Operator's sandbox device plugin and validator while it changes vGPUs.
+
+    Flags may be spelled as upstream's: one dash or two (-node-name, --ns), -flag=value, and
+    booleans as --with-reboot=true|false.
     """
+    _require_k8s_extra()
     log.setup(debug=opts["debug"], fmt=opts["log_format"])
     settings = _settings(opts)
     run(settings)
+
+
+K8S_EXTRA_MODULES = ("lightkube", "prometheus_client")
+
+
+def _require_k8s_extra() -> None:
+    """The agent's libraries come with the ``k8s`` extra; without them say so in one line, exit 2."""
+    for module in K8S_EXTRA_MODULES:
+        try:
+            __import__(module)
+        except ImportError:
+            raise click.UsageError(
+                f"the Kubernetes agent needs the 'k8s' extra (module {module} is missing): "
+                f"pip install 'vgpu-device-manager[k8s]'"
+            ) from None
 
 
 def _settings(o: dict) -> S.Settings:
@@ -241,6 +292,13 @@ def _settings(o: dict) -> S.Settings:
             read_hooks_file(o["hooks_file"])
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--hooks-file") from None
+    from vgpu_dm.mig.node import valid_unit
+
+    if not valid_unit(o["host_kubelet_systemd_service"]):
+        raise click.BadParameter(
+            f"{o['host_kubelet_systemd_service']!r} is not a systemd unit name (e.g. kubelet.service)",
+            param_hint="--host-kubelet-systemd-service",
+        )
     if o["metrics_address"]:
         from vgpu_dm.k8s.metrics import parse_address
 
@@ -268,11 +326,13 @@ def _settings(o: dict) -> S.Settings:
         host_root=o["host_root_mount"],
         sim=o["sim"] or None,
         driver_root=o["driver_root_ctr_path"],
+        driver_install_dir=o["driver_install_dir"] or None,
         host_mig_manager_state_file=o["host_mig_manager_state_file"],
         host_kubelet_systemd_service=o["host_kubelet_systemd_service"],
         gpu_clients_file=o["gpu_clients_file"] or None,
         with_reboot=o["with_reboot"],
         with_shutdown_host_gpu_clients=o["with_shutdown_host_gpu_clients"],
+        gpu_clients_settle=o["gpu_clients_settle"],
         metrics_address=o["metrics_address"] or None,
         operand_timeout=o["operand_timeout"],
         retry_initial=o["retry_backoff"],
@@ -305,14 +365,25 @@ def run(settings: S.Settings) -> None:
         _log.error(f"cannot load Kubernetes credentials from {where}: {exc}")
         raise Failure(EXIT_FAILED) from None
     agent = Agent(settings, config)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
 
     def on_signal(signum: int, _frame) -> None:
         _log.info(f"received {signal.Signals(signum).name}: finishing the current step, then stopping")
         agent.request_stop()
 
-    # Before the threads start: a SIGTERM from the first moment on gets the clean shutdown.
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe has wake-ups enough
+            os.write(wake_w, b"\0")
+
+    # Before the threads start: a SIGTERM from the first moment on gets the clean shutdown. The
+    # handler runs in this thread; the wakeup fd makes sure this thread wakes for it even when the
+    # kernel hands the signal to another thread (then only a flag is set there).
+    signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    agent.on_finished = wake
     try:
         agent.start()
     except OSError as exc:
@@ -322,13 +393,23 @@ def run(settings: S.Settings) -> None:
         f"nvidia-k8s-vgpu-dm {__version__} watching node {settings.node_name} "
         f"(default config {settings.default_config!r}, file {settings.config_file})"
     )
-    while not agent.join(timeout=0.5):
-        pass
+    while not agent.finished.is_set():
+        select.select([wake_r], [], [])  # no timeout: nothing to do until a signal or the worker's end
+        with contextlib.suppress(BlockingIOError):
+            while os.read(wake_r, 512):
+                pass
+    agent.join()
+    signal.set_wakeup_fd(-1)
+    os.close(wake_r)
+    os.close(wake_w)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vgpu_dm.k8s.flags import upstream_argv
+
     try:
-        command.main(args=argv, prog_name="nvidia-k8s-vgpu-dm", standalone_mode=False)
+        args = upstream_argv(sys.argv[1:] if argv is None else list(argv), command)
+        command.main(args=args, prog_name="nvidia-k8s-vgpu-dm", standalone_mode=False)
     except Failure as exc:
         return exc.code
     except click.exceptions.Exit as exc:

@@ -1,9 +1,16 @@
 """Prometheus metrics of the agent and its HTTP endpoint: ``/metrics``, ``/healthz`` (the loops are
 alive) and ``/readyz`` (the first reconcile is done). prometheus-client is imported only here, and only
-the agent imports this module."""
+the agent imports this module.
+
+Every counter is exported from the start, with each of its label values at 0, so that a query or an
+alert sees the series before the first event (``increase()`` misses a series' first increment).
+The HTTP server sleeps in ``select`` until a request or a stop comes: an idle agent never wakes up.
+"""
 
 from __future__ import annotations
 
+import os
+import selectors
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +29,11 @@ from vgpu_dm.k8s.labels import STATES
 
 _log = log.get("k8s")
 
+# Label values of the counters, all exported from the start.
+APPLY_RESULTS = ("success", "unchanged", "failed", "interrupted", "rebooting")
+WATCH_RESTART_REASONS = ("gone", "dropped", "error")
+EVENT_LOSS_REASONS = ("forbidden", "failed")
+
 
 class Metrics:
     """One registry per agent (tests run several agents in one process)."""
@@ -37,7 +49,8 @@ class Metrics:
         )
         self.applies = Counter(
             "vgpu_dm_applies_total",
-            "Reconciles of the node's vGPU config by result (success, failed, interrupted, unchanged).",
+            "Reconciles of the node's vGPU config by result (success, unchanged, failed, interrupted, "
+            "rebooting).",
             ["result"],
             registry=r,
         )
@@ -63,6 +76,13 @@ class Metrics:
             "Kubernetes API requests retried (409, 429, 5xx, transport errors).",
             registry=r,
         )
+        self.events_not_recorded = Counter(
+            "vgpu_dm_events_not_recorded_total",
+            "Events the agent did not record, by reason (forbidden = RBAC grants no Events, as the GPU "
+            "Operator's; failed = the API call failed).",
+            ["reason"],
+            registry=r,
+        )
         self.last_success = Gauge(
             "vgpu_dm_last_success_timestamp_seconds",
             "Unix time of the last reconcile that ended in state success.",
@@ -70,6 +90,13 @@ class Metrics:
         )
         for state in STATES:
             self.state.labels(state).set(0)
+        for counter, values in (
+            (self.applies, APPLY_RESULTS),
+            (self.watch_restarts, WATCH_RESTART_REASONS),
+            (self.events_not_recorded, EVENT_LOSS_REASONS),
+        ):
+            for value in values:
+                counter.labels(value)  # the series exists, at 0
 
     def set_state(self, state: str) -> None:
         for known in STATES:
@@ -125,7 +152,10 @@ class HealthServer:
         self.ready = ready
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        # handle_request() after select said "readable": it must not wait again.
+        self.server.timeout = 0
+        self._wake_r, self._wake_w = os.pipe()
+        self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
 
     @property
     def port(self) -> int:
@@ -134,6 +164,21 @@ class HealthServer:
     def start(self) -> None:
         self.thread.start()
 
+    def _serve(self) -> None:
+        """Block until a connection or stop() (socketserver's serve_forever wakes every 0.5 s instead)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.server, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self._wake_r in ready:
+                    return
+                self.server.handle_request()
+
     def stop(self) -> None:
-        self.server.shutdown()
+        os.write(self._wake_w, b"x")
+        if self.thread.is_alive():
+            self.thread.join(5)
         self.server.server_close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

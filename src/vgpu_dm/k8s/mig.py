@@ -98,11 +98,14 @@ def mode_pending(entries, name: str, host: HostRoot, tools: HostTools, source: s
     ]
 
 
-def stop_clients(host: HostRoot, path: str | None) -> list[str]:
-    if not path:
-        return []
-    try:
-        units = load_gpu_clients(path)
-    except GpuClientsError as exc:
-        raise HostError(str(exc)) from None
+def stop_clients(host: HostRoot, path: str | None, also: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Stop the running units of the GPU clients file, then those of ``also`` (the kubelet around a MIG
+    mode change, as upstream appends it last); returns those stopped, in order."""
+    units: list[str] = []
+    if path:
+        try:
+            units = load_gpu_clients(path)
+        except GpuClientsError as exc:
+            raise HostError(str(exc)) from None
+    units += [u for u in also if u not in units]
     return node.stop_clients(host, units)

@@ -12,7 +12,7 @@ and a host reboot with --with-reboot (never twice for one change), else in ``fai
 
 from __future__ import annotations
 
-import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +22,7 @@ from vgpu_dm import journal, log
 from vgpu_dm.apply import ApplyOptions, apply_config, summary
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, ConfigError, HostError, PlanError, VgpuDmError
 from vgpu_dm.host.inventory import HostTools, Inventory
+from vgpu_dm.host.programs import Programs
 from vgpu_dm.host.root import HostRoot, open_host
 from vgpu_dm.k8s import labels as L
 from vgpu_dm.k8s.kube import Kube, Stopped, describe
@@ -118,13 +119,19 @@ class Reconciler:
         return open_host(self.settings.host_root, self.settings.sim)
 
     def tools(self) -> HostTools:
-        """The driver's programs (nvidia-smi, sriov-manage) run chrooted into --driver-root-ctr-path
-        when that directory is mounted (a containerised driver), else in the host root (a driver
-        installed on the host). The simulator answers for them itself."""
-        root = self.settings.driver_root
-        if self.settings.sim or not root or not os.path.isdir(root):
-            return HostTools()
-        return HostTools(driver_root=root)
+        """The driver's files are looked for in --driver-root-ctr-path first, then in the host root,
+        each on its own (host/locate.py): under the GPU Operator that directory always exists, and is
+        empty on a node whose vGPU manager is installed on the host. A simulated host is no different."""
+        s = self.settings
+        return HostTools(driver_root=s.driver_root or None, driver_root_on_host=s.driver_install_dir)
+
+    def driver_files(self) -> list[tuple[bool, str]]:
+        """(found, line) per driver file — nvidia-smi, sriov-manage, libnvidia-ml.so.1 — saying which
+        root serves it (logged at start)."""
+        from vgpu_dm.host.programs import Programs
+
+        lines = Programs(self.host(), self.tools()).report()
+        return [(": not found" not in line, line) for line in lines]
 
     # -- the flow --------------------------------------------------------------------------------------
 
@@ -160,8 +167,7 @@ class Reconciler:
             mig = mig_change(entries, name, inventory, source)
             plan = None if mig else build_plan(entries, inventory, source, force=False)
         except PlanError as exc:
-            reason, transient = refusal(exc.problems)
-            return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=transient)
+            return _plan_failed(name, exc)
         except (OSError, HostError, ValueError) as exc:
             return Outcome(FAILED, "HostError", f"reading the host: {_first_lines(describe_host(exc))}", True)
         if plan is not None and plan.is_noop and interrupted_run is None:
@@ -218,9 +224,7 @@ class Reconciler:
             finally:
                 self.metrics.apply_duration.observe(time.monotonic() - started)
                 # Always, whatever the apply did (also before a reboot: harmless, and in order).
-                for problem in mig_node.start_clients(change.host, change.stopped_clients):
-                    _log.error(problem)
-                    change.notes.append(problem)
+                self._start_host_clients(change)
         except Stopped:
             return Outcome(
                 INTERRUPTED,
@@ -230,8 +234,7 @@ class Reconciler:
         except ApplyInterrupted as exc:
             return Outcome(INTERRUPTED, "VGPUConfigInterrupted", f"config {name!r}: {_first_lines(str(exc))}")
         except PlanError as exc:
-            reason, transient = refusal(exc.problems)
-            return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=transient)
+            return _plan_failed(name, exc)
         except ConfigError as exc:
             return Outcome(FAILED, "InvalidVGPUConfig", f"config {name!r}: {_first_lines(str(exc))}")
         except MigModePending as exc:
@@ -276,22 +279,23 @@ class Reconciler:
         s, name = self.settings, change.config_name
         mig = change.mig
         assert mig is not None
-        nvml = mig_node.find_nvml(s.driver_root)
+        found = Programs(change.host, change.tools).nvml  # driver root first, then host root
+        nvml = found.path
         if nvml is None:
             where = ", ".join(mig_node.NVML_DIRS)
             if mig.wants_mig:
                 return Outcome(
                     FAILED,
                     "MIGNotAvailable",
-                    f"config {name!r} has MIG-backed vGPU types, but {mig_node.NVML} is not under the "
-                    f"driver root {s.driver_root} (looked in {where}): mount the driver root there or "
+                    f"config {name!r} has MIG-backed vGPU types, but {mig_node.NVML} is not under "
+                    f"{found.places()} (looked in {where} of each): mount the driver root there or "
                     f"set --driver-root-ctr-path",
                 )
             # As upstream: no NVML, no MIG step; MIG mode is left as it is.
-            _log.warning(f"{mig_node.NVML} not under {s.driver_root}: MIG mode left as it is")
+            _log.warning(f"{mig_node.NVML} not under {found.places()}: MIG mode left as it is")
             change.skip_mig = True
             return None
-        _log.info(f"MIG step: {mig_node.NVML} found at {nvml}")
+        _log.info(f"MIG step: {mig_node.NVML} found at {nvml} ({found.kind})")
         if change.prior_state == L.REBOOTING:
             pending = mode_pending(change.entries, name, change.host, change.tools, change.source)
             if pending:
@@ -305,12 +309,33 @@ class Reconciler:
         if mig_node.persist_selected_config(change.host, s.host_mig_manager_state_file, name):
             _log.info(f"host nvidia-mig-manager now selects {name!r} ({s.host_mig_manager_state_file})")
         if s.with_shutdown_host_gpu_clients:
-            change.stopped_clients = stop_gpu_clients(change.host, s.gpu_clients_file)
-            if change.stopped_clients:
-                change.notes.append(
-                    f"host GPU clients stopped and started again: {', '.join(change.stopped_clients)}"
-                )
+            self._stop_host_clients(change)
         return None
+
+    def _stop_host_clients(self, change: Change) -> None:
+        """-w: stop the running units of --gpu-clients-file and, when a MIG mode changes, the kubelet
+        (-k) last; as upstream, then wait --gpu-clients-settle seconds before a mode change. _change
+        starts whatever was stopped again, in reverse order, whatever happens next."""
+        s = change.settings
+        pending = mode_pending(change.entries, change.config_name, change.host, change.tools, change.source)
+        mode_change = bool(pending)
+        also = [s.host_kubelet_systemd_service] if mode_change else []
+        change.stopped_clients = stop_gpu_clients(change.host, s.gpu_clients_file, also)
+        if change.stopped_clients:
+            change.notes.append(
+                f"host GPU clients stopped and started again: {', '.join(change.stopped_clients)}"
+            )
+        if mode_change and change.stopped_clients and s.gpu_clients_settle > 0:
+            _log.info(f"waiting {s.gpu_clients_settle:g} s for the stopped host services to settle")
+            if self.stop.wait(s.gpu_clients_settle):
+                self._start_host_clients(change)
+                raise Stopped("waiting for the stopped host services to settle")
+
+    def _start_host_clients(self, change: Change) -> None:
+        for problem in mig_node.start_clients(change.host, change.stopped_clients):
+            _log.error(problem)
+            change.notes.append(problem)
+        change.stopped_clients = []
 
     def _reboot(self, change: Change, exc: MigModePending) -> Outcome:
         """State ``rebooting``, an Event, then ``chroot <host> reboot``; the label is the memory that
@@ -379,12 +404,39 @@ class Reconciler:
                     self.metrics.last_success.set_to_current_time()
             except Exception as exc:
                 _log.error(f"could not set {L.STATE_LABEL}={outcome.state}: {describe(exc)}")
+        if outcome.result == UNCHANGED:
+            # Nothing happened: an Event would be an API write and etcd storage on every node for
+            # every no-op reconcile (each start, each label set to the value it already has).
+            return
         self.kube.event(
             outcome.reason,
             outcome.message,
             warning=outcome.result in (FAILED, INTERRUPTED),
             ignore_stop=True,
         )
+
+
+# The CLI's advice at the end of an in-use problem ("...: stop the VM first, or pass --force"): the agent
+# has no --force, so its Event says what the operator can do instead.
+_CLI_ADVICE = re.compile(r":\s*stop the VM first(?:, or pass --force)?\s*$")
+IN_USE_ADVICE = (
+    "the agent never removes a vGPU that a VM is using: stop the VM or migrate it off this node, and "
+    "the agent retries by itself; or remove the vGPU on the host with 'nvidia-vgpu-dm apply --force' "
+    "(the VM loses it)"
+)
+
+
+def _plan_failed(name: str, exc: PlanError) -> Outcome:
+    reason, transient = refusal(exc.problems)
+    if reason != "VGPUDeviceInUse":
+        return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=transient)
+    problems = "\n".join(_CLI_ADVICE.sub("", p) for p in exc.problems)
+    return Outcome(
+        FAILED,
+        "VGPUDeviceInUse",
+        f"config {name!r} not applied: {_first_lines(problems)}. {IN_USE_ADVICE}",
+        transient=True,
+    )
 
 
 def describe_host(exc: BaseException) -> str:

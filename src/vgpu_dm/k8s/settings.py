@@ -21,11 +21,15 @@ class Settings:
     host_root: str = DEFAULT_HOST_ROOT
     sim: str | None = None
     driver_root: str = DEFAULT_DRIVER_ROOT
+    # The driver root's path on the host, when it is not the GPU Operator's /run/nvidia/driver (a
+    # driver root outside the host root, e.g. /driver-root, needs it to run sriov-manage in the host).
+    driver_install_dir: str | None = None
     host_mig_manager_state_file: str = DEFAULT_MIG_MANAGER_STATE_FILE
     host_kubelet_systemd_service: str = DEFAULT_KUBELET_SERVICE
     gpu_clients_file: str | None = None
     with_reboot: bool = False
     with_shutdown_host_gpu_clients: bool = False
+    gpu_clients_settle: float = 30.0  # wait after stopping them, before a MIG mode change (upstream's)
     metrics_address: str | None = DEFAULT_METRICS_ADDRESS  # None or "": no metrics endpoint
     operand_timeout: float = 120.0
     retry_initial: float = 30.0  # backoff of apply retries after a transient failure

@@ -1,6 +1,8 @@
 """The host's systemd and ``reboot`` on a simulated host, for the agent's MIG step: units are active or
 inactive, ``systemctl is-active --quiet/stop/start/daemon-reload`` act on them, ``reboot`` runs a
-simulated reboot. Every call is recorded so tests can see what the tool ran.
+simulated reboot. Every call is recorded so tests can see what the tool ran, and when: with each call,
+the GPUs' MIG modes at that moment (``modes_at``), e.g. to see that units were stopped around a MIG mode
+change.
 """
 
 from __future__ import annotations
@@ -38,9 +40,18 @@ def calls(root: str | Path) -> list[list[str]]:
     return load(root)["calls"]
 
 
+def modes_at(root: str | Path) -> list[list[bool]]:
+    """The GPUs' MIG modes (PCI order) at each recorded call, aligned with ``calls``."""
+    return load(root).get("mig_modes", [])
+
+
 def run(base: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    from vgpu_dm.sim.layout import SimState
+
     data = load(base)
     data["calls"].append(list(argv))
+    gpus = sorted(SimState.load(base).gpus, key=lambda g: g.address)
+    data.setdefault("mig_modes", []).append([bool(g.mig_mode) for g in gpus])
     program, args = Path(argv[0]).name, argv[1:]
     code, out = 0, ""
     if program == "reboot":
