@@ -188,12 +188,17 @@ def test_vm_holding_a_vgpu_is_retried_until_released(
         pid = held.out.split()[1]
         set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "T4-16Q"})
         wait_for(state_is(admin_client, k8s_node, L.FAILED), what="state failed")
-        wait_for(  # the Event follows the state label
-            lambda: any(
-                e.reason == "VGPUDeviceInUse" for e in node_events(admin_client, k8s_namespace, k8s_node)
-            ),
+        in_use = wait_for(  # the Event follows the state label
+            lambda: [
+                e for e in node_events(admin_client, k8s_namespace, k8s_node) if e.reason == "VGPUDeviceInUse"
+            ],
             what="a VGPUDeviceInUse Event",
-        )
+        )[0]
+        # What the operator can do; not the CLI's "or pass --force", which the agent does not have.
+        assert f"is in use by pid {pid}" in in_use.message
+        assert "stop the VM or migrate it" in in_use.message and "retries by itself" in in_use.message
+        assert "'nvidia-vgpu-dm apply --force' on the host" in in_use.message
+        assert "or pass --force" not in in_use.message
         wait_for(lambda: agent.metrics.apply_retries._value.get() >= 2, what="two retries")
         assert uuid in [d[2] for d in snapshot(sim.root)]  # never destroyed while held
         assert cli("sim", "release", str(sim.root), pid).code == 0
@@ -326,3 +331,23 @@ def test_sigterm_mid_apply_rolls_back_restores_operands_and_exits_0(
     event = node_events(admin_client, k8s_namespace, k8s_node)[-1]
     assert (event.reason, event.type) == ("VGPUConfigInterrupted", "Warning")
     print(f"\nSIGTERM mid-apply → exit 0 after {took:.2f} s (rolled back, operands restored)")
+
+
+def test_no_event_when_nothing_changed(apiserver, admin_client, k8s_node, k8s_namespace, stage, sim, workdir):
+    """An Event is an API write and etcd storage: recorded for a change or a failure, not for a
+    reconcile that found the host as it should be (an agent restart, a config with the same layout)."""
+    same = (
+        sim.config.read_text() + '  same-as-default:\n    - devices: all\n      vgpu-devices: {"T4-8Q": 2}\n'
+    )
+    sim.config.write_text(same)
+    settings = settings_for(k8s_node, k8s_namespace, sim)
+    with running_agent(apiserver.admin_kubeconfig, settings) as agent:
+        wait_for(done(agent, "default"), what="default applied")
+    with running_agent(apiserver.admin_kubeconfig, settings) as agent:  # restarted: nothing to do
+        wait_for(done(agent, "default"), what="default found applied")
+        set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "same-as-default"})
+        wait_for(done(agent, "same-as-default"), what="same layout found applied")
+        results = [o.result for _, o in agent.reconciled]
+        unchanged = agent.metrics.applies.labels("unchanged")._value.get()
+    assert results == ["unchanged", "unchanged"] and unchanged == 2
+    assert [e.reason for e in node_events(admin_client, k8s_namespace, k8s_node)] == ["VGPUConfigApplied"]

@@ -145,3 +145,141 @@ def test_cli_assert_never_imports_the_agent_libraries(sim):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "1 []", out.stdout + out.stderr
+
+
+# -- upstream's spellings (urfave/cli on Go's flag package) ------------------------------------------
+
+
+def parsed(argv: list[str]) -> dict:
+    """The option values click ends up with for ``argv`` after the upstream spellings are rewritten."""
+    from vgpu_dm.k8s.flags import upstream_argv
+    from vgpu_dm.k8s.main import command
+
+    ctx = command.make_context("nvidia-k8s-vgpu-dm", upstream_argv(argv, command))
+    return ctx.params
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["-node-name", "a", "-namespace", "b"], {"node_name": "a", "namespace": "b"}),
+        (["--n", "a", "--ns", "b"], {"node_name": "a", "namespace": "b"}),
+        (["-n=a", "-ns=b", "-f=/x.yaml", "--default-vgpu-config=d"], {"node_name": "a", "namespace": "b"}),
+        (["-with-reboot", "-w"], {"with_reboot": True, "with_shutdown_host_gpu_clients": True}),
+        (["--with-reboot=true", "-w=1"], {"with_reboot": True, "with_shutdown_host_gpu_clients": True}),
+        (["-r=false", "--with-shutdown-host-gpu-clients=False"], {"with_reboot": False}),
+        (["-k", "kubelet.service", "-host-kubelet-systemd-service=k3s.service"], {}),
+        (["-d", "-x-", "-f", "-"], {"default_vgpu_config": "-x-", "config_file": "-"}),  # values stay
+    ],
+)
+def test_upstream_flag_spellings_are_accepted(monkeypatch, argv, expected):
+    got = parsed(["-n", "n", "-ns", "ns", "-f", "f", "-d", "d", *argv])
+    for key, value in expected.items():
+        assert got[key] == value, (argv, key, got[key])
+    if "-host-kubelet-systemd-service=k3s.service" in argv:
+        assert got["host_kubelet_systemd_service"] == "k3s.service"
+
+
+def test_upstream_boolean_false_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("WITH_REBOOT", "true")
+    assert parsed(["-n", "n", "-ns", "ns", "-f", "f", "-d", "d"])["with_reboot"] is True
+    assert (
+        parsed(["-n", "n", "-ns", "ns", "-f", "f", "-d", "d", "--with-reboot=false"])["with_reboot"] is False
+    )
+
+
+def test_bad_boolean_and_unknown_flags_are_usage_errors(sim, capsys):
+    assert main([*args(sim), "--with-reboot=maybe"]) == 2
+    assert "invalid boolean value 'maybe' for --with-reboot" in capsys.readouterr().err
+    assert main([*args(sim), "-no-such-flag"]) == 2
+    assert "No such option" in capsys.readouterr().err
+
+
+def test_entry_point_takes_upstream_spellings(sim, workdir):
+    """The console script itself, with a manifest's single-dash long flags: it parses them all and stops
+    only at the (missing) credentials."""
+    proc = agent_process(
+        [
+            "-node-name", "node-a", "-namespace", "gpu-operator", "-config-file", str(sim.config),
+            "-default-vgpu-config=default", "-with-reboot=false", "-sim", str(sim.root),
+            "-kubeconfig", str(workdir / "none"),
+        ]
+    )  # fmt: skip
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "cannot load Kubernetes credentials" in err
+
+
+def test_kubelet_unit_must_be_a_unit_name(sim, capsys):
+    assert main([*args(sim), "-k", "kubelet; reboot"]) == 2
+    assert "is not a systemd unit name" in capsys.readouterr().err
+
+
+def test_help_names_the_rebooting_state(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "rebooting" in out and "--driver-install-dir" in out and "DRIVER_INSTALL_DIR" in out
+
+
+def test_without_the_k8s_extra_it_says_what_to_install(sim):
+    """`pip install .` without [k8s]: the agent's libraries are missing. Simulated by hiding them from
+    the import system of the real entry point's process."""
+    code = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('lightkube', 'prometheus_client'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from vgpu_dm.k8s.main import entry_point\n"
+        f"sys.argv = ['nvidia-k8s-vgpu-dm', *{args(sim)!r}]\n"
+        "entry_point()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "Error: the Kubernetes agent needs the 'k8s' extra (module lightkube is missing): "
+        "pip install 'vgpu-device-manager[k8s]'"
+    ]
+
+
+def test_every_counter_is_exported_from_the_start():
+    from vgpu_dm.k8s.metrics import Metrics
+
+    text = Metrics().render().decode()
+    for series in (
+        'vgpu_dm_watch_restarts_total{reason="gone"} 0.0',
+        'vgpu_dm_watch_restarts_total{reason="dropped"} 0.0',
+        'vgpu_dm_watch_restarts_total{reason="error"} 0.0',
+        'vgpu_dm_applies_total{result="success"} 0.0',
+        'vgpu_dm_applies_total{result="unchanged"} 0.0',
+        'vgpu_dm_applies_total{result="failed"} 0.0',
+        'vgpu_dm_applies_total{result="interrupted"} 0.0',
+        'vgpu_dm_applies_total{result="rebooting"} 0.0',
+        'vgpu_dm_events_not_recorded_total{reason="forbidden"} 0.0',
+        'vgpu_dm_events_not_recorded_total{reason="failed"} 0.0',
+        "vgpu_dm_apply_retries_total 0.0",
+        "vgpu_dm_api_retries_total 0.0",
+    ):
+        assert series in text, series
+
+
+def test_metrics_server_answers_and_stops_at_once():
+    import time
+    import urllib.request
+
+    from vgpu_dm.k8s.metrics import HealthServer, Metrics
+
+    server = HealthServer("127.0.0.1:0", Metrics(), lambda: True, lambda: False)
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"{base}/readyz", timeout=5)
+        assert not_ready.value.code == 503
+    finally:
+        began = time.monotonic()
+        server.stop()
+    assert not server.thread.is_alive() and time.monotonic() - began < 2

@@ -7,7 +7,8 @@ with ``=`` (``-f=/path``), and give a boolean as ``-with-reboot``, ``--with-rebo
 ``-r=false`` (Go's ``strconv.ParseBool`` values). click alone reads ``-node-name`` as ``-n ode-name``
 and refuses a value on a flag, so the arguments are rewritten first: every long name and alias, with
 one dash or two, becomes the option's ``--long`` spelling; a boolean's ``=false`` becomes its
-``--no-…`` form. Anything else is left for click to parse (and to reject with a usage error).
+``--no-…`` form. A single-dash word that names no flag is refused, as Go does (click would read
+``-nfoo`` as ``-n foo``). Anything else is left for click to parse (and to reject with a usage error).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def upstream_argv(argv: list[str], command: click.Command) -> list[str]:
             continue
         hit = names.get(name)
         if hit is None:
+            if not arg.startswith("--") and len(name) > 1:
+                # Go's flag package reads -abc as one flag named abc; click would read -n bc.
+                raise click.NoSuchOption(arg.split("=")[0])
             out.append(arg)
             continue
         param, spelling, negative = hit

@@ -265,7 +265,8 @@ def _require_k8s_extra() -> None:
         try:
             __import__(module)
         except ImportError:
-            raise click.UsageError(
+            # A ClickException, not a UsageError: one line, without the usage text.
+            raise click.ClickException(
                 f"the Kubernetes agent needs the 'k8s' extra (module {module} is missing): "
                 f"pip install 'vgpu-device-manager[k8s]'"
             ) from None

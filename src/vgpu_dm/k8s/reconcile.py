@@ -420,8 +420,8 @@ class Reconciler:
 # has no --force, so its Event says what the operator can do instead.
 _CLI_ADVICE = re.compile(r":\s*stop the VM first(?:, or pass --force)?\s*$")
 IN_USE_ADVICE = (
-    "the agent never removes a vGPU that a VM is using: stop the VM or migrate it off this node, and "
-    "the agent retries by itself; or remove the vGPU on the host with 'nvidia-vgpu-dm apply --force' "
+    "The agent never removes a vGPU that a VM is using: stop the VM or migrate it off this node, and "
+    "the agent retries by itself; or remove the vGPU with 'nvidia-vgpu-dm apply --force' on the host "
     "(the VM loses it)"
 )
 

@@ -1,0 +1,126 @@
+"""``-w`` with ``-k`` against a real kube-apiserver, on a simulated A100 host with simulated systemd: around
+a MIG *mode* change the agent stops the running GPU clients and then the kubelet, and starts the kubelet
+and then the clients again (upstream's order: cmd/nvidia-k8s-vgpu-dm/reconfigure_mig.go appends the
+kubelet to the units to stop and starts them in reverse); a change of GPU instances only leaves the
+kubelet alone."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from tests.k8s.agentkit import (
+    ON_BOTH,
+    NodeStage,
+    SimSetup,
+    node_labels,
+    running_agent,
+    set_labels,
+    settings_for,
+    state_is,
+    wait_for,
+)
+from tests.simstate import layouts
+from vgpu_dm import log
+from vgpu_dm.k8s import labels as L
+from vgpu_dm.sim import services
+from vgpu_dm.sim.layout import create_host
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "examples" / "config-mig.yaml"
+DCGM, KUBELET, OTHER = "nvidia-dcgm.service", "k3s-agent.service", "nvsm.service"
+
+
+@pytest.fixture
+def agent_log():
+    lines = io.StringIO()
+    log.setup(debug=True, stream=lines)
+    yield lines
+    log.setup()
+
+
+def test_kubelet_stops_after_the_gpu_clients_around_a_mig_mode_change(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir, agent_log
+):
+    root = workdir / "host"
+    create_host(root, ["A100", "A100"])
+    services.set_units(root, {DCGM: True, KUBELET: True, OTHER: True})
+    clients = workdir / "gpu-clients.yaml"
+    clients.write_text(f"version: v1\nsystemd-services:\n  - {DCGM}\n")
+    set_labels(admin_client, k8s_node, ON_BOTH)
+    stage = NodeStage(admin_client, k8s_node, k8s_namespace).start()
+    settings = settings_for(
+        k8s_node,
+        k8s_namespace,
+        SimSetup(root, CONFIG),
+        default_config="A100-40C",
+        with_shutdown_host_gpu_clients=True,
+        gpu_clients_file=str(clients),
+        host_kubelet_systemd_service=KUBELET,
+        gpu_clients_settle=0.2,
+    )
+    try:
+        with running_agent(apiserver.admin_kubeconfig, settings) as agent:
+            wait_for(state_is(admin_client, k8s_node, L.SUCCESS), what="A100-40C applied")
+            assert services.calls(root) == []  # no MIG change: nothing stopped
+            set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "A100-1-5C"})
+            wait_for(
+                lambda: agent.reconciled and agent.reconciled[-1][0] == "A100-1-5C", timeout=60, what="1-5C"
+            )
+            mode_change = services.calls(root), services.modes_at(root)
+            # Instances only (MIG mode stays on): the GPU clients, not the kubelet.
+            set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "A100-2-10C"})
+            wait_for(lambda: agent.reconciled[-1][0] == "A100-2-10C", timeout=60, what="2-10C")
+            outcomes = [o.state for _, o in agent.reconciled]
+    finally:
+        stage.stop()
+    assert outcomes == [L.SUCCESS] * 3
+    assert layouts(root) == [{"A100-2-10C": 3}, {"A100-2-10C": 3}]
+    calls, modes = mode_change
+    acts = [(c[1], c[2]) for c in calls if c[1] in ("stop", "start")]
+    assert acts == [("stop", DCGM), ("stop", KUBELET), ("start", KUBELET), ("start", DCGM)]
+    at = {(c[1], c[2]): m for c, m in zip(calls, modes, strict=True) if c[1] in ("stop", "start")}
+    assert at[("stop", KUBELET)] == [False, False]  # stopped before the mode changed
+    assert at[("start", KUBELET)] == [True, True]  # started again after it
+    later = [(c[1], c[2]) for c in services.calls(root)[len(calls) :] if c[1] in ("stop", "start")]
+    assert later == [("stop", DCGM), ("start", DCGM)]
+    assert services.load(root)["units"] == {DCGM: "active", KUBELET: "active", OTHER: "active"}
+    assert "waiting 0.2 s for the stopped host services to settle" in agent_log.getvalue()
+    labels = node_labels(admin_client, k8s_node)
+    assert {k: labels[k] for k in ON_BOTH} == ON_BOTH
+
+
+def test_stop_while_waiting_for_services_to_settle_starts_them_again(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir
+):
+    root = workdir / "host"
+    create_host(root, ["A100"])
+    services.set_units(root, {KUBELET: True})
+    set_labels(admin_client, k8s_node, ON_BOTH)
+    stage = NodeStage(admin_client, k8s_node, k8s_namespace).start()
+    settings = settings_for(
+        k8s_node,
+        k8s_namespace,
+        SimSetup(root, CONFIG),
+        default_config="A100-40C",
+        with_shutdown_host_gpu_clients=True,
+        host_kubelet_systemd_service=KUBELET,
+        gpu_clients_settle=600.0,
+    )
+    try:
+        with running_agent(apiserver.admin_kubeconfig, settings):
+            wait_for(state_is(admin_client, k8s_node, L.SUCCESS), what="A100-40C applied")
+            set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "A100-1-5C"})
+            wait_for(lambda: ["systemctl", "stop", KUBELET] in services.calls(root), what="kubelet stopped")
+        # running_agent's exit sent the stop (SIGTERM's path) during the 600 s wait.
+    finally:
+        stage.stop()
+    assert [c[1:] for c in services.calls(root) if c[1] in ("stop", "start")] == [
+        ["stop", KUBELET],
+        ["start", KUBELET],
+    ]
+    assert services.load(root)["units"] == {KUBELET: "active"}
+    labels = node_labels(admin_client, k8s_node)
+    assert {k: labels[k] for k in ON_BOTH} == ON_BOTH
