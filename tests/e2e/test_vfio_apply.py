@@ -309,7 +309,8 @@ def test_mixed_size_config_applied_and_asserted(cli, vhost, tmp_path, host_runs)
     cfg = write_config(tmp_path, mixed=MIXED, fewer={"L40S-12Q": 2, "L40S-4Q": 2})
     result = apply(cli, root, cfg, "mixed")
     assert result.code == 0, result.err
-    assert shm_runs(host_runs) == [["nvidia-smi", "vgpu", "-i", GPU0, "-shm", "1"]]
+    # nvidia-smi runs as the file found in its root, by its path.
+    assert shm_runs(host_runs) == [["/usr/bin/nvidia-smi", "vgpu", "-i", GPU0, "-shm", "1"]]
     assert layout(cli, root) == [MIXED]
     ids = Counter(t for t in vf_types(root, GPU0).values() if t)
     assert ids == {type_id(root, GPU0, "L40S-12Q"): 2, type_id(root, GPU0, "L40S-4Q"): 4}

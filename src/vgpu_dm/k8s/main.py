@@ -381,28 +381,30 @@ def run(settings: S.Settings) -> None:
     # Before the threads start: a SIGTERM from the first moment on gets the clean shutdown. The
     # handler runs in this thread; the wakeup fd makes sure this thread wakes for it even when the
     # kernel hands the signal to another thread (then only a flag is set there).
-    signal.set_wakeup_fd(wake_w)
+    previous = signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent.on_finished = wake
     try:
-        agent.start()
-    except OSError as exc:
-        _log.error(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}")
-        raise Failure(EXIT_FAILED) from None
-    _log.info(
-        f"nvidia-k8s-vgpu-dm {__version__} watching node {settings.node_name} "
-        f"(default config {settings.default_config!r}, file {settings.config_file})"
-    )
-    while not agent.finished.is_set():
-        select.select([wake_r], [], [])  # no timeout: nothing to do until a signal or the worker's end
-        with contextlib.suppress(BlockingIOError):
-            while os.read(wake_r, 512):
-                pass
-    agent.join()
-    signal.set_wakeup_fd(-1)
-    os.close(wake_r)
-    os.close(wake_w)
+        try:
+            agent.start()
+        except OSError as exc:
+            _log.error(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}")
+            raise Failure(EXIT_FAILED) from None
+        _log.info(
+            f"nvidia-k8s-vgpu-dm {__version__} watching node {settings.node_name} "
+            f"(default config {settings.default_config!r}, file {settings.config_file})"
+        )
+        while not agent.finished.is_set():
+            select.select([wake_r], [], [])  # no timeout: nothing to do until a signal or the worker's end
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 512):
+                    pass
+        agent.join()
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def main(argv: list[str] | None = None) -> int:

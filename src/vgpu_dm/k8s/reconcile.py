@@ -128,8 +128,6 @@ class Reconciler:
     def driver_files(self) -> list[tuple[bool, str]]:
         """(found, line) per driver file — nvidia-smi, sriov-manage, libnvidia-ml.so.1 — saying which
         root serves it (logged at start)."""
-        from vgpu_dm.host.programs import Programs
-
         lines = Programs(self.host(), self.tools()).report()
         return [(": not found" not in line, line) for line in lines]
 
