@@ -185,7 +185,8 @@ def run(opts: dict) -> None:
         _log.error(f"cannot load Kubernetes credentials from {where}: {exc}")
         raise Failure(EXIT_FAILED) from None
     root = opts["driver_root_ctr_path"]
-    tools = HostTools(driver_root=root) if not opts["sim"] and root and os.path.isdir(root) else HostTools()
+    # Each driver file is looked for in the driver root first, then in the host root (host/locate.py).
+    tools = HostTools(driver_root=root or None)
     settings = Settings(
         driver=driver_name,
         node=opts["node_name"],
