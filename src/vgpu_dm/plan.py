@@ -14,6 +14,7 @@ from vgpu_dm.host.inventory import Inventory
 from vgpu_dm.host.model import UNRESOLVED, VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of, unnamed
 from vgpu_dm.host.pci import GPU
 from vgpu_dm.spec.model import ConfigEntry
+from vgpu_dm.text import did_you_mean
 from vgpu_dm.vgpu_type import VGPUType
 
 
@@ -266,7 +267,8 @@ def _plan_gpu(
                 else ""
             )
             problems.append(
-                f"{label}: vGPU type {vtype.name} is not supported on this GPU (it offers: {choices}){hint}"
+                f"{label}: vGPU type {vtype.name} is not supported on this GPU"
+                f"{did_you_mean(vtype.name, offered)} (it offers: {choices}){hint}"
             )
             ok = False
         elif info.name in resolved:
@@ -562,8 +564,9 @@ def _plan_enable_vfs(
             and (t.without_attribute() is None or t.without_attribute().name not in model.vgpu_types)
         ]
         if bad:
+            hint = did_you_mean(bad[0], model.vgpu_types) if len(bad) == 1 else ""
             problems.append(
-                f"{label}: vGPU type {', '.join(bad)} is not a type of the {model.name} "
+                f"{label}: vGPU type {', '.join(bad)} is not a type of the {model.name}{hint} "
                 f"(its types start with {model.prefix}-)"
             )
             return None

@@ -22,15 +22,21 @@ def config(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def test_a_host_root_without_sysfs_is_refused_and_left_untouched(cli, tmp_path):
+def test_a_host_root_without_sysfs_is_a_usage_error_and_left_untouched(cli, tmp_path):
+    """A wrong --host-root is the operator's slip, like a missing directory: exit 2 (was 1), naming
+    the option, or the environment variable when the value came from there."""
     root = tmp_path / "typo-root"
     root.mkdir()
     cfg = config(tmp_path, '  t4:\n    - devices: all\n      vgpu-devices: {"T4-1Q": 1}\n')
-    for command in ("apply", "assert"):
+    for command in ("apply", "assert", "plan"):
         result = cli(command, "--host-root", str(root), "-f", cfg)
-        assert result.code == 1
+        assert result.code == 2, result.err
+        assert "Invalid value for '--host-root'" in result.err
         assert "is not the root of a Linux host" in result.err
-    assert cli("list", "--host-root", str(root)).code == 1
+    for command in ("list", "types", "export"):
+        result = cli(command, env={"VGPU_DM_HOST_ROOT": str(root)})
+        assert result.code == 2, result.err
+        assert "environment variable VGPU_DM_HOST_ROOT (for '--host-root')" in result.err
     assert list(root.iterdir()) == []  # no lock file, no journal
 
 

@@ -613,7 +613,7 @@ def test_host_root_at_a_simulated_host_is_refused(cli, sim_host):
         ("apply", "--host-root", str(root), "-f", str(T4_CONFIG), "-c", "T4-small"),
     ):
         result = cli(*args)
-        assert result.code == 1, args
+        assert result.code == 2, args  # a usage error, as any wrong --host-root
         assert f"{root} is a simulated host" in result.err
         assert f"--sim {root}" in result.err and "VGPU_DM_SIM" in result.err
     assert writes(root) == []

@@ -1,5 +1,9 @@
-"""Which host a command works on: checks of --host-root / --sim (and their environment variables) that
-are usage errors (exit 2), done before anything of the host is read.
+"""Which host a command works on: the real one below --host-root, or a simulated one (--sim).
+
+The choice is the front end's: the host layer never imports the simulator. Every way the selection
+can be wrong (a missing or empty directory, both options at once, a directory that is not a host
+root, a simulated host given as a real one or the other way round) is a usage error (exit 2) naming
+the option or environment variable it came from, found before anything of the host is read.
 """
 
 from __future__ import annotations
@@ -9,12 +13,19 @@ import os
 import click
 from click.core import ParameterSource
 
+from vgpu_dm.cli.options import given_as
+
 SIM_ENV = "VGPU_DM_SIM"
 HOST_ROOT_ENV = "VGPU_DM_HOST_ROOT"
 
 
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
+def _hint(ctx: click.Context, flag: str) -> str:
+    env = SIM_ENV if flag == "--sim" else HOST_ROOT_ENV
+    return given_as(ctx, flag.lstrip("-").replace("-", "_"), flag, env)
 
 
 def check_host_options(host_root: str, sim: str | None) -> None:
@@ -42,14 +53,24 @@ def check_host_options(host_root: str, sim: str | None) -> None:
         if path is None:
             continue
         if not os.path.exists(path):
-            raise click.BadParameter(f"{path} does not exist", param_hint=flag)
+            raise click.BadParameter(f"{path} does not exist", param_hint=_hint(ctx, flag))
         if not os.path.isdir(path):
-            raise click.BadParameter(f"{path} is not a directory", param_hint=flag)
+            raise click.BadParameter(f"{path} is not a directory", param_hint=_hint(ctx, flag))
 
 
 def open_cli_host(host_root: str, sim: str | None):
     """The host object for a command, after the usage checks above."""
-    from vgpu_dm.host.root import open_host
+    from vgpu_dm.host.root import NotAHostRoot
 
     check_host_options(host_root, sim)
-    return open_host(host_root, sim)
+    flag = "--sim" if sim else "--host-root"
+    try:
+        if sim:
+            from vgpu_dm.sim.host import SimHostRoot
+
+            return SimHostRoot(sim)
+        from vgpu_dm.host.root import open_host
+
+        return open_host(host_root)
+    except NotAHostRoot as exc:
+        raise click.BadParameter(str(exc), param_hint=_hint(click.get_current_context(), flag)) from None

@@ -68,20 +68,31 @@ class _LazyGroup(click.Group):
             options.add_global_options(command)
         return command
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        unknown = name and not name.startswith("-") and not ctx.resilient_parsing
+        if unknown and self.get_command(ctx, name) is None:
+            # click would suggest only among the commands loaded so far (assert): offer every one.
+            from vgpu_dm.text import did_you_mean
+
+            hint = did_you_mean(name, self.list_commands(ctx)).lstrip("; ")
+            ctx.fail(f"No such command {name!r}." + (f" {hint[0].upper()}{hint[1:]}" if hint else ""))
+        return super().resolve_command(ctx, args)
+
 
 @click.group(
     cls=_LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )
-@click.option(
+@options.option(
     "-d",
     "--debug",
     envvar="VGPU_DM_DEBUG",
     is_flag=True,
     help="Debug output: what is read and written.  [env: VGPU_DM_DEBUG]",
 )
-@click.option(
+@options.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     envvar="VGPU_DM_LOG_FORMAT",
@@ -104,10 +115,24 @@ def cli(debug: bool, log_format: str) -> None:
 def load_selected(config_file: str, selected: str | None):
     from vgpu_dm.spec import load_spec, read_config_source
 
-    data, source = read_config_source(config_file)
+    ctx = click.get_current_context(silent=True)
+    try:
+        data, source = read_config_source(config_file)
+    except ConfigError as exc:
+        raise _from_env(exc, ctx, "config_file", "VGPU_DM_CONFIG_FILE") from None
     spec = load_spec(data, source)
-    name, entries = spec.select(selected)
+    try:
+        name, entries = spec.select(selected)
+    except ConfigError as exc:
+        raise _from_env(exc, ctx, "selected_config", "VGPU_DM_SELECTED_CONFIG") from None
     return spec, name, entries
+
+
+def _from_env(exc: ConfigError, ctx: click.Context | None, name: str, envvar: str) -> ConfigError:
+    """The error, saying where the value came from when that was the environment, not the command line."""
+    if not options.from_environment(ctx, name):
+        return exc
+    return ConfigError(f"{exc} (the value came from the environment variable {envvar})")
 
 
 @cli.command("assert", epilog=EPILOG)

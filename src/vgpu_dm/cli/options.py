@@ -5,8 +5,37 @@ from __future__ import annotations
 import math
 
 import click
+from click.core import ParameterSource
 
-config_file = click.option(
+
+def from_environment(ctx: click.Context | None, name: str) -> bool:
+    """Whether the value of parameter ``name`` came from its environment variable."""
+    return ctx is not None and ctx.get_parameter_source(name) is ParameterSource.ENVIRONMENT
+
+
+def given_as(ctx: click.Context | None, name: str, flag: str, envvar: str) -> str:
+    """How the operator gave a value, for an error message: the option, or the environment variable
+    when that is where the value came from (a bad value in an env file is not on the command line)."""
+    if from_environment(ctx, name):
+        return f"environment variable {envvar} (for '{flag}')"
+    return f"'{flag}'"
+
+
+class EnvOption(click.Option):
+    """An option whose errors name its environment variable when the bad value came from there."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        if self.name and isinstance(self.envvar, str) and from_environment(ctx, self.name):
+            return given_as(ctx, self.name, self.opts[-1], self.envvar)
+        return super().get_error_hint(ctx)
+
+
+def option(*decls: str, **attrs):
+    """click.option with EnvOption: every option of ours that has an environment variable uses it."""
+    return click.option(*decls, cls=EnvOption, **attrs)
+
+
+config_file = option(
     "-f",
     "--config-file",
     envvar="VGPU_DM_CONFIG_FILE",
@@ -14,7 +43,7 @@ config_file = click.option(
     metavar="FILE",
     help="vGPU config file (YAML or JSON); '-' reads standard input.  [env: VGPU_DM_CONFIG_FILE]",
 )
-selected_config = click.option(
+selected_config = option(
     "-c",
     "--selected-config",
     envvar="VGPU_DM_SELECTED_CONFIG",
@@ -22,7 +51,7 @@ selected_config = click.option(
     help="Name of the config in the file to use; may be left out when the file has exactly one.  "
     "[env: VGPU_DM_SELECTED_CONFIG]",
 )
-valid_config = click.option(
+valid_config = option(
     "-a",
     "--valid-config",
     envvar="VGPU_DM_VALID_CONFIG",
@@ -30,7 +59,7 @@ valid_config = click.option(
     help="Only check that the file is valid and the selected config exists; do not look at the host.  "
     "[env: VGPU_DM_VALID_CONFIG]",
 )
-host_root = click.option(
+host_root = option(
     "--host-root",
     envvar="VGPU_DM_HOST_ROOT",
     metavar="DIR",
@@ -39,7 +68,7 @@ host_root = click.option(
     help="Directory where the host's /sys, /proc and /dev are found (e.g. /host in a container).  "
     "[env: VGPU_DM_HOST_ROOT]",
 )
-driver_root = click.option(
+driver_root = option(
     "--driver-root",
     envvar="VGPU_DM_DRIVER_ROOT",
     metavar="DIR",
@@ -54,7 +83,7 @@ apply_valid_config = click.option(
     help="Only check that the file is valid and the selected config exists; change nothing. "
     "(VGPU_DM_VALID_CONFIG does not set it here: the environment must not turn apply into a no-op.)",
 )
-sriov_manage = click.option(
+sriov_manage = option(
     "--sriov-manage",
     envvar="VGPU_DM_SRIOV_MANAGE",
     metavar="PATH",
@@ -63,7 +92,7 @@ sriov_manage = click.option(
     help="The driver's sriov-manage script, as a path inside the driver root; run to enable a GPU's VFs "
     "(vendor-specific VFIO hosts).  [env: VGPU_DM_SRIOV_MANAGE]",
 )
-nvidia_smi = click.option(
+nvidia_smi = option(
     "--nvidia-smi",
     envvar="VGPU_DM_NVIDIA_SMI",
     metavar="PATH",
@@ -72,14 +101,14 @@ nvidia_smi = click.option(
     help="nvidia-smi, inside the driver root: queries and switches mixed-size vGPU mode and names "
     "vendor-VFIO vGPU types.  [env: VGPU_DM_NVIDIA_SMI]",
 )
-sim = click.option(
+sim = option(
     "--sim",
     envvar="VGPU_DM_SIM",
     metavar="DIR",
     help="Work on the simulated host in DIR (made by 'nvidia-vgpu-dm sim create') instead of this "
     "machine.  [env: VGPU_DM_SIM]",
 )
-force = click.option(
+force = option(
     "--force",
     envvar="VGPU_DM_FORCE",
     is_flag=True,
@@ -88,7 +117,7 @@ force = click.option(
     "every --watchdog-interval seconds. Vendor-VFIO vGPUs in use cannot be removed even so (the driver "
     "refuses).  [env: VGPU_DM_FORCE]",
 )
-watchdog_interval = click.option(
+watchdog_interval = option(
     "--watchdog-interval",
     envvar="VGPU_DM_WATCHDOG_INTERVAL",
     type=click.FloatRange(min=0.01),
@@ -98,14 +127,14 @@ watchdog_interval = click.option(
     help="While a forced removal waits for a VM to release its vGPU, log the device and the process "
     "every SECONDS.  [env: VGPU_DM_WATCHDOG_INTERVAL]",
 )
-keep_going = click.option(
+keep_going = option(
     "--keep-going",
     envvar="VGPU_DM_KEEP_GOING",
     is_flag=True,
     help="If one GPU fails, roll back only that GPU and carry on with the others (default: roll back "
     "every GPU changed in this run).  [env: VGPU_DM_KEEP_GOING]",
 )
-uuid_mode = click.option(
+uuid_mode = option(
     "--uuid-mode",
     envvar="VGPU_DM_UUID_MODE",
     type=click.Choice(["random", "stable"]),
@@ -132,7 +161,7 @@ class Seconds(click.ParamType):
         return seconds
 
 
-lock_timeout = click.option(
+lock_timeout = option(
     "--lock-timeout",
     envvar="VGPU_DM_LOCK_TIMEOUT",
     type=Seconds(),
@@ -141,7 +170,7 @@ lock_timeout = click.option(
     metavar="SECONDS",
     help="How long to wait for another apply on this host to finish.  [env: VGPU_DM_LOCK_TIMEOUT]",
 )
-mig_parted = click.option(
+mig_parted = option(
     "--mig-parted",
     envvar="VGPU_DM_MIG_PARTED",
     metavar="PATH",
@@ -150,7 +179,7 @@ mig_parted = click.option(
     help="nvidia-mig-parted, run (inside the host root) to set MIG mode and GPU instances for MIG-backed "
     "vGPU types, and to switch MIG off for time-sliced ones.  [env: VGPU_DM_MIG_PARTED]",
 )
-skip_mig = click.option(
+skip_mig = option(
     "--skip-mig",
     envvar="VGPU_DM_SKIP_MIG",
     is_flag=True,
@@ -199,7 +228,7 @@ def add_global_options(command: click.Command) -> None:
     )
 
 
-allow_assigned = click.option(
+allow_assigned = option(
     "--allow-assigned",
     "allow_assigned",
     envvar="VGPU_DM_ALLOW_ASSIGNED",
@@ -210,7 +239,7 @@ allow_assigned = click.option(
     "Repeatable; narrower than --force, which also takes vGPUs from running VMs.  "
     "[env: VGPU_DM_ALLOW_ASSIGNED, space-separated]",
 )
-persist = click.option(
+persist = option(
     "--persist",
     envvar="VGPU_DM_PERSIST",
     type=click.Choice(["mdevctl"]),
@@ -218,7 +247,7 @@ persist = click.option(
     "mdevctl recreates them at boot; mdev GPUs only. The alternative is the systemd unit in deploy/systemd.  "
     "[env: VGPU_DM_PERSIST]",
 )
-hooks_file = click.option(
+hooks_file = option(
     "--hooks-file",
     envvar="VGPU_DM_HOOKS_FILE",
     metavar="FILE",
@@ -227,7 +256,7 @@ hooks_file = click.option(
 )
 
 
-jobs = click.option(
+jobs = option(
     "--jobs",
     envvar="VGPU_DM_JOBS",
     type=click.IntRange(min=0),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vgpu_dm import log
+from vgpu_dm.errors import HostError
 
 if TYPE_CHECKING:
     import subprocess
@@ -209,20 +210,28 @@ class HostRoot:
         )
 
 
-def open_host(root: str | None = None, sim: str | None = None) -> HostRoot:
-    """The host object for a command: a simulated host when ``sim`` is given, else the real one."""
-    if sim:
-        from vgpu_dm.sim.host import SimHostRoot
+class NotAHostRoot(HostError):
+    """The directory given as the host root cannot be one (no sysfs, or a simulated host); a usage
+    error for the front ends, which know which option or variable named it."""
 
-        return SimHostRoot(sim)
+
+def open_host(root: str = "/") -> HostRoot:
+    """The real host rooted at ``root``, after checking that it looks like one.
+
+    A simulated host is chosen by the front ends (cli, k8s), which import the simulator: this layer
+    never does.
+    """
     host = HostRoot(root or "/")
     if not os.path.isdir(host.path("sys/bus/pci/devices")):
-        from vgpu_dm.errors import HostError
-
         where = host.path("sys/bus/pci/devices")
-        raise HostError(
-            f"{where} does not exist: --host-root {host.root} is not the root of a Linux host "
+        raise NotAHostRoot(
+            f"{where} does not exist: {host.root} is not the root of a Linux host "
             f"(in a container, mount the host's / there, or at least its /sys, /proc and /run)"
+        )
+    if os.path.exists(os.path.join(host.root, SIM_MARKER)):
+        raise NotAHostRoot(
+            f"{host.root} is a simulated host (made by 'nvidia-vgpu-dm sim create'); "
+            f"select it with --sim {host.root} or VGPU_DM_SIM={host.root}"
         )
     if host.root == "/":
         from vgpu_dm.host.container import container_reason
@@ -234,11 +243,4 @@ def open_host(root: str | None = None, sim: str | None = None) -> HostRoot:
                 f"no VMs, and the lock, journal and learned type tables would live in the container; "
                 f"mount the host's / (e.g. at /host) and pass --host-root /host"
             )
-    if os.path.exists(os.path.join(host.root, SIM_MARKER)):
-        from vgpu_dm.errors import HostError
-
-        raise HostError(
-            f"{host.root} is a simulated host (made by 'nvidia-vgpu-dm sim create'); "
-            f"select it with --sim {host.root} or VGPU_DM_SIM={host.root}"
-        )
     return host

@@ -33,6 +33,7 @@ from vgpu_dm.k8s.settings import Settings
 from vgpu_dm.mig import node as mig_node
 from vgpu_dm.mig.step import MigModePending
 from vgpu_dm.plan import build_plan
+from vgpu_dm.sim.host import SimHostRoot
 from vgpu_dm.spec import load_spec, read_config_source
 from vgpu_dm.spec.model import ConfigEntry
 
@@ -116,7 +117,7 @@ class Reconciler:
         self.pre_apply: list[PreApplyStep] = list(pre_apply or [])
 
     def host(self) -> HostRoot:
-        return open_host(self.settings.host_root, self.settings.sim)
+        return SimHostRoot(self.settings.sim) if self.settings.sim else open_host(self.settings.host_root)
 
     def tools(self) -> HostTools:
         """The driver's files are looked for in --driver-root-ctr-path first, then in the host root,

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vgpu_dm import log
-from vgpu_dm.errors import HostError
-from vgpu_dm.host.root import SIM_MARKER, HostRoot, note_change
+from vgpu_dm.host.root import SIM_MARKER, HostRoot, NotAHostRoot, note_change
 from vgpu_dm.sim.files import FAULTS_FILE, LATENCY_FILE, STATE_FILE, WRITE_LOG
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ class SimHostRoot(HostRoot):
         super().__init__(root)
         marker = os.path.join(self.root, SIM_MARKER)
         if not os.path.isfile(os.path.join(marker, STATE_FILE)):
-            raise HostError(
+            raise NotAHostRoot(
                 f"{self.root} is not a simulated host; create one with "
                 f"'nvidia-vgpu-dm sim create {self.root} --gpu T4'"
             )

@@ -471,7 +471,7 @@ class _Walker:
             try:
                 vtype = VGPUType.parse(name)
             except InvalidVGPUType as exc:
-                self.error(key_node, where, str(exc))
+                self.error(key_node, where, f"{exc}{_type_hint(name)}")
                 good = False
                 vtype = None
             count = self.integer(value)
@@ -504,6 +504,14 @@ class _Walker:
             self.error(node, path, f"mixes time-sliced ({ts}) and MIG-backed ({mig}) vGPU types in one entry")
             good = False
         return tuple(result) if good else None
+
+
+def _type_hint(name: str) -> str:
+    """A catalog vGPU type the mistyped ``name`` probably means (``T4-1q`` → ``T4-1Q``), or ``""``."""
+    from vgpu_dm import catalog  # only on this error path
+    from vgpu_dm.text import did_you_mean
+
+    return did_you_mean(name, (t for gpu in catalog.load() for t in gpu.vgpu_types))
 
 
 class _TooBig(Exception):

@@ -51,8 +51,12 @@ class Spec(NamedTuple):
                 f"{len(self.configs)} configs: {', '.join(self.configs)}"
             )
         if name not in self.configs:
+            from vgpu_dm.text import did_you_mean
+
             known = ", ".join(self.configs) or "none"
+            hint = did_you_mean(name, self.configs)
             raise ConfigError(
-                f"{self.source}: selected vgpu-config not present: {name!r} (configs in the file: {known})"
+                f"{self.source}: selected vgpu-config not present: {name!r}{hint} "
+                f"(configs in the file: {known})"
             )
         return name, self.configs[name]
