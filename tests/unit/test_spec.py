@@ -334,21 +334,27 @@ def test_version_missing_in_a_non_empty_document() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "described"),
+    ("value", "message"),
     [
-        ("v2", "a string ('v2')"),
-        ("V1", "a string ('V1')"),
-        ("1", "an integer ('1')"),
-        ("1.0", "a float ('1.0')"),
-        ('""', "a string ('')"),
-        ("", "null (empty)"),
-        ("[v1]", "a list"),
+        (
+            "v2",
+            "unsupported version 'v2': this tool reads version v1, the only version of the vGPU config "
+            "format (write version: v1)",
+        ),
+        ("V1", "unsupported version 'V1': this tool reads version v1"),
+        ('""', "unsupported version '': this tool reads version v1"),
+        ("1", "expected the string v1, got an integer ('1')"),
+        ("1.0", "expected the string v1, got a float ('1.0')"),
+        ("", "expected the string v1, got null (empty)"),
+        ("[v1]", "expected the string v1, got a list"),
     ],
 )
-def test_other_versions_are_rejected(value: str, described: str) -> None:
+def test_other_versions_are_rejected(value: str, message: str) -> None:
+    """Issue 18.10: 'unsupported version a string ('v2')' did not read as a sentence."""
     text = f"version: {value}\nvgpu-configs:\n  a: [{{devices: all, vgpu-devices: {{}}}}]\n"
     col = 9 if value == "" else 10
-    assert problems(text) == [f"f.yaml:1:{col}: version: unsupported version {described}; expected v1"]
+    (found,) = problems(text)
+    assert found.startswith(f"f.yaml:1:{col}: version: {message}")
 
 
 def test_unknown_top_level_key() -> None:
@@ -358,25 +364,46 @@ def test_unknown_top_level_key() -> None:
         vgpu-config:
           a: [{devices: all, vgpu-devices: {}}]
         """
-    ) == ["f.yaml:2:1: unknown key 'vgpu-config'; expected one of: version, vgpu-configs"]
+    ) == [
+        "f.yaml:2:1: unknown key 'vgpu-config'; did you mean 'vgpu-configs'? "
+        "(expected one of: version, vgpu-configs)"
+    ]
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("- a\n", "f.yaml:1:1: expected the top level of a vgpu config file (a mapping), got a list"),
-        (
-            "hello\n",
-            "f.yaml:1:1: expected the top level of a vgpu config file (a mapping), got a string ('hello')",
-        ),
-        (
-            "42\n",
-            "f.yaml:1:1: expected the top level of a vgpu config file (a mapping), got an integer ('42')",
-        ),
-    ],
+    ("text", "kind"),
+    [("- a\n", "a list"), ("hello\n", "a string"), ("42\n", "an integer")],
 )
-def test_top_level_must_be_a_mapping(text: str, message: str) -> None:
-    assert problems(text) == [message]
+def test_top_level_must_be_a_mapping(text: str, kind: str) -> None:
+    # Not quoted (issue 18.12): a file that is not a config may be anything, /etc/passwd included.
+    assert problems(text) == [
+        f"f.yaml:1:1: this is not a vGPU config file: its top level is {kind}, not a mapping with "
+        "'version: v1' and 'vgpu-configs:'"
+    ]
+
+
+def test_a_file_with_many_unknown_top_level_keys_is_not_a_config_and_is_not_quoted() -> None:
+    """Issue 18.12: 'apply -f /etc/shadow' echoed every line of the file into the log."""
+    shadow = "".join(f"user{i}:$6$salt$secret{i}:20228:0:99999:7:::\n" for i in range(24))
+    assert problems(shadow) == [
+        "f.yaml:1:1: this is not a vGPU config file: 24 of its 24 top-level keys are not 'version' or "
+        "'vgpu-configs' (lines 1, 2, 3, 4, 5, …); a vGPU config file is a YAML mapping with "
+        "'version: v1' and 'vgpu-configs:'"
+    ]
+    # Two unknown keys still read as typos in a config, each with its own location; so do more next to
+    # the keys of a config.
+    typos = problems("vgpu-config: {}\nversoin: v1\n")
+    assert [p.split(": ", 1)[0] for p in typos] == ["f.yaml:1:1", "f.yaml:1:1", "f.yaml:2:1"]
+    assert "unknown key 'versoin'; did you mean 'version'?" in typos[2]
+    extra = problems("version: v1\na: 1\nb: 2\nc: 3\nvgpu-configs: {x: [{devices: all, vgpu-devices: {}}]}\n")
+    assert [p.split(": ", 1)[0] for p in extra] == ["f.yaml:2:1", "f.yaml:3:1", "f.yaml:4:1"]
+
+
+def test_long_values_are_cut_in_messages() -> None:
+    (found,) = problems(
+        "version: v1\nvgpu-configs:\n  a:\n    - devices: " + "x" * 500 + "\n      vgpu-devices: {}\n"
+    )
+    assert "'" + "x" * 40 + "…'" in found and "x" * 41 not in found
 
 
 def test_empty_vgpu_configs_mapping() -> None:
@@ -443,8 +470,8 @@ def test_entry_unknown_key() -> None:
               vgpu-devices: {}
         """
     ) == [
-        "f.yaml:5:7: vgpu-configs.a[0]: unknown key 'device-filters'; "
-        "expected one of: devices, device-filter, vgpu-devices"
+        "f.yaml:5:7: vgpu-configs.a[0]: unknown key 'device-filters'; did you mean 'device-filter'? "
+        "(expected one of: devices, device-filter, vgpu-devices)"
     ]
 
 
@@ -635,15 +662,30 @@ def test_bad_type_name_has_the_exact_located_message() -> None:
         """
     ) == [
         f"f.yaml:9:9: vgpu-configs.T4-small[1].vgpu-devices.\"T4-2X\": invalid vGPU type 'T4-2X': {BAD_TYPE}"
+        "; did you mean 'T4-2Q'?"
     ]
 
 
-@pytest.mark.parametrize("name", ["A100-1-5Cme", "A16-8E", "T4-1Q ", "t4-1q", "T4-01Q", "T4-1QX"])
-def test_bad_type_names(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("A100-1-5Cme", "A100-1-5CME"),
+        ("A16-8E", None),
+        ("T4-1Q ", "T4-1Q"),
+        ("t4-1q", "T4-1Q"),
+        ("T4-01Q", "T4-1Q"),
+        ("T4-1QX", "T4-1Q"),
+        ("Foo", None),
+    ],
+)
+def test_bad_type_names(name: str, meant: str | None) -> None:
     text = f'version: v1\nvgpu-configs:\n  a:\n    - devices: all\n      vgpu-devices: {{"{name}": 1}}\n'
-    assert problems(text) == [
+    (found,) = problems(text)
+    assert found.startswith(
         f'f.yaml:5:22: vgpu-configs.a[0].vgpu-devices."{name}": invalid vGPU type {name!r}: {BAD_TYPE}'
-    ]
+    )
+    if meant:  # the catalog type it probably means (issue 18: "did you mean", also for the case)
+        assert found.endswith(f"; did you mean {meant!r}?")
 
 
 @pytest.mark.parametrize(
@@ -846,7 +888,7 @@ def test_every_error_is_collected_and_sorted_by_line() -> None:
         "vgpu-configs.c",
         "version",
     ]
-    assert errs[0] == "f.yaml:1:1: unknown key 'extra'; expected one of: version, vgpu-configs"
+    assert errs[0] == "f.yaml:1:1: unknown key 'extra' (expected one of: version, vgpu-configs)"
     joined = "\n".join(errs)
     for fragment in (
         "devices: expected 'all' or a list of GPU indices, got a string ('some')",
@@ -857,7 +899,7 @@ def test_every_error_is_collected_and_sorted_by_line() -> None:
         "unknown key 'color'",
         "mixes time-sliced (A100-4C) and MIG-backed (A100-1-5C)",
         "vgpu-configs.c: must have at least one entry",
-        "unsupported version a string ('v3')",
+        "unsupported version 'v3'",
     ):
         assert fragment in joined
 
@@ -1006,7 +1048,7 @@ def test_billion_laughs_outside_the_schema_is_harmless() -> None:
         lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
     lines.append("version: v1")
     errs, elapsed = _timed_problems("\n".join(lines) + "\n")
-    assert errs[0] == "f.yaml:1:1: unknown key 'a'; expected one of: version, vgpu-configs"
+    assert errs[0] == "f.yaml:1:1: unknown key 'a' (expected one of: version, vgpu-configs)"
     assert len(errs) == 9
     assert elapsed < 10
 

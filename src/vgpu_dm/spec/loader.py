@@ -164,10 +164,28 @@ def _kind(node: yaml.Node) -> str:
     }.get(tag, tag)
 
 
+# Values quoted in a message are cut to this many characters: a file that is not a config at all (one
+# long scalar) must not end up in the log whole.
+MAX_QUOTED = 40
+# More unknown top-level keys than this, and neither 'version' nor 'vgpu-configs': the file is something
+# else, not a config with typos.
+MAX_UNKNOWN_TOP_KEYS = 2
+
+
+def _quote(value: str) -> str:
+    return repr(value if len(value) <= MAX_QUOTED else value[:MAX_QUOTED] + "…")
+
+
 def _describe(node: yaml.Node) -> str:
     if isinstance(node, yaml.ScalarNode) and not _is_null(node):
-        return f"{_kind(node)} ({node.value!r})"
+        return f"{_kind(node)} ({_quote(node.value)})"
     return _kind(node)
+
+
+def _unknown_key(key: str, expected: tuple[str, ...]) -> str:
+    from vgpu_dm.text import did_you_mean
+
+    return f"unknown key {_quote(key)}{did_you_mean(key, expected)} (expected one of: {', '.join(expected)})"
 
 
 def _key_segment(key: str, quote: bool = False) -> str:
@@ -288,21 +306,49 @@ class _Walker:
             return {}
         if isinstance(root, yaml.ScalarNode) and _is_null(root):
             return {}
+        if not isinstance(root, yaml.MappingNode):
+            # Not quoted: it may be any file (-f /etc/passwd), and its text is no help here.
+            self.error(
+                root,
+                "",
+                f"this is not a vGPU config file: its top level is {_kind(root)}, not a mapping with "
+                f"'version: v1' and 'vgpu-configs:'",
+            )
+            return {}
         items = self.mapping(root, "", 0, "the top level of a vgpu config file")
         if items is None:
             return {}
         keys = {k: (kn, vn) for k, kn, vn in items}
-        for key, key_node, _ in items:
-            if key not in _TOP_KEYS:
-                self.error(key_node, "", f"unknown key {key!r}; expected one of: {', '.join(_TOP_KEYS)}")
+        unknown = [(k, kn) for k, kn, _ in items if k not in _TOP_KEYS]
+        if len(unknown) > MAX_UNKNOWN_TOP_KEYS and len(unknown) == len(items):
+            # Some other file (-f /etc/shadow): say so once, and do not echo its lines into the log.
+            lines = ", ".join(str(kn.start_mark.line + 1) for _, kn in unknown[:5])
+            more = ", …" if len(unknown) > 5 else ""
+            self.error(
+                unknown[0][1],
+                "",
+                f"this is not a vGPU config file: {len(unknown)} of its {len(items)} top-level keys are "
+                f"not 'version' or 'vgpu-configs' (lines {lines}{more}); a vGPU config file is a YAML "
+                f"mapping with 'version: v1' and 'vgpu-configs:'",
+            )
+            return {}
+        for key, key_node in unknown:
+            self.error(key_node, "", _unknown_key(key, _TOP_KEYS))
         if "version" not in keys:
             if items:
                 self.error(root, "", "missing required key 'version' (expected version: v1)")
         else:
             vnode = keys["version"][1]
             self.visit(vnode, 1)
-            if not (_is_str(vnode) and vnode.value == "v1"):
-                self.error(vnode, "version", f"unsupported version {_describe(vnode)}; expected v1")
+            if _is_str(vnode) and vnode.value != "v1":
+                self.error(
+                    vnode,
+                    "version",
+                    f"unsupported version {_quote(vnode.value)}: this tool reads version v1, the only "
+                    f"version of the vGPU config format (write version: v1)",
+                )
+            elif not _is_str(vnode):
+                self.error(vnode, "version", f"expected the string v1, got {_describe(vnode)}")
         if "vgpu-configs" not in keys:
             return {}
         return self.configs(keys["vgpu-configs"][1])
@@ -350,7 +396,7 @@ class _Walker:
         ok = True
         for key, key_node, _ in items:
             if key not in _ENTRY_KEYS:
-                self.error(key_node, path, f"unknown key {key!r}; expected one of: {', '.join(_ENTRY_KEYS)}")
+                self.error(key_node, path, _unknown_key(key, _ENTRY_KEYS))
                 ok = False
         for required in ("devices", "vgpu-devices"):
             if required not in fields:
