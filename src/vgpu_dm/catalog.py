@@ -26,6 +26,8 @@ class CatalogGPU:
     vgpu_types: dict[str, int]  # type name → max instances per GPU
     # MIG GPU-instance profile name (``1g.5gb``) → max instances; empty when not MIG-capable or unknown.
     mig_gi_profiles: dict[str, int] = field(default_factory=dict)
+    # What 'sim create --gpu' calls it: the prefix, unless another GPU shares that prefix (``DC``).
+    sim_name: str = ""
 
     @property
     def min_vfs(self) -> int:
@@ -59,6 +61,7 @@ def load() -> tuple[CatalogGPU, ...]:
                 sriov_vfs=vfs if isinstance(vfs, int) else None,
                 vgpu_types={str(k): int(v) for k, v in item["vgpu_types"].items()},
                 mig_gi_profiles={str(k): int(v) for k, v in (item.get("mig_gi_profiles") or {}).items()},
+                sim_name=str(item.get("sim_name") or item["vgpu_type_prefix"]),
             )
         )
     return tuple(gpus)
@@ -93,19 +96,28 @@ def max_instances(type_name: str, gpu_id: DeviceID | None = None) -> int | None:
 
 
 def find(name: str) -> CatalogGPU:
-    """A catalog GPU by type prefix (``T4``, ``A100D``) or product name, case-insensitive."""
+    """A catalog GPU by its simulator name (``T4``, ``A100D``, ``RTXPRO6000``), its type prefix when
+    only one GPU has it, or its product name; case-insensitive. KeyError says what went wrong."""
     wanted = name.strip().lower()
     entries = load()
     for entry in entries:
-        if entry.prefix.lower() == wanted:
+        if entry.sim_name.lower() == wanted:
             return entry
+    sharing = [e for e in entries if e.prefix.lower() == wanted]
+    if len(sharing) == 1:
+        return sharing[0]
+    if sharing:
+        which = ", ".join(f"{e.sim_name} ({e.name})" for e in sharing)
+        raise KeyError(f"GPU name {name!r} is the type prefix of {len(sharing)} GPUs; pick one: {which}")
     matches = [e for e in entries if wanted in e.name.lower()]
     exact = [e for e in matches if e.name.lower() == wanted or e.name.lower().endswith(" " + wanted)]
     if len(exact) == 1:
         return exact[0]
     if len(matches) == 1:
         return matches[0]
-    known = ", ".join(e.prefix for e in entries)
     if matches:
         raise KeyError(f"GPU name {name!r} is ambiguous: {', '.join(e.name for e in matches)}")
-    raise KeyError(f"unknown GPU {name!r}; known type prefixes: {known}")
+    from vgpu_dm.text import did_you_mean
+
+    hint = did_you_mean(name, [e.sim_name for e in entries])
+    raise KeyError(f"unknown GPU {name!r}{hint} ('nvidia-vgpu-dm sim gpus' lists the names)")

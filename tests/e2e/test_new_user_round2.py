@@ -114,3 +114,51 @@ def test_a_mistyped_sim_command_gets_a_suggestion(cli):
     result = cli("sim", "creat")
     assert result.code == 2
     assert "Did you mean 'create'?" in result.err
+
+
+# -- 18.6: a distinct simulator name for every catalog GPU ----------------------------------------
+def test_every_catalog_gpu_has_its_own_simulator_name_and_sim_gpus_lines_up(cli):
+    from vgpu_dm import catalog
+
+    entries = catalog.load()
+    names = [e.sim_name for e in entries]
+    assert len(set(n.lower() for n in names)) == len(names), "two GPUs share a simulator name"
+    assert all(catalog.find(e.sim_name) is e for e in entries)
+    listed = cli("sim", "gpus")
+    assert listed.code == 0
+    lines = listed.out.splitlines()
+    assert [line.split()[0] for line in lines] == names
+    # One column of names, then the product names all starting in the same column.
+    starts = {line.index(e.name) for line, e in zip(lines, entries, strict=True)}
+    assert len(starts) == 1, listed.out
+
+
+def test_the_two_rtx_pro_gpus_are_told_apart(cli, tmp_path):
+    made = cli("sim", "create", str(tmp_path / "h"), "--gpu", "RTXPRO6000", "--gpu", "RTXPRO4500")
+    assert made.code == 0, made.err
+    assert "RTX PRO 6000 Blackwell" in made.out and "RTX PRO 4500 Blackwell" in made.out
+    shared = cli("sim", "create", str(tmp_path / "dc"), "--gpu", "DC")
+    assert shared.code == 2
+    assert "'DC' is the type prefix of 2 GPUs; pick one: RTXPRO6000" in shared.err
+    assert not (tmp_path / "dc").exists()
+
+
+# -- 18.7: sim commands refuse a directory that is not a simulated host ---------------------------
+@pytest.mark.parametrize(
+    "args",
+    [("writes",), ("fault", "--fail-write", "1"), ("reboot",), ("latency",), ("hold", "x"), ("release", "5")],
+)
+def test_sim_commands_refuse_a_directory_that_is_not_a_simulated_host(cli, tmp_path, args):
+    plain = tmp_path / "plain"
+    (plain / "run" / "keep").mkdir(parents=True)
+    (plain / "proc" / "4001").mkdir(parents=True)
+    result = cli("sim", args[0], str(plain), *args[1:])
+    assert result.code == 2, result.err
+    assert f"{plain} is not a simulated host" in result.err
+    # Nothing of the directory was touched (sim reboot used to empty its run/ and proc/).
+    assert sorted(p.relative_to(plain).as_posix() for p in plain.rglob("*")) == [
+        "proc",
+        "proc/4001",
+        "run",
+        "run/keep",
+    ]

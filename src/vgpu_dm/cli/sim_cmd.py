@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 # Where 'sim create --driver container' puts the driver: the GPU Operator's driver root on the host.
@@ -226,14 +228,17 @@ def gpus_cmd() -> None:
     """List the GPU names 'sim create --gpu' accepts."""
     from vgpu_dm import catalog
 
-    for entry in catalog.load():
-        click.echo(f"{entry.prefix:10} {entry.name}")
+    entries = catalog.load()
+    width = max(len(e.sim_name) for e in entries)
+    for entry in entries:
+        click.echo(f"{entry.sim_name:{width}}  {entry.name}")
 
 
 @sim_group.command("writes")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 def writes_cmd(directory: str) -> None:
     """Print every write made to the simulated host's control files, oldest first."""
+    _require_sim(directory)
     from vgpu_dm.sim.host import write_log
 
     for line in write_log(directory):
@@ -332,6 +337,7 @@ def fault_cmd(
     Example:
       nvidia-vgpu-dm sim fault /tmp/host --fail-write 3 --errno EBUSY
     """
+    _require_sim(directory)
     import errno
 
     from vgpu_dm.sim.faults import Faults
@@ -401,12 +407,16 @@ def latency_cmd(
 
 
 def _require_sim(directory: str) -> None:
-    from pathlib import Path
-
+    """Every command that reads or changes a simulated host's own files refuses any other directory
+    (``sim reboot /`` must never empty the real /run)."""
     from vgpu_dm.host.root import SIM_MARKER
+    from vgpu_dm.sim.files import STATE_FILE
 
-    if not Path(directory, SIM_MARKER, "host.json").is_file():
-        raise click.UsageError(f"{directory} is not a simulated host (make one with 'sim create')")
+    if not os.path.isfile(os.path.join(directory, SIM_MARKER, STATE_FILE)):
+        raise click.UsageError(
+            f"{directory} is not a simulated host (make one with 'nvidia-vgpu-dm sim create {directory} "
+            f"--gpu T4')"
+        )
 
 
 @sim_group.command("hold")
@@ -425,6 +435,7 @@ def hold_cmd(directory: str, device: str, name: str, cdev: bool | None) -> None:
 
     The real in-use detection finds it through proc/<pid>/fd, so apply refuses to remove the device.
     """
+    _require_sim(directory)
     from pathlib import Path
 
     from vgpu_dm.sim.processes import add_holder, device_node
@@ -442,6 +453,7 @@ def hold_cmd(directory: str, device: str, name: str, cdev: bool | None) -> None:
 @click.argument("pid", type=int)
 def release_cmd(directory: str, pid: int) -> None:
     """End the fake VM process PID made by 'sim hold' (no other process of the simulated host)."""
+    _require_sim(directory)
     from pathlib import Path
 
     from vgpu_dm.sim.processes import release_holder
@@ -459,6 +471,7 @@ def reboot_cmd(directory: str) -> None:
     """Reboot the simulated host: VFs, vGPUs, MIG GPU instances, mixed-size mode, /run and the fake VMs
     are gone; a pending MIG mode change takes effect (see 'sim create --mig-after-reboot').
     """
+    _require_sim(directory)
     from vgpu_dm.sim.reboot import reboot
 
     for line in reboot(directory):
