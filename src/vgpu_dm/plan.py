@@ -214,8 +214,8 @@ def _unnamed_problem(gpu: GPU, devices: list[VGPUDevice], inventory: Inventory, 
     why = inventory.vfio.smi_errors.get(gpu.address, "nvidia-smi vgpu -s -v does not list that id")
     return (
         f"{label}: cannot name the vGPU type of {what}: the VFs' creatable lists no longer show it, no "
-        f"learned type table has it, and {why}; nothing was changed — make nvidia-smi work (--driver-root, "
-        f"--nvidia-smi) so the existing vGPUs can be named"
+        f"learned type table has it, and {why}; apply leaves this GPU alone until it can — make nvidia-smi "
+        f"work (--driver-root, --nvidia-smi) so the existing vGPUs can be named"
     )
 
 

@@ -162,3 +162,118 @@ def test_sim_commands_refuse_a_directory_that_is_not_a_simulated_host(cli, tmp_p
         "run",
         "run/keep",
     ]
+
+
+# -- 18.5: read-only commands work on a read-only host, and never speak of changes -----------------
+# The CLI in a fresh interpreter whose every write below the host root fails with EROFS, as on a
+# read-only mount (the tests run as root, so file modes would not stop them).
+READ_ONLY_RUN = """
+import errno, os, sys
+root = os.path.realpath(sys.argv[1])
+WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def below(path):
+    if isinstance(path, int) or path is None:
+        return False
+    path = os.path.realpath(os.fsdecode(path))
+    return path == root or path.startswith(root + "/")
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITES)
+        if writing and below(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    elif event in ("os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "os.symlink",
+                   "os.truncate", "os.chmod", "shutil.rmtree"):
+        if any(below(a) for a in args if isinstance(a, (str, bytes))):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), args[0])
+sys.addaudithook(hook)
+from vgpu_dm.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_read_only(root, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", READ_ONLY_RUN, str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("VGPU_DM_")},
+    )
+
+
+MIXED_CONFIG = """\
+version: v1
+vgpu-configs:
+  mixed:
+    - device-filter: "0x1EB810DE"
+      devices: all
+      vgpu-devices: {"T4-1Q": 2, "T4-2Q": 2}
+    - device-filter: "0x26B910DE"
+      devices: all
+      vgpu-devices: {"L40S-12Q": 2, "L40S-4Q": 4}
+  small:
+    - device-filter: "0x1EB810DE"
+      devices: all
+      vgpu-devices: {"T4-1Q": 4}
+    - device-filter: "0x26B910DE"
+      devices: all
+      vgpu-devices: {"L40S-4Q": 4}
+"""
+
+
+@pytest.fixture
+def busy_host(cli, sim_host, tmp_path):
+    """A T4 (mdev) + L40S (vendor VFIO) host in mixed-size mode, whose every read runs nvidia-smi."""
+    root = sim_host("T4", "L40S")
+    config = tmp_path / "mixed.yaml"
+    config.write_text(MIXED_CONFIG)
+    applied = cli("apply", "--sim", str(root), "-f", str(config), "-c", "mixed")
+    assert applied.code == 0, applied.err
+    return root, str(config)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("list",),
+        ("list", "-o", "json"),
+        ("types",),
+        ("export",),
+        ("assert", "-c", "mixed"),
+        ("plan", "-c", "small"),
+        ("apply", "--dry-run", "-c", "small"),
+    ],
+)
+def test_read_only_commands_work_on_a_read_only_simulated_host(busy_host, args):
+    root, config = busy_host
+    before = sorted(str(p) for p in root.rglob("*"))
+    extra = ("-f", config) if args[0] in ("assert", "plan", "apply") else ()
+    result = run_read_only(root, *args, *extra, "--sim", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "Read-only file system" not in result.stderr and "Traceback" not in result.stderr
+    assert sorted(str(p) for p in root.rglob("*")) == before
+
+
+def test_list_reports_an_interrupted_apply_on_a_read_only_host(busy_host):
+    from vgpu_dm import journal
+    from vgpu_dm.sim.host import SimHostRoot
+
+    root, _ = busy_host
+    journal.write(SimHostRoot(root), journal.Journal(pid=4242, started=0.0, config="mixed", gpus=[]))
+    result = run_read_only(root, "list", "--sim", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "interrupted apply (pid 4242" in result.stderr
+
+
+def test_a_read_only_command_that_fails_does_not_speak_of_changes(cli, busy_host):
+    root, _ = busy_host
+    cli("sim", "fault", str(root), "--eio-read", "current_vgpu_type")
+    for command in ("list", "types", "export"):
+        result = cli(command, "--sim", str(root))
+        assert result.code == 1
+        assert "host I/O error: Input/output error" in result.err
+        assert "nothing was changed" not in result.err and "run apply again" not in result.err

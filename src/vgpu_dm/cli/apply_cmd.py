@@ -99,10 +99,12 @@ def apply_cmd(
         return
     from vgpu_dm.apply import ApplyOptions, apply_config
     from vgpu_dm.cli.host_select import open_cli_host
+    from vgpu_dm.cli.main import may_change
     from vgpu_dm.cli.signals import StopOnSignal
     from vgpu_dm.errors import ApplyInterrupted
 
     host = open_cli_host(host_root, sim)
+    may_change()
     from vgpu_dm.cli.progress import TerminalBar
 
     bar = TerminalBar() if TerminalBar.wanted() else None

@@ -206,8 +206,20 @@ def _count_names(names: list[str]) -> str:
     return ", ".join(f"{c} x {n}" for n, c in seen.items()) or "no vGPUs"
 
 
+# Set by a command that is about to change the host (apply): only then does an error say whether
+# anything was changed. A read-only command never changes anything, so it never says so.
+_changing = False
+
+
+def may_change() -> None:
+    global _changing
+    _changing = True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of raising SystemExit (for in-process tests)."""
+    global _changing
+    _changing = False
     root = sys.modules.get("vgpu_dm.host.root")  # not imported yet: nothing counted, keep imports light
     if root is not None:
         root.reset_changes()
@@ -230,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         log.setup_if_needed()
         log_problems(exc.problems)
-        _log.error("nothing was changed")
+        if _changing:
+            _log.error("nothing was changed")
         return EXIT_FAILED
     except OSError as exc:
         # Host I/O that failed outside a planned write (EIO on a sysfs read, an unreadable /proc …),
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             _log.error(f"host I/O error: {exc.strerror or exc}{where}")
         if changes_made():
             _log.error("the command stopped here; once the cause is fixed, run apply again to finish or undo")
-        else:
+        elif _changing:
             _log.error("nothing was changed")
         return EXIT_FAILED
     except (ApplyError, HostError, VgpuDmError) as exc:

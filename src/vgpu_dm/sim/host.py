@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from vgpu_dm import log
 from vgpu_dm.host.root import SIM_MARKER, HostRoot, NotAHostRoot, note_change
-from vgpu_dm.sim.files import FAULTS_FILE, LATENCY_FILE, STATE_FILE, WRITE_LOG
+from vgpu_dm.sim.files import DRIVER_LOCK, FAULTS_FILE, LATENCY_FILE, STATE_FILE, WRITE_LOG
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -89,9 +89,20 @@ class SimHostRoot(HostRoot):
         return super().read_text(rel)
 
     def _locked(self):
+        """The simulated driver's lock (one change of its state at a time, across processes).
+
+        Opened read-only (flock needs no write access), so a read-only simulated host can still be
+        read: a real host's nvidia-smi queries need no write access to anything either.
+        """
         import fcntl
 
-        fh = open(os.path.join(self.root, SIM_MARKER, "driver.lock"), "a")  # noqa: SIM115 - closed by caller
+        path = os.path.join(self.root, SIM_MARKER, DRIVER_LOCK)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            # A host made before the lock file was: make it (this is a write, so the host is writable).
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        fh = os.fdopen(fd, "rb")
         fcntl.flock(fh, fcntl.LOCK_EX)
         return fh
 

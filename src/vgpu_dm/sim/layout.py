@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
-from vgpu_dm.sim.files import STATE_FILE
+from vgpu_dm.sim.files import DRIVER_LOCK, STATE_FILE
 
 if TYPE_CHECKING:
     from vgpu_dm import catalog
@@ -238,6 +238,8 @@ def create_host(
     os.symlink(f"libnvidia-ml.so.{driver_version}", libdir / "libnvidia-ml.so.1")
     _write(base / "sys/module/nvidia/version", f"{driver_version}\n")
     (base / SIM_MARKER).mkdir()
+    # The simulated driver's lock: made now, so that reading the host later needs no write access.
+    (base / SIM_MARKER / DRIVER_LOCK).touch()
     # Non-GPU devices a discovery must skip: a host bridge and an NVIDIA HD-audio function.
     _pci_device(base, "0000:00:00.0", {"vendor": "0x8086", "device": "0x2020", "class": "0x060000"}, None, 1)
     state = SimState(gpus=[], driver_root=driver_root.strip("/"), driver_version=driver_version)
