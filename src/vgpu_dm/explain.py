@@ -41,6 +41,7 @@ def log_plan(plan) -> None:
         what = "; ".join(f"{verb} {text}" for verb, text in parts if text) or "nothing"
         extra = " (enable VFs first)" if gp.enable_vfs else ""
         extra += " (switch to mixed-size mode)" if gp.enable_mixed_size else ""
+        extra += " (switch back to equal-size mode)" if gp.disable_mixed_size else ""
         _log.debug(
             f"plan {gp.gpu.describe()} [{gp.entry.path}]: {what}{extra}",
             extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="plan"),

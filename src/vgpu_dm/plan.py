@@ -176,7 +176,7 @@ def build_plan(
             continue
         plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes, allow_assigned)
         if plan is not None:
-            _check_in_use(plan, inventory, force, problems, notes, allow_assigned)
+            _check_in_use(plan, inventory, force, problems, notes, allow_assigned, strict)
         if len(problems) > before:
             by_gpu[gpu.index] = tuple(problems[before:])
             if plan is not None:
@@ -316,10 +316,11 @@ def _plan_gpu(
         by_type.setdefault(device.type_name, []).append(device)
     if any(len(devs) > resolved.get(n, (None, 0))[1] for n, devs in by_type.items() if n in resolved):
         # Fewer of a type: keep the ones VMs use, then the ones defined VMs name, remove idle ones.
+        # (Only the order: when who holds them cannot be told, the in-use check below says so.)
         for devices in by_type.values():
             devices.sort(
                 key=lambda d: (
-                    not inventory.holders.holders(d, required=not force),
+                    not inventory.holders.holders(d, required=False),
                     not inventory.assigned(d),
                 )
             )
@@ -404,12 +405,23 @@ def _check_in_use(
     problems: list[str],
     notes: list[str],
     allow_assigned: tuple[str, ...] = (),
+    strict: bool = True,
 ) -> None:
     """A vGPU that a VM holds is never removed unless the operator forces it; one that a defined VM
-    names is not removed (unless recreated as it was) without --force or --allow-assigned."""
+    names is not removed (unless recreated as it was) without --force or --allow-assigned.
+
+    When who holds them cannot be told (no readable /proc), apply stops (HostError); a preview
+    (``strict=False``) records it as this GPU's problem and still shows the GPU's plan.
+    """
     recreated = plan.recreated
     for device in plan.remove:
-        holders = inventory.holders.holders(device, required=not force)
+        try:
+            holders = inventory.holders.holders(device, required=not force)
+        except HostError as exc:
+            if strict:
+                raise
+            problems.append(f"{plan.gpu.describe()}: {exc}")
+            return
         if not holders:
             _check_assigned(plan, device, inventory, force, problems, notes, allow_assigned, recreated)
             continue
@@ -601,7 +613,16 @@ def _plan_enable_vfs(
             what = " + ".join(f"{c} x {t.name}" for t, c in wanted.items())
             problems.append(f"{label}: {what} need {used:g} GB of framebuffer, but the GPU has {fb} GB")
             return None
-    return GPUPlan(gpu, "sriov-vfs-off", entry, {t.name: c for t, c in wanted.items()}, enable_vfs=True)
+    # Enabling the VFs rebinds the GPU, which resets mixed-size mode: mixed sizes then switch it on.
+    mixed = len({t.framebuffer_gb for t in wanted}) > 1
+    return GPUPlan(
+        gpu,
+        "sriov-vfs-off",
+        entry,
+        {t.name: c for t, c in wanted.items()},
+        enable_vfs=True,
+        enable_mixed_size=mixed,
+    )
 
 
 def _mig_backed(name: str) -> bool:

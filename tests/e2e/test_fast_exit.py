@@ -49,7 +49,7 @@ def test_large_json_output_through_a_pipe_arrives_whole(cli, sim_host):
         [str(ENTRY_POINT), "list", "--json", "--sim", str(root)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0
-    listed = json.loads(proc.stdout)
+    listed = json.loads(proc.stdout)["gpus"]
     assert len(listed) == 8 and all(gpu["vgpus"] for gpu in listed)
 
 

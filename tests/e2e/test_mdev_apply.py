@@ -47,7 +47,7 @@ def config(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
 def report(cli, root: Path) -> list[dict]:
     result = cli("list", "--json", "--sim", str(root))
     assert result.code == 0, result.err
-    return json.loads(result.out)
+    return json.loads(result.out)["gpus"]
 
 
 def layout(cli, root: Path) -> list[dict[str, int]]:
@@ -146,7 +146,7 @@ def test_entry_point_apply_assert_list(run_cli, sim_host):
     assert len(writes(root)) == 8
     listed = run_cli("list", "--json", "--sim", str(root))
     assert listed.code == 0
-    assert [len(g["vgpus"]) for g in json.loads(listed.out)] == [4, 4]
+    assert [len(g["vgpus"]) for g in json.loads(listed.out)["gpus"]] == [4, 4]
     assert run_cli("assert", "--sim", str(root), "-f", str(T4_CONFIG), "-c", "T4-4Q").code == 0
     failed = run_cli("assert", "--sim", str(root), "-f", str(T4_CONFIG), "-c", "T4-large")
     assert failed.code == 1
@@ -595,7 +595,7 @@ vgpu-configs:
     for v in t4:
         row = next(r for r in rows if r["UUID"] == v["uuid"])
         assert (row["GPU"], row["ADDRESS"], row["VGPU TYPE"], row["PARENT"]) == ("0", T4_0, "T4-8Q", T4_0)
-        assert row["MODEL"] == "Tesla T4" and row["MIXED"] == "-" and row["HOLDER"] == "-"
+        assert row["MODEL"] == "Tesla T4" and row["MIXED"] == "off" and row["HOLDER"] == "-"
     gpu1 = [r for r in rows if r["GPU"] == "1"]
     assert len(gpu1) == 1 and gpu1[0]["ADDRESS"] == T4_1
     assert [gpu1[0][c] for c in ("VGPU TYPE", "UUID", "PARENT", "HOLDER")] == ["-"] * 4
@@ -628,7 +628,7 @@ def test_sim_selected_by_environment(cli, run_cli, sim_host):
     assert len(writes(root)) == 4
     assert cli("assert", "-f", str(T4_CONFIG), "-c", "default", env=env).code == 0
     listed = cli("list", "--json", env=env)
-    assert [len(g["vgpus"]) for g in json.loads(listed.out)] == [2, 2]
+    assert [len(g["vgpus"]) for g in json.loads(listed.out)["gpus"]] == [2, 2]
     # The installed entry point and the other environment variables agree.
     env_all = {**env, "VGPU_DM_CONFIG_FILE": str(T4_CONFIG), "VGPU_DM_SELECTED_CONFIG": "T4-8Q"}
     held = run_cli("assert", env=env_all)

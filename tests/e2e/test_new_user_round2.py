@@ -277,3 +277,216 @@ def test_a_read_only_command_that_fails_does_not_speak_of_changes(cli, busy_host
         assert result.code == 1
         assert "host I/O error: Input/output error" in result.err
         assert "nothing was changed" not in result.err and "run apply again" not in result.err
+
+
+# -- 18.2: previews show mixed-size mode switches; list shows the mode on mdev GPUs ---------------
+def test_plan_shows_switching_mixed_size_mode_on_and_off(cli, sim_host, tmp_path):
+    import json
+
+    root = sim_host("T4", "L40S")
+    config = tmp_path / "mixed.yaml"
+    config.write_text(MIXED_CONFIG)
+    on = cli("plan", "--sim", str(root), "-f", str(config), "-c", "mixed")
+    assert on.code == 0, on.out
+    # Both GPUs switch it on: the T4 now, the L40S after its VFs are enabled (which resets the mode).
+    assert on.out.count("  enable   mixed-size (heterogeneous) vGPU mode") == 2, on.out
+    assert "2 mixed-size mode switch(es)" in on.out
+    report = json.loads(cli("plan", "--sim", str(root), "-f", str(config), "-c", "mixed", "-o", "json").out)
+    assert [g["mixed_size_switch"] for g in report["gpus"]] == ["on", "on"]
+    assert cli("apply", "--sim", str(root), "-f", str(config), "-c", "mixed").code == 0
+    applied = writes(root)
+
+    off = cli("plan", "--sim", str(root), "-f", str(config), "-c", "small")
+    assert off.code == 0
+    assert off.out.count("  disable  mixed-size (heterogeneous) vGPU mode") == 2, off.out
+    lines = off.out.splitlines()
+    # In apply's order: the vGPUs go, then the mode, then the new vGPUs come.
+    first = lines.index(next(x for x in lines if x.startswith("  disable")))
+    assert lines[first - 1].startswith("  remove") and lines[first + 1].startswith("  create")
+    report = json.loads(cli("plan", "--sim", str(root), "-f", str(config), "-c", "small", "--json").out)
+    assert [g["mixed_size_switch"] for g in report["gpus"]] == ["off", "off"]
+    dry = cli("apply", "--dry-run", "--sim", str(root), "-f", str(config), "-c", "small")
+    assert dry.out == off.out
+    assert writes(root) == applied  # previews write nothing
+
+
+def test_list_shows_mixed_size_mode_on_an_mdev_gpu_apply_switched(cli, sim_host, tmp_path):
+    import json
+
+    root = sim_host("T4", "L40S")
+    config = tmp_path / "mixed.yaml"
+    config.write_text(MIXED_CONFIG)
+    assert cli("apply", "--sim", str(root), "-f", str(config), "-c", "mixed").code == 0
+    gpus = json.loads(cli("list", "--sim", str(root), "-o", "json").out)["gpus"]
+    assert [(g["framework"], g["mixed_size"]) for g in gpus] == [("mdev", "on"), ("vendor-vfio", "on")]
+    table = cli("list", "--sim", str(root)).out.splitlines()
+    assert table[1].split()[:5] == ["0", "0000:3b:00.0", "Tesla", "T4", "mdev"]
+    assert table[1].split()[5] == "on"
+    assert cli("apply", "--sim", str(root), "-f", str(config), "-c", "small").code == 0
+    gpus = json.loads(cli("list", "--sim", str(root), "-o", "json").out)["gpus"]
+    assert [g["mixed_size"] for g in gpus] == ["off", "off"]
+
+
+# -- 18.3: a preview shows the plan and the problem when the in-use check cannot run ----------------
+def test_a_preview_shows_the_plan_next_to_an_in_use_check_that_cannot_run(cli, sim_host):
+    import json
+    import shutil
+
+    root = sim_host("T4", "T4")
+    assert cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-4Q").code == 0
+    shutil.rmtree(root / "proc")
+    (root / "proc").mkdir()  # a host root whose /proc lists nothing
+    for args in (("plan",), ("apply", "--dry-run")):
+        result = cli(*args, "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-2Q")
+        assert result.code == 1
+        lines = result.out.splitlines()
+        assert lines[1:4] == [
+            "  remove   4 x T4-4Q",
+            "  create   8 x T4-2Q",
+            "  problem: GPU 0 (0000:3b:00.0): cannot tell which vGPUs VMs are using: "
+            f"{root}/proc lists no processes (mount the host's /proc; in Kubernetes run with hostPID); "
+            "pass --force to remove vGPUs without this check",
+        ], result.out
+        assert lines[-1].startswith("config 'T4-2Q': 2 problem(s); apply would stop")
+    report = json.loads(cli("plan", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-2Q", "-o", "json").out)
+    gpu = report["gpus"][0]
+    assert (
+        gpu["status"] == "problem"
+        and len(gpu["remove"]) == 4
+        and gpu["create"] == [{"type": "T4-2Q", "count": 8}]
+    )
+    # Apply itself still stops before any write.
+    before = writes(root)
+    assert cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-2Q").code == 1
+    assert writes(root) == before
+
+
+def test_a_preview_shows_the_plan_next_to_a_vm_that_blocks_it(cli, sim_host):
+    import json
+
+    root = sim_host("T4")
+    assert cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-4Q").code == 0
+    uuid = json.loads(cli("list", "--sim", str(root), "-o", "json").out)["gpus"][0]["vgpus"][0]["uuid"]
+    pid = cli("sim", "hold", str(root), uuid).out.split()[1]
+    result = cli("plan", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-2Q")
+    assert result.code == 1
+    assert "  remove   4 x T4-4Q" in result.out
+    assert f"           T4-4Q {uuid} is IN USE by pid {pid} (qemu-system-x86_64)" in result.out
+    assert f"  problem: GPU 0 (0000:3b:00.0): T4-4Q {uuid} is in use by pid {pid}" in result.out
+
+
+# -- 18.14: -d on list shows what was discovered ----------------------------------------------------
+@pytest.mark.parametrize("command", ["list", "types", "export"])
+def test_debug_shows_discovery_on_read_only_commands(cli, sim_host, command):
+    root = sim_host("T4", "L40S")
+    for args in ((command, "-d"), ("-d", command)):
+        result = cli(*args, "--sim", str(root))
+        assert result.code == 0, result.err
+        found = [x for x in result.err.splitlines() if "level=debug" in x and "discovered GPU" in x]
+        assert len(found) == 2, result.err
+        assert "discovered GPU 0 (0000:3b:00.0): id 0x1EB810DE" in found[0] and "framework mdev" in found[0]
+        assert "framework sriov-vfs-off" in found[1]
+
+
+# -- output conventions: -o json|yaml|wide, --no-headers, one JSON shape -----------------------------
+def _data(cli, *args: str):
+    import json
+
+    import yaml
+
+    as_json = cli(*args, "-o", "json")
+    assert as_json.code in (0, 1), as_json.err
+    alias = cli(*args, "--json")
+    as_yaml = cli(*args, "-o", "yaml")
+    data = json.loads(as_json.out)
+    assert json.loads(alias.out) == data  # --json stays an alias of -o json
+    assert yaml.safe_load(as_yaml.out) == data  # YAML is the same data
+    return data
+
+
+@pytest.mark.parametrize(
+    "command", [("list",), ("types",), ("plan", "-c", "T4-small"), ("apply", "--dry-run", "-c", "T4-small")]
+)
+def test_every_report_is_an_object_with_gpus_in_json_and_yaml(cli, busy_host, command):
+    root, _ = busy_host
+    extra = ("-f", T4_CONFIG) if command[0] in ("plan", "apply") else ()
+    data = _data(cli, *command, *extra, "--sim", str(root))
+    assert isinstance(data, dict) and isinstance(data["gpus"], list) and len(data["gpus"]) == 2
+    for gpu in data["gpus"]:
+        assert {"index", "address", "device_id", "model", "framework"} <= set(gpu)
+    # Not applicable is null, never "-".
+    assert '"-"' not in __import__("json").dumps(data)
+
+
+def test_null_for_what_does_not_apply(cli, sim_host):
+    root = sim_host("T4", "L40S")
+    listed = _data(cli, "list", "--sim", str(root))
+    assert [g["mixed_size"] for g in listed["gpus"]] == ["off", None]  # VFs off: not in vGPU mode yet
+    assert listed["journal"] is None and all(g["apply_journal"] is None for g in listed["gpus"])
+    planned = _data(cli, "plan", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-small")
+    t4, l40s = planned["gpus"]
+    assert t4["mixed_size_switch"] is None and t4["mig"] is None and t4["problems"] == []
+    assert l40s["status"] == "unselected" and l40s["entry"] is None
+    assert (l40s["keep"], l40s["remove"], l40s["create"], l40s["enable_vfs"]) == ([], [], [], False)
+    types = _data(cli, "types", "--sim", str(root))
+    assert all(t["available"] is None and t["type_id"] is None for t in types["gpus"][1]["types"])
+
+
+def test_wide_and_no_headers(cli, busy_host):
+    root, _ = busy_host
+    normal = cli("list", "--sim", str(root)).out.splitlines()
+    wide = cli("list", "--sim", str(root), "-o", "wide").out.splitlines()
+    bare = cli("list", "--sim", str(root), "--no-headers").out.splitlines()
+    assert normal[0].split() == [
+        "GPU",
+        "ADDRESS",
+        "MODEL",
+        "FRAMEWORK",
+        "MIXED",
+        "VGPU",
+        "TYPE",
+        "UUID",
+        "PARENT",
+        "HOLDER",
+    ]
+    for column in ("DEVICE ID", "DRIVER", "NUMA", "TYPE ID", "IOMMU GROUP"):
+        assert column in wide[0] and column not in normal[0]
+    assert bare == normal[1:]
+    assert cli("list", "--sim", str(root), "-o", "wide", "--no-headers").out.splitlines() == wide[1:]
+    types = cli("types", "--sim", str(root)).out.splitlines()
+    assert cli("types", "--sim", str(root), "--no-headers").out.splitlines() == types[1:]
+    assert "DRIVER NAME" in cli("types", "--sim", str(root), "-o", "wide").out.splitlines()[0]
+    plan = cli("plan", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-small", "-o", "wide").out
+    assert "0x1EB810DE" in plan.splitlines()[0]
+    assert len([x for x in plan.splitlines() if x.startswith("           T4-")]) == 4  # each vGPU removed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("list", "--json", "-o", "yaml"), "--json and -o yaml both given"),
+        (("list", "-o", "json", "--no-headers"), "--no-headers goes with the table output"),
+        (("types", "-o", "xml"), "'xml' is not one of"),
+        (("export", "-o", "wide"), "'wide' is not one of"),
+        (("apply", "-o", "json", "-f", T4_CONFIG, "-c", "T4-small"), "-o json goes with --dry-run"),
+    ],
+)
+def test_contradictory_output_options_are_usage_errors(cli, sim_host, args, message):
+    root = sim_host("T4")
+    result = cli(*args, "--sim", str(root))
+    assert result.code == 2
+    assert message in result.err
+    assert writes(root) == []
+
+
+def test_export_as_json_is_a_config_file_that_holds(cli, busy_host, tmp_path):
+    import json
+
+    root, _ = busy_host
+    exported = cli("export", "--sim", str(root), "-o", "json", "--name", "saved")
+    assert exported.code == 0
+    data = json.loads(exported.out)
+    assert data["version"] == "v1" and list(data["vgpu-configs"]) == ["saved"]
+    saved = tmp_path / "saved.json"
+    saved.write_text(exported.out)
+    assert cli("assert", "--sim", str(root), "-f", str(saved)).code == 0

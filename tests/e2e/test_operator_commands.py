@@ -125,10 +125,12 @@ def test_plan_on_vendor_vfio_shows_enabling_vfs_and_mixed_size_without_doing_it(
     (gpu,) = report["gpus"]
     assert gpu["framework"] == "sriov-vfs-off" and gpu["enable_vfs"] is True
     assert gpu["create"] == [{"type": "L40S-12Q", "count": 2}, {"type": "L40S-4Q", "count": 4}]
-    assert json.loads(cli("list", "--json", "--sim", str(root)).out)[0]["framework"] == "sriov-vfs-off"
+    assert (
+        json.loads(cli("list", "--json", "--sim", str(root)).out)["gpus"][0]["framework"] == "sriov-vfs-off"
+    )
     assert cli("apply", "--sim", str(root), "-f", per_gpu_config(tmp_path, "one", [{"L40S-4Q": 1}])).code == 0
     mixed = plan_json(cli, root, "-f", cfg)["gpus"][0]
-    assert mixed["framework"] == "vendor-vfio" and mixed["enable_mixed_size"] is True
+    assert mixed["framework"] == "vendor-vfio" and mixed["mixed_size_switch"] == "on"
     assert len(mixed["remove"]) == 1  # the mode changes only on an empty GPU
 
 
@@ -241,7 +243,7 @@ TYPE_COLUMNS = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "VGPU TYPE", "ID", "MAX"
 
 def test_types_on_mdev_follow_the_driver(cli, sim_host):
     root = sim_host("T4", "A10")
-    report = json.loads(cli("types", "--sim", str(root), "--json").out)
+    report = json.loads(cli("types", "--sim", str(root), "--json").out)["gpus"]
     t4 = {t["name"]: t for t in report[0]["types"]}
     assert t4["T4-1Q"]["max_instances"] == 16 and t4["T4-1Q"]["available"] == 16
     assert (t4["T4-16C"]["framebuffer_gb"], t4["T4-16C"]["series"]) == (16, "C")
@@ -250,7 +252,7 @@ def test_types_on_mdev_follow_the_driver(cli, sim_host):
     # Every free VF offers one; the GPU takes no more than the type's limit.
     assert a10["A10-4Q"]["available"] == 6 and a10["A10-24Q"]["available"] == 1
     assert cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-medium").code == 0
-    after = json.loads(cli("types", "--sim", str(root), "--json").out)
+    after = json.loads(cli("types", "--sim", str(root), "--json").out)["gpus"]
     t4 = {t["name"]: t for t in after[0]["types"]}
     assert t4["T4-4Q"]["available"] == 0 and t4["T4-4Q"]["max_instances"] == 4
     table = cli("types", "--sim", str(root))
@@ -262,14 +264,14 @@ def test_types_on_mdev_follow_the_driver(cli, sim_host):
 
 def test_types_on_vendor_vfio_before_and_after_vfs_exist(cli, sim_host, tmp_path):
     root = sim_host("L40S")
-    before = json.loads(cli("types", "--sim", str(root), "--json").out)[0]
+    before = json.loads(cli("types", "--sim", str(root), "--json").out)["gpus"][0]
     assert before["source"].startswith("catalog")
     assert {t["name"]: t["max_instances"] for t in before["types"]}["L40S-4Q"] == 12
     assert all(t["available"] is None for t in before["types"])
     assert "virtual functions not enabled yet" in cli("types", "--sim", str(root)).out
     cfg = per_gpu_config(tmp_path, "c", [{"L40S-4Q": 5}])
     assert cli("apply", "--sim", str(root), "-f", cfg).code == 0
-    after = json.loads(cli("types", "--sim", str(root), "--json").out)[0]
+    after = json.loads(cli("types", "--sim", str(root), "--json").out)["gpus"][0]
     assert after["source"] == "driver" and after["framework"] == "vendor-vfio"
     offered = {t["name"]: t for t in after["types"]}
     # Equal-size mode: only the 4 GB types are creatable next to the 4Q vGPUs.
@@ -309,7 +311,7 @@ def test_list_shows_holders_mixed_size_mode_and_plain_model_names(cli, sim_host,
     root = sim_host("T4", "L40S", "A16")
     cfg = per_gpu_config(tmp_path, "c", [{"T4-8Q": 2}, {"L40S-12Q": 2, "L40S-4Q": 4}, {}])
     assert cli("apply", "--sim", str(root), "-f", cfg).code == 0
-    uuid = json.loads(cli("list", "--json", "--sim", str(root)).out)[0]["vgpus"][0]["uuid"]
+    uuid = json.loads(cli("list", "--json", "--sim", str(root)).out)["gpus"][0]["vgpus"][0]["uuid"]
     pid = int(cli("sim", "hold", str(root), uuid, "--name", "vm-web").out.split()[1])
     table = cli("list", "--sim", str(root))
     rows = parse_table(table.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
@@ -317,9 +319,12 @@ def test_list_shows_holders_mixed_size_mode_and_plain_model_names(cli, sim_host,
     assert held["HOLDER"] == f"{pid} vm-web"
     assert {r["MIXED"] for r in rows if r["GPU"] == "1"} == {"on"}
     assert [r["MODEL"] for r in rows if r["GPU"] == "2"] == ["NVIDIA A16"]  # no "(one of 4 GPUs per board)"
-    gpus = json.loads(cli("list", "--json", "--sim", str(root)).out)
+    gpus = json.loads(cli("list", "--json", "--sim", str(root)).out)["gpus"]
     assert gpus[0]["vgpus"][0]["holders"] == [{"pid": pid, "name": "vm-web"}]
-    assert [g["mixed_size"] for g in gpus] == ["-", "on", "-"]
+    # mdev GPUs have the mode too (apply switches it there as well): issue 18.2.
+    assert [g["mixed_size"] for g in gpus] == ["off", "on", "off"]
     plain = sim_host("L40S", mixed_size=False)
     cli("apply", "--sim", str(plain), "-f", per_gpu_config(tmp_path, "one", [{"L40S-4Q": 1}]))
-    assert json.loads(cli("list", "--json", "--sim", str(plain)).out)[0]["mixed_size"] == "unsupported"
+    assert (
+        json.loads(cli("list", "--json", "--sim", str(plain)).out)["gpus"][0]["mixed_size"] == "unsupported"
+    )

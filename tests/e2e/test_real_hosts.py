@@ -52,7 +52,7 @@ def test_gpus_in_a_vmd_domain_get_their_vfs_enabled_and_vgpus(cli, tmp_path):
     assert layouts(root) == [{"L40S-12Q": 2}]
     assert {d[0] for d in snapshot(root)} == {"10000:3b:00.0"}
     listing = cli("list", "--sim", str(root), "--json")
-    assert json.loads(listing.out)[0]["address"] == "10000:3b:00.0"
+    assert json.loads(listing.out)["gpus"][0]["address"] == "10000:3b:00.0"
 
 
 # -- 8.6 mdev type directories are <parent driver>-<id> --------------------------------------------
@@ -69,7 +69,7 @@ def test_mdev_types_on_vfs_bound_to_vfio_pci_are_found_by_name(cli, tmp_path):
     assert layouts(root) == [{"A40-24Q": 2}]
     check = cli("assert", "--sim", str(root), "-f", str(tmp_path / "two.yaml"))
     assert check.code == 0, check.err
-    listing = json.loads(cli("list", "--sim", str(root), "--json").out)
+    listing = json.loads(cli("list", "--sim", str(root), "--json").out)["gpus"]
     assert [v["type"] for v in listing[0]["vgpus"]] == ["A40-24Q", "A40-24Q"]
 
 

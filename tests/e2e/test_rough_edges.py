@@ -34,7 +34,7 @@ def test_sim_create_prints_gpu_indices_in_pci_order(cli, tmp_path):
     result = cli("sim", "create", str(root), *[x for g in ("T4",) * 5 + ("A10",) for x in ("--gpu", g)])
     assert result.code == 0, result.err
     printed = [line.split()[:3] for line in result.out.splitlines() if line.startswith("GPU ")]
-    listed = json.loads(cli("list", "--json", "--sim", str(root)).out)
+    listed = json.loads(cli("list", "--json", "--sim", str(root)).out)["gpus"]
     assert printed == [["GPU", f"{g['index']}:", g["address"]] for g in listed]
     assert printed[0] == ["GPU", "0:", "0000:18:00.0"]
     assert "NVIDIA A10" in result.out.splitlines()[0]
@@ -128,7 +128,7 @@ def test_a_running_apply_is_not_promised_an_undo(cli, sim_host):
         listed = cli("list", "--sim", str(root), "--json")
     assert "it finishes or rolls back by itself" in checked.err
     assert "next apply" not in checked.err
-    (gpu,) = json.loads(listed.out)
+    (gpu,) = json.loads(listed.out)["gpus"]
     # A journal that names no GPU concerns none: only the warning tells of it.
     assert gpu["apply_journal"] is None
     assert "finishes or rolls back by itself" in listed.err
@@ -148,7 +148,7 @@ def test_list_json_shows_an_interrupted_apply_on_its_gpus(cli, sim_host):
             }
         ],
     )
-    gpus = json.loads(cli("list", "--json", "--sim", str(root)).out)
+    gpus = json.loads(cli("list", "--json", "--sim", str(root)).out)["gpus"]
     assert gpus[0]["apply_journal"] is None
     pending = gpus[1]["apply_journal"]
     assert pending["state"] == "interrupted" and pending["pid"] == 4242 and pending["config"] == "T4-small"

@@ -90,7 +90,7 @@ def check(cli, root: Path, cfg: str, name: str):
 def report(cli, root: Path) -> list[dict]:
     result = cli("list", "--json", "--sim", str(root))
     assert result.code == 0, result.err
-    return json.loads(result.out)
+    return json.loads(result.out)["gpus"]
 
 
 def layout(cli, root: Path) -> list[dict[str, int]]:
@@ -224,7 +224,7 @@ def test_entry_point_apply_assert_list(run_cli, vhost, tmp_path):
     assert len(writes(root)) == 8
     assert run_cli("assert", "--sim", str(root), "-f", cfg, "-c", "c").code == 0
     listed = run_cli("list", "--sim", str(root), "--json")
-    (gpu,) = json.loads(listed.out)
+    (gpu,) = json.loads(listed.out)["gpus"]
     assert gpu["framework"] == "vendor-vfio"
     assert [v["parent"] for v in gpu["vgpus"]] == vfs_of(root, GPU0)[:8]
 

@@ -314,7 +314,7 @@ def test_list_host_root(cli, host):
     for absent in (T4_AUDIO, NIC, NVSWITCH, IGPU, GVT_VGPU, *A10_VFS[1:10]):
         assert absent not in result.out
 
-    as_json = json.loads(cli("list", "--json", "--host-root", str(host)).out)
+    as_json = json.loads(cli("list", "--json", "--host-root", str(host)).out)["gpus"]
     assert [(g["index"], g["address"], g["device_id"]) for g in as_json] == [
         (0, T4, "0x1EB810DE:0x12A210DE"),
         (1, A40_VFIO, "0x223510DE:0x00000000"),

@@ -328,7 +328,7 @@ def test_full_gpu_names_its_vgpus_from_a_learned_table(own_tree):
 def test_list_json_reports_each_gpu_and_its_vfs(cli, tree):
     result = cli("list", "--json", "--host-root", str(tree))
     assert result.code == 0, result.err
-    report = {g["address"]: g for g in json.loads(result.out)}
+    report = {g["address"]: g for g in json.loads(result.out)["gpus"]}
     assert list(report) == [T4, L40S, DC, H100, A40]
     assert [g["index"] for g in report.values()] == [0, 1, 2, 3, 4]
     assert [g["framework"] for g in report.values()] == [

@@ -35,7 +35,14 @@ _log = log.get()
     is_flag=True,
     help="Only show what would be done, per GPU (as the plan command does); write nothing, take no lock.",
 )
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: same as -o json.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["json", "yaml", "wide"]),
+    metavar="JSON|YAML|WIDE",
+    help="With --dry-run: the plan as JSON or YAML, or as text that lists every vGPU removed (wide).",
+)
 @options.mig_parted
 @options.skip_mig
 @options.allow_assigned
@@ -58,6 +65,7 @@ def apply_cmd(
     jobs: int,
     dry_run: bool,
     as_json: bool,
+    output: str | None,
     mig_parted: str,
     skip_mig: bool,
     allow_assigned: tuple[str, ...],
@@ -76,8 +84,12 @@ def apply_cmd(
     vGPUs that a libvirt VM is defined to use (running or not) are kept unless --allow-assigned or
     --force; a vGPU removed and created again keeps its UUID (mdev) or VF (vendor VFIO).
     """
-    if as_json and not dry_run:
-        raise click.UsageError("--json goes with --dry-run (apply itself logs to stderr)")
+    if (as_json or output) and not dry_run:
+        given = "--json" if as_json else f"-o {output}"
+        raise click.UsageError(f"{given} goes with --dry-run (apply itself logs to stderr)")
+    from vgpu_dm.cli.output import output_format
+
+    fmt = output_format(output, as_json)
     spec, name, entries = load_selected(config_file, selected_config)
     hooks = None
     if hooks_file:
@@ -93,7 +105,7 @@ def apply_cmd(
     if dry_run:
         from vgpu_dm.cli.plan_cmd import run_plan
 
-        code = run_plan((spec, name, entries), host_root, sim, tools, force, as_json, allow_assigned)
+        code = run_plan((spec, name, entries), host_root, sim, tools, force, fmt, allow_assigned)
         if code:
             raise Failure(code)
         return

@@ -24,10 +24,8 @@ def _name(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def export_layout(inventory, name: str) -> str:
-    """The config text: one config ``name``; GPUs with identical layouts share an entry."""
-    from vgpu_dm import catalog
-    from vgpu_dm.cli.list_cmd import model_name
+def _groups(inventory) -> list[tuple[tuple[tuple[str, int], ...], list]]:
+    """GPUs grouped by identical layout (type → count, in the driver's order of first appearance)."""
     from vgpu_dm.errors import HostError
     from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
 
@@ -45,11 +43,20 @@ def export_layout(inventory, name: str) -> str:
         # Keep the driver's order of first appearance, so the file reads like the host.
         layout = tuple(Counter(d.type_name for d in devices).items())
         groups.setdefault(layout, []).append(gpu)
+    return list(groups.items())
+
+
+def export_layout(inventory, name: str) -> str:
+    """The config text: one config ``name``; GPUs with identical layouts share an entry."""
+    from vgpu_dm import catalog
+    from vgpu_dm.cli.list_cmd import model_name
+
+    groups = _groups(inventory)
     lines = ["version: v1", "vgpu-configs:", f"  {_name(name)}:"]
     if not groups:
         # No GPUs: a config needs one entry; "all" with no vGPUs is what such a host has.
         lines += ["    - devices: all", "      vgpu-devices: {}"]
-    for layout, gpus in groups.items():
+    for layout, gpus in groups:
         models = sorted({model_name(e.name) for g in gpus if (e := catalog.for_device(g.device_id))})
         where = ", ".join(str(g.index) for g in gpus)
         lines.append(f"    # GPU {where}: {', '.join(models) or 'unknown model'}")
@@ -63,6 +70,19 @@ def export_layout(inventory, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_data(inventory, name: str) -> dict:
+    """The same config as data (for -o json: a JSON file is a valid config file too)."""
+    groups = _groups(inventory)
+    entries = [
+        {
+            "devices": "all" if len(groups) == 1 else [g.index for g in gpus],
+            "vgpu-devices": dict(layout),
+        }
+        for layout, gpus in groups
+    ] or [{"devices": "all", "vgpu-devices": {}}]
+    return {"version": "v1", "vgpu-configs": {name: entries}}
+
+
 @click.command("export")
 @click.option(
     "--name",
@@ -71,18 +91,35 @@ def export_layout(inventory, name: str) -> str:
     metavar="NAME",
     help="Name of the config in the exported file.",
 )
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["yaml", "json"]),
+    default="yaml",
+    show_default=True,
+    metavar="YAML|JSON",
+    help="The config file as YAML (with a comment naming the GPUs of each entry) or as JSON; both are "
+    "config files that -f reads.",
+)
 @options.host_root
 @options.sim
 @options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
 def export_cmd(
-    name: str, host_root: str, sim: str | None, driver_root: str | None, sriov_manage: str, nvidia_smi: str
+    name: str,
+    output: str,
+    host_root: str,
+    sim: str | None,
+    driver_root: str | None,
+    sriov_manage: str,
+    nvidia_smi: str,
 ) -> None:
     """Print the host's current vGPU layout as a config file (one config, called NAME).
 
     GPUs with the same layout share one entry ('devices: all' when every GPU has it); GPUs without
-    vGPUs get 'vgpu-devices: {}'. 'assert' with the exported file holds on this host.
+    vGPUs get 'vgpu-devices: {}'. 'assert' with the exported file holds on this host. Its output is a
+    config file, not a report: -o json gives the same config as JSON (no 'gpus' list).
 
     \b
     Example:
@@ -92,12 +129,18 @@ def export_cmd(
     from vgpu_dm.cli.host_select import open_cli_host
     from vgpu_dm.cli.journal_note import journal_note
     from vgpu_dm.cli.output import emit
+    from vgpu_dm.explain import log_discovery
     from vgpu_dm.host.inventory import HostTools, Inventory
 
     if not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise click.BadParameter("must be a non-empty name without control characters", param_hint="--name")
     host = open_cli_host(host_root, sim)
-    text = export_layout(Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root)), name)
+    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root))
+    log_discovery(inventory)
+    if output == "json":
+        text = json.dumps(export_data(inventory, name), indent=2)
+    else:
+        text = export_layout(inventory, name)
     note = journal_note(host)
     if note:
         # What is exported may be a half-done change; say so where the operator looks.

@@ -1,13 +1,15 @@
-"""``nvidia-vgpu-dm list``: the host's GPUs and their vGPU devices, as a table or JSON."""
+"""``nvidia-vgpu-dm list``: the host's GPUs and their vGPU devices, as a table, JSON or YAML."""
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import click
 
 from vgpu_dm.cli import options
+from vgpu_dm.cli.output import output_options
 
 _NOTE = re.compile(r"\s*\([^)]*\)\s*$")
 
@@ -17,19 +19,35 @@ def model_name(catalog_name: str) -> str:
     return _NOTE.sub("", catalog_name) or catalog_name
 
 
-def _mixed_size(inventory, gpu, framework: str) -> str:
-    """on / off / unsupported for vendor-VFIO GPUs; "-" where this tool does not manage the mode."""
+def mixed_size_modes(inventory, frameworks: dict[str, str]) -> dict[str, str | None]:
+    """GPU address → "on" / "off" / "unsupported" / "unknown" (nvidia-smi failed), or None where the
+    mode does not apply (no vGPU framework).
+
+    One ``nvidia-smi -q`` answers for every GPU (on a real host each run takes a while): each GPU's
+    own block says whether it supports mixed sizes and whether the mode is on, on mdev and
+    vendor-VFIO GPUs alike (apply switches it on both).
+    """
     from vgpu_dm.errors import HostError
 
-    if framework != "vendor-vfio":
-        return "-"
+    vgpu = [a for a, f in frameworks.items() if f in ("mdev", "vendor-vfio")]
+    modes: dict[str, str | None] = dict.fromkeys(frameworks)
+    if not vgpu:
+        return modes
+    from vgpu_dm.host.smi import parse_mixed_size
+
     try:
-        supported, enabled = inventory.vfio.mixed_size(gpu)
+        proc = inventory.programs.run([inventory.tools.nvidia_smi, "-q"], "nvidia-smi")
+        text = proc.stdout if proc.returncode == 0 else ""
     except HostError:
-        return "unknown"
-    if not supported:
-        return "unsupported"
-    return "on" if enabled else "off"
+        text = ""
+    for address in vgpu:
+        try:
+            supported, enabled = parse_mixed_size(text, address)
+        except ValueError:
+            modes[address] = "unknown"
+            continue
+        modes[address] = ("on" if enabled else "off") if supported else "unsupported"
+    return modes
 
 
 def _mdevctl(device, inventory) -> dict | None:
@@ -57,13 +75,16 @@ def inventory_report(host, tools=None, warnings: list[str] | None = None) -> lis
     libvirt VMs defined to use them and their mdevctl definitions. ``warnings`` collects what the
     readers of VM definitions and mdevctl files could not vouch for."""
     from vgpu_dm import catalog
+    from vgpu_dm.explain import log_discovery
     from vgpu_dm.host.inventory import Inventory
 
     inventory = Inventory(host, tools)
+    log_discovery(inventory)
+    frameworks = {gpu.address: inventory.framework(gpu) for gpu in inventory.gpus}
+    modes = mixed_size_modes(inventory, frameworks)
     report = []
     for gpu in inventory.gpus:
         entry = catalog.for_device(gpu.device_id)
-        framework = inventory.framework(gpu)
         report.append(
             {
                 "index": gpu.index,
@@ -72,8 +93,8 @@ def inventory_report(host, tools=None, warnings: list[str] | None = None) -> lis
                 "model": model_name(entry.name) if entry else "unknown NVIDIA GPU",
                 "driver": gpu.driver,
                 "numa_node": gpu.numa_node,
-                "framework": framework,
-                "mixed_size": _mixed_size(inventory, gpu, framework),
+                "framework": frameworks[gpu.address],
+                "mixed_size": modes[gpu.address],
                 "vgpus": [
                     {
                         "type": d.type_name,
@@ -96,8 +117,10 @@ def inventory_report(host, tools=None, warnings: list[str] | None = None) -> lis
                 ],
             }
         )
-        if framework == "mdev":
-            # Definitions of mdevs that do not exist now: mdevctl creates the auto ones at boot.
+        # Definitions of mdevs that do not exist now: mdevctl creates the auto ones at boot (mdev
+        # GPUs only; null where that does not apply).
+        report[-1]["mdevctl_not_created"] = None
+        if frameworks[gpu.address] == "mdev":
             existing = {v["uuid"] for v in report[-1]["vgpus"]}
             report[-1]["mdevctl_not_created"] = [
                 {"uuid": d.uuid, "parent": d.parent, "type": d.mdev_type, "start": d.start}
@@ -109,46 +132,70 @@ def inventory_report(host, tools=None, warnings: list[str] | None = None) -> lis
     return report
 
 
-def render_table(report: list[dict]) -> str:
-    from vgpu_dm.log import printable
+class Column(NamedTuple):
+    """One column of the table: its header, how to get the cell, and whether only -o wide shows it."""
 
-    header = (
-        "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED",
-        "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL",
-    )  # fmt: skip
+    header: str
+    value: Callable[[dict], object]
+    wide: bool = False
+
+
+def _holders(vgpu: dict) -> str | None:
+    return ", ".join(f"{h['pid']} {h['name']}" for h in vgpu["holders"]) or None
+
+
+def _vms(vgpu: dict) -> str | None:
+    return ", ".join(f"{a['domain']} ({a['state']})" for a in vgpu["assigned"]) or None
+
+
+def _mdevctl_cell(vgpu: dict) -> str | None:
+    defined = vgpu["mdevctl"]
+    if not defined:
+        return None
+    return defined["start"] + ("" if defined["parent"] == vgpu["parent"] else f" on {defined['parent']}")
+
+
+# Printed once per GPU, on its first line. A new GPU-level field is one more Column here.
+GPU_COLUMNS = (
+    Column("GPU", lambda g: g["index"]),
+    Column("ADDRESS", lambda g: g["address"]),
+    Column("DEVICE ID", lambda g: g["device_id"], wide=True),
+    Column("MODEL", lambda g: g["model"]),
+    Column("DRIVER", lambda g: g["driver"], wide=True),
+    Column("NUMA", lambda g: g["numa_node"], wide=True),
+    Column("FRAMEWORK", lambda g: g["framework"]),
+    Column("MIXED", lambda g: g["mixed_size"]),
+)
+# One line per vGPU.
+VGPU_COLUMNS = (
+    Column("VGPU TYPE", lambda v: v["type"]),
+    Column("TYPE ID", lambda v: v["type_id"], wide=True),
+    Column("UUID", lambda v: v["uuid"]),
+    Column("PARENT", lambda v: v["parent"]),
+    Column("IOMMU GROUP", lambda v: v["iommu_group"], wide=True),
+    Column("HOLDER", _holders),
+    Column("VM", _vms),
+    Column("MDEVCTL", _mdevctl_cell),
+)
+
+
+def render_table(report: list[dict], wide: bool = False, headers: bool = True) -> str:
+    from vgpu_dm.cli.output import cell, table
+
+    gpu_columns = [c for c in GPU_COLUMNS if wide or not c.wide]
+    vgpu_columns = [c for c in VGPU_COLUMNS if wide or not c.wide]
     rows = []
     for gpu in report:
-        first = (str(gpu["index"]), gpu["address"], gpu["model"], gpu["framework"], gpu["mixed_size"])
+        first = tuple(cell(c.value(gpu)) for c in gpu_columns)
         blank = ("",) * len(first)
         if not gpu["vgpus"]:
-            rows.append((*first, "-", "-", "-", "-", "-", "-"))
+            rows.append((*first, *("-" for _ in vgpu_columns)))
         for n, vgpu in enumerate(gpu["vgpus"]):
-            holder = ", ".join(f"{h['pid']} {h['name']}" for h in vgpu["holders"]) or "-"
-            vms = ", ".join(f"{a['domain']} ({a['state']})" for a in vgpu.get("assigned", ())) or "-"
-            defined = vgpu.get("mdevctl")
-            mdevctl = "-"
-            if defined:
-                mdevctl = defined["start"] + (
-                    "" if defined["parent"] == vgpu["parent"] else f" on {defined['parent']}"
-                )
-            rows.append(
-                (
-                    *(blank if n else first),
-                    vgpu["type"],
-                    vgpu["uuid"] or "-",
-                    vgpu["parent"],
-                    holder,
-                    vms,
-                    mdevctl,
-                )
-            )
+            rows.append((*(blank if n else first), *(cell(c.value(vgpu)) for c in vgpu_columns)))
     if not rows:
         return "no NVIDIA GPUs found"
-    rows = [tuple(printable(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows)
-    )
+    header = tuple(c.header for c in (*gpu_columns, *vgpu_columns))
+    return table(header, rows, headers)
 
 
 def journal_by_gpu(host) -> dict[str, dict]:
@@ -174,50 +221,57 @@ def journal_by_gpu(host) -> dict[str, dict]:
 
 
 @click.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@output_options()
 @options.host_root
 @options.sim
 @options.driver_root
 @options.nvidia_smi
 def list_cmd(
-    as_json: bool, host_root: str, sim: str | None, driver_root: str | None, nvidia_smi: str
+    output: str | None,
+    as_json: bool,
+    no_headers: bool,
+    host_root: str,
+    sim: str | None,
+    driver_root: str | None,
+    nvidia_smi: str,
 ) -> None:
     """Show the host's NVIDIA GPUs, the vGPU framework each uses, and their vGPU devices.
 
-    MIXED is the mixed-size (heterogeneous) vGPU mode of vendor-VFIO GPUs; HOLDER is the process (a
-    VM) that has the vGPU open; VM the libvirt VMs defined to use it (running or shut off); MDEVCTL
-    whether mdevctl defines it (auto: created again at boot). An apply that was interrupted, or is
-    running, is reported too.
+    MIXED is the mixed-size (heterogeneous) vGPU mode of each GPU (from nvidia-smi -q); HOLDER is the
+    process (a VM) that has the vGPU open; VM the libvirt VMs defined to use it (running or shut off);
+    MDEVCTL whether mdevctl defines it (auto: created again at boot). -o wide adds device id, driver, NUMA node, vGPU type id
+    and IOMMU group; -o json / -o yaml give all of it, plus what an interrupted or running apply
+    left in its journal. Never changes anything and needs no write access.
 
     \b
     Example:
       nvidia-vgpu-dm list --sim /tmp/host
-      nvidia-vgpu-dm list --json | jq '.[].vgpus | length'
+      nvidia-vgpu-dm list -o json | jq '.gpus[].vgpus | length'
     """
     from vgpu_dm.cli.host_select import open_cli_host
-    from vgpu_dm.cli.output import emit
+    from vgpu_dm.cli.output import dump, emit, output_format
     from vgpu_dm.host.inventory import HostTools
 
+    fmt = output_format(output, as_json, no_headers)
     host = open_cli_host(host_root, sim)
     warnings: list[str] = []
     report = inventory_report(host, HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root), warnings)
     pending = journal_by_gpu(host)
-    if as_json:
-        for gpu in report:
-            gpu["apply_journal"] = pending.get(gpu["address"]) or pending.get("*")
-        emit(json.dumps(report, indent=2))
-    else:
-        emit(render_table(report))
     notes = {p["note"] for p in pending.values()}
     if not notes:  # a journal that names no GPU still tells of an apply
         from vgpu_dm.cli.journal_note import journal_note
 
         notes = {journal_note(host)} - {None}
+    if fmt in ("json", "yaml"):
+        for gpu in report:
+            gpu["apply_journal"] = pending.get(gpu["address"]) or pending.get("*")
+        emit(dump({"gpus": report, "journal": sorted(notes)[0] if notes else None}, fmt))
+    else:
+        emit(render_table(report, wide=fmt == "wide", headers=not no_headers))
     for note in sorted(notes):
         click.echo(f"warning: {note}", err=True)
     for gpu in report:
-        waiting = gpu.get("mdevctl_not_created") or []
-        auto = [d for d in waiting if d["start"] == "auto"]
+        auto = [d for d in gpu["mdevctl_not_created"] or [] if d["start"] == "auto"]
         if auto:
             click.echo(
                 f"note: GPU {gpu['index']} ({gpu['address']}): mdevctl defines {len(auto)} more mdev(s) with "

@@ -5,12 +5,12 @@ writing anything or taking the host lock.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import click
 
 from vgpu_dm.cli import options
+from vgpu_dm.cli.output import output_options
 
 
 def _counted(names: list[str]) -> list[dict]:
@@ -75,6 +75,7 @@ def plan_report(
 
     plan = build_plan(entries, inventory, source, force=force, strict=False, allow_assigned=allow_assigned)
     planned = {gp.gpu.index: gp for gp in plan.gpus}
+    blocked = {gp.gpu.index: gp for gp in plan.blocked}
     chosen = governing_entries(entries, inventory.gpus)
     try:
         mig = _mig_changes(entries, name, inventory, source)
@@ -88,6 +89,7 @@ def plan_report(
         item: dict = {
             "index": gpu.index,
             "address": gpu.address,
+            "device_id": str(gpu.device_id),
             "model": model_name(entry.name) if entry else "unknown NVIDIA GPU",
             "framework": inventory.framework(gpu),
             "entry": None,
@@ -99,10 +101,12 @@ def plan_report(
         if gpu.index in plan.problems:
             item["status"] = "problem"
             item["problems"] = list(plan.problems[gpu.index])
+            gp = blocked.get(gpu.index)  # the plan a VM (or an unreadable /proc) stops, shown with it
         elif governing is None:
             item["status"] = "unselected"
         elif gp is not None:
             item["status"] = "change" if gp.changes else "unchanged"
+        if gp is not None:
             item["keep"] = _counted([d.type_name for d in gp.keep])
             item["remove"] = [_device(d, inventory, gp.recreated) for d in gp.remove]
             item["create"] = _counted([t.name for t in gp.create])
@@ -110,16 +114,16 @@ def plan_report(
                 # The VFs come first; the vGPUs are then created as the config says.
                 item["enable_vfs"] = True
                 item["create"] = [{"type": t, "count": c} for t, c in gp.wanted.items()]
-            if gp.enable_mixed_size:
-                item["enable_mixed_size"] = True
+            if gp.enable_mixed_size or gp.disable_mixed_size:
+                item["mixed_size_switch"] = "on" if gp.enable_mixed_size else "off"
         if gpu.index in mig and governing is not None:
             _with_mig_step(item, mig[gpu.index], governing, inventory, gpu)
-        gpus.append(item)
+        gpus.append(_every_field(item))
     notes = [*plan.notes, *mdevctl_conflicts(plan, inventory)]
     if mig_note:
         notes.append(mig_note)
-    removals = sum(len(g.get("remove", [])) for g in gpus)
-    creations = sum(c["count"] for g in gpus for c in g.get("create", []) if g["status"] == "change")
+    removals = sum(len(g["remove"]) for g in gpus if g["status"] == "change")
+    creations = sum(c["count"] for g in gpus for c in g["create"] if g["status"] == "change")
     return {
         "config": name,
         "file": source,
@@ -127,11 +131,32 @@ def plan_report(
         "changes": sum(1 for g in gpus if g["status"] == "change"),
         "removals": removals,
         "creations": creations,
-        "problems": [*plan.problems.get(None, ()), *[p for g in gpus for p in g.get("problems", [])]],
+        "problems": [*plan.problems.get(None, ()), *[p for g in gpus for p in g["problems"]]],
         "notes": notes,
         "journal": journal_note(inventory.host),
         "assigned": _by_domain(plan, inventory, force, allow_assigned),
     }
+
+
+# Every GPU of the report has every field (null or empty where it does not apply), so that scripts
+# need not test for keys.
+_DEFAULTS = {
+    "status": "unselected",
+    "keep": [],
+    "remove": [],
+    "create": [],
+    "enable_vfs": False,
+    "mixed_size_switch": None,
+    "mig": None,
+    "problems": [],
+}
+
+
+def _every_field(item: dict) -> dict:
+    for key, value in _DEFAULTS.items():
+        if key not in item:
+            item[key] = list(value) if isinstance(value, list) else value
+    return item
 
 
 def _mig_note(entries, inventory, chosen) -> str | None:
@@ -184,50 +209,27 @@ def _count_text(items: list[dict]) -> str:
     return ", ".join(f"{c['count']} x {c['type']}" for c in items)
 
 
-def render_plan(report: dict) -> str:
-    """The preview as text for an operator."""
+def render_plan(report: dict, wide: bool = False) -> str:
+    """The preview as text for an operator; ``wide`` also lists every vGPU that would be removed."""
     from vgpu_dm.log import printable
 
     lines = []
     for gpu in report["gpus"]:
         head = f"GPU {gpu['index']}  {gpu['address']}  {gpu['model']}  {gpu['framework']}"
+        if wide:
+            head += f"  {gpu['device_id']}"
         if gpu["entry"]:
             head += f"  [{gpu['entry']['path']}, line {gpu['entry']['line']}]"
         lines.append(head)
         status = gpu["status"]
         if status == "unselected":
             lines.append("  no entry selects it: left alone")
-        elif status == "problem":
+            continue
+        lines.extend(_actions(gpu, wide))
+        if status == "problem":
             lines.extend(f"  problem: {p}" for p in gpu["problems"])
-        else:
-            if "mig" in gpu:
-                mig = gpu["mig"]
-                if mig["enabled"]:
-                    what = ", ".join(f"{n} x {p}" for p, n in mig["instances"].items())
-                    lines.append(f"  mig      MIG mode on, GPU instances {what} (nvidia-mig-parted, first)")
-                else:
-                    lines.append("  mig      MIG mode off (nvidia-mig-parted, first)")
-            if gpu.get("enable_vfs"):
-                lines.append(f"  enable   its SR-IOV virtual functions (sriov-manage -e {gpu['address']})")
-            if gpu["keep"]:
-                lines.append(f"  keep     {_count_text(gpu['keep'])}")
-            if gpu["remove"]:
-                lines.append(f"  remove   {_count_text(_counted([d['type'] for d in gpu['remove']]))}")
-            for device in gpu["remove"]:
-                key = device["uuid"] or device["parent"]
-                if device["holders"]:
-                    held = ", ".join(f"pid {h['pid']} ({h['name']})" for h in device["holders"])
-                    lines.append(f"           {device['type']} {key} is IN USE by {held}")
-                if device["assigned"]:
-                    vms = ", ".join(f"VM {a['domain']!r} ({a['state']})" for a in device["assigned"])
-                    again = ": created again, same type and key" if device["recreated"] else ""
-                    lines.append(f"           {device['type']} {key} is ASSIGNED to {vms}{again}")
-            if gpu.get("enable_mixed_size"):
-                lines.append("  enable   mixed-size (heterogeneous) vGPU mode")
-            if gpu["create"]:
-                lines.append(f"  create   {_count_text(gpu['create'])}")
-            if status == "unchanged":
-                lines.append("  already as the config wants: not touched")
+        if status == "unchanged":
+            lines.append("  already as the config wants: not touched")
     if report.get("assigned"):
         lines.append("libvirt VMs defined to use vGPUs this removes or recreates:")
         for vm in report["assigned"]:
@@ -245,7 +247,7 @@ def render_plan(report: dict) -> str:
                     f"  VM {vm['domain']!r} ({vm['state']}): GPU {v['gpu']} {v['type']} {key} {what}"
                 )
     problems = report["problems"]
-    general = [p for p in problems if not any(p in g.get("problems", []) for g in report["gpus"])]
+    general = [p for p in problems if not any(p in g["problems"] for g in report["gpus"])]
     lines.extend(f"problem: {p}" for p in general)
     from vgpu_dm.plan import ASSIGNED_MARK
 
@@ -266,13 +268,51 @@ def render_plan(report: dict) -> str:
             f"write (nothing was written)"
         )
     elif report["changes"]:
+        switches = sum(1 for g in report["gpus"] if g["status"] == "change" and g["mixed_size_switch"])
+        switched = f", {switches} mixed-size mode switch(es)" if switches else ""
         lines.append(
             f"config {report['config']!r}: {report['changes']} GPU(s) would change ({report['removals']} "
-            f"removal(s), {report['creations']} creation(s)); nothing was written"
+            f"removal(s), {report['creations']} creation(s){switched}); nothing was written"
         )
     else:
         lines.append(f"config {report['config']!r} is applied: apply would change nothing")
     return "\n".join(printable(line) for line in lines)
+
+
+def _actions(gpu: dict, wide: bool) -> list[str]:
+    """What apply would do on one GPU, in apply's order: MIG, VFs, removals, mode switch, creations."""
+    lines = []
+    if gpu["mig"] is not None:
+        mig = gpu["mig"]
+        if mig["enabled"]:
+            what = ", ".join(f"{n} x {p}" for p, n in mig["instances"].items())
+            lines.append(f"  mig      MIG mode on, GPU instances {what} (nvidia-mig-parted, first)")
+        else:
+            lines.append("  mig      MIG mode off (nvidia-mig-parted, first)")
+    if gpu["enable_vfs"]:
+        lines.append(f"  enable   its SR-IOV virtual functions (sriov-manage -e {gpu['address']})")
+    if gpu["keep"]:
+        lines.append(f"  keep     {_count_text(gpu['keep'])}")
+    if gpu["remove"]:
+        lines.append(f"  remove   {_count_text(_counted([d['type'] for d in gpu['remove']]))}")
+    for device in gpu["remove"]:
+        key = device["uuid"] or device["parent"]
+        if device["holders"]:
+            held = ", ".join(f"pid {h['pid']} ({h['name']})" for h in device["holders"])
+            lines.append(f"           {device['type']} {key} is IN USE by {held}")
+        if device["assigned"]:
+            vms = ", ".join(f"VM {a['domain']!r} ({a['state']})" for a in device["assigned"])
+            again = ": created again, same type and key" if device["recreated"] else ""
+            lines.append(f"           {device['type']} {key} is ASSIGNED to {vms}{again}")
+        if wide and not device["holders"] and not device["assigned"]:
+            lines.append(f"           {device['type']} {key}")
+    if gpu["mixed_size_switch"] == "on":
+        lines.append("  enable   mixed-size (heterogeneous) vGPU mode")
+    elif gpu["mixed_size_switch"] == "off":
+        lines.append("  disable  mixed-size (heterogeneous) vGPU mode: back to one vGPU size on the GPU")
+    if gpu["create"]:
+        lines.append(f"  create   {_count_text(gpu['create'])}")
+    return lines
 
 
 def run_plan(
@@ -281,19 +321,22 @@ def run_plan(
     sim: str | None,
     tools,
     force: bool,
-    as_json: bool,
+    fmt: str = "text",
     allow_assigned: tuple[str, ...] = (),
 ) -> int:
-    """Print the preview; returns 0 when apply would succeed, 1 when it would stop on a problem."""
+    """Print the preview in ``fmt`` (text, wide, json, yaml); returns 0 when apply would succeed, 1
+    when it would stop on a problem."""
     from vgpu_dm.cli.host_select import open_cli_host
-    from vgpu_dm.cli.output import emit
+    from vgpu_dm.cli.output import dump, emit
+    from vgpu_dm.explain import log_discovery
     from vgpu_dm.host.inventory import Inventory
 
     spec, name, entries = loaded
     host = open_cli_host(host_root, sim)
     inventory = Inventory(host, tools)
+    log_discovery(inventory)
     report = plan_report(entries, inventory, spec.source, name, force=force, allow_assigned=allow_assigned)
-    emit(json.dumps(report, indent=2) if as_json else render_plan(report))
+    emit(dump(report, fmt) if fmt in ("json", "yaml") else render_plan(report, wide=fmt == "wide"))
     return 1 if report["problems"] else 0
 
 
@@ -308,7 +351,7 @@ def run_plan(
 @options.mig_parted
 @options.force
 @options.allow_assigned
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@output_options(headers=False)
 def plan_cmd(
     config_file: str,
     selected_config: str | None,
@@ -320,6 +363,7 @@ def plan_cmd(
     mig_parted: str,
     force: bool,
     allow_assigned: tuple[str, ...],
+    output: str | None,
     as_json: bool,
 ) -> None:
     """Show what apply would do, per GPU, without changing anything (same as apply --dry-run).
@@ -328,16 +372,21 @@ def plan_cmd(
     process of a VM that holds one) and created, and every problem that would stop apply. Writes
     nothing and does not wait for the host lock. Exit 0 if apply would succeed, 1 if it would stop.
 
+    -o wide also lists every vGPU that would be removed; -o json / -o yaml give the same as data
+    (every GPU with every field: null or empty where it does not apply).
+
     \b
     Example:
       nvidia-vgpu-dm plan --sim /tmp/host -f examples/config-t4.yaml -c T4-small
-      nvidia-vgpu-dm plan -f config.yaml -c T4-small --json | jq '.gpus[] | select(.status=="change")'
+      nvidia-vgpu-dm plan -f config.yaml -c T4-small -o json | jq '.gpus[] | select(.status=="change")'
     """
     from vgpu_dm.cli.main import Failure, load_selected
+    from vgpu_dm.cli.output import output_format
     from vgpu_dm.host.inventory import HostTools
 
+    fmt = output_format(output, as_json)
     loaded = load_selected(config_file, selected_config)
     tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
-    code = run_plan(loaded, host_root, sim, tools, force, as_json, allow_assigned)
+    code = run_plan(loaded, host_root, sim, tools, force, fmt, allow_assigned)
     if code:
         raise Failure(code)

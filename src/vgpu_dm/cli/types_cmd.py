@@ -4,12 +4,12 @@ created now (what ``mdevctl types`` shows, for both kernel interfaces).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import click
 
 from vgpu_dm.cli import options
+from vgpu_dm.cli.output import output_options
 
 SERIES = {"A": "virtual applications", "B": "virtual PC", "C": "compute", "Q": "virtual workstation"}
 
@@ -75,6 +75,7 @@ def types_report(inventory) -> list[dict]:
             {
                 "index": gpu.index,
                 "address": gpu.address,
+                "device_id": str(gpu.device_id),
                 "model": model_name(entry.name) if entry else "unknown NVIDIA GPU",
                 "framework": framework,
                 "source": source,
@@ -84,41 +85,36 @@ def types_report(inventory) -> list[dict]:
     return report
 
 
-def render_types(report: list[dict]) -> str:
-    from vgpu_dm.log import printable
+def render_types(report: list[dict], wide: bool = False, headers: bool = True) -> str:
+    from vgpu_dm.cli.output import cell, table
 
     header = ("GPU", "ADDRESS", "MODEL", "FRAMEWORK", "VGPU TYPE", "ID", "MAX", "AVAILABLE", "FB", "SERIES")
+    if wide:
+        header = (*header, "DRIVER NAME")
     rows = []
     for gpu in report:
         first = (str(gpu["index"]), gpu["address"], gpu["model"], gpu["framework"])
         blank = ("",) * len(first)
         if not gpu["types"]:
-            rows.append((*first, "-", "-", "-", "-", "-", "-"))
+            rows.append((*first, *("-" for _ in header[len(first) :])))
         for n, t in enumerate(gpu["types"]):
-
-            def cell(value) -> str:
-                return "-" if value is None else str(value)
-
             fb = t["framebuffer_gb"]
             series = f"{t['series']} ({SERIES[t['series']]})" if t["series"] in SERIES else "-"
-            rows.append(
-                (
-                    *(blank if n else first),
-                    t["name"],
-                    cell(t["type_id"]),
-                    cell(t["max_instances"]),
-                    cell(t["available"]),
-                    "-" if fb is None else f"{fb:g} GB",
-                    series,
-                )
+            row = (
+                *(blank if n else first),
+                t["name"],
+                cell(t["type_id"]),
+                cell(t["max_instances"]),
+                cell(t["available"]),
+                "-" if fb is None else f"{fb:g} GB",
+                series,
             )
+            rows.append((*row, cell(t["driver_name"])) if wide else row)
     if not rows:
         return "no NVIDIA GPUs found"
-    rows = [tuple(printable(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows)]
+    lines = [table(header, rows, headers)]
     catalog_gpus = [str(g["index"]) for g in report if g["source"].startswith("catalog")]
-    if catalog_gpus:
+    if catalog_gpus and headers:
         lines.append(
             f"GPU {', '.join(catalog_gpus)}: virtual functions not enabled yet, so the types come from the "
             f"GPU catalog (AVAILABLE unknown); apply enables them"
@@ -127,14 +123,16 @@ def render_types(report: list[dict]) -> str:
 
 
 @click.command("types")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@output_options()
 @options.host_root
 @options.sim
 @options.driver_root
 @options.sriov_manage
 @options.nvidia_smi
 def types_cmd(
+    output: str | None,
     as_json: bool,
+    no_headers: bool,
     host_root: str,
     sim: str | None,
     driver_root: str | None,
@@ -145,17 +143,25 @@ def types_cmd(
     (AVAILABLE), framebuffer and series.
 
     On vendor-VFIO GPUs AVAILABLE counts the free virtual functions that offer the type now; MAX is
-    the driver's or the GPU catalog's limit for a GPU holding only that type.
+    the driver's or the GPU catalog's limit for a GPU holding only that type. -o wide adds the
+    driver's full type name; -o json / -o yaml give everything (null where a value is unknown).
 
     \b
     Example:
       nvidia-vgpu-dm types --sim /tmp/host
-      nvidia-vgpu-dm types --json | jq '.[0].types[] | select(.series=="Q") | .name'
+      nvidia-vgpu-dm types -o json | jq '.gpus[0].types[] | select(.series=="Q") | .name'
     """
     from vgpu_dm.cli.host_select import open_cli_host
-    from vgpu_dm.cli.output import emit
+    from vgpu_dm.cli.output import dump, emit, output_format
+    from vgpu_dm.explain import log_discovery
     from vgpu_dm.host.inventory import HostTools, Inventory
 
+    fmt = output_format(output, as_json, no_headers)
     host = open_cli_host(host_root, sim)
-    report = types_report(Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root)))
-    emit(json.dumps(report, indent=2) if as_json else render_types(report))
+    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root))
+    log_discovery(inventory)
+    report = types_report(inventory)
+    if fmt in ("json", "yaml"):
+        emit(dump({"gpus": report}, fmt))
+    else:
+        emit(render_types(report, wide=fmt == "wide", headers=not no_headers))
