@@ -490,3 +490,44 @@ def test_export_as_json_is_a_config_file_that_holds(cli, busy_host, tmp_path):
     saved = tmp_path / "saved.json"
     saved.write_text(exported.out)
     assert cli("assert", "--sim", str(root), "-f", str(saved)).code == 0
+
+
+# -- 18.9: a forced removal that waits for a VM holds up only its own GPU ---------------------------
+@pytest.mark.parametrize("serial", [False, True], ids=["writes-overlap", "serial-writes"])
+def test_a_held_removal_on_one_gpu_does_not_stop_another_gpu(cli, sim_host, serial):
+    """Before: the simulated driver kept its lock while the held remove waited, so GPU 0's unrelated
+    removes waited for GPU 1's VM. The kernel's wait is the device's own (mdev_core.c takes the
+    parent's unreg_sem for reading only); a driver that serialises every write host-wide is the
+    simulator's --serial-writes, and there GPU 0 does wait: both are simulated, both are tested."""
+    import subprocess
+    import time
+
+    from tests.conftest import ENTRY_POINT
+    from tests.simstate import layouts, snapshot
+
+    root = sim_host("T4", "T4")
+    assert cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-4Q").code == 0
+    latency = ["--remove-latency-ms", "20"] + (["--serial-writes"] if serial else [])
+    assert cli("sim", "latency", str(root), *latency).code == 0
+    held = [d[2] for d in snapshot(root) if d[0] == "0000:5e:00.0"]
+    pids = [cli("sim", "hold", str(root), uuid).out.split()[1] for uuid in held]  # every vGPU of GPU 1
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VGPU_DM_")}
+    args = ["apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-2Q", "--force", "--jobs", "2"]
+    proc = subprocess.Popen(
+        [str(ENTRY_POINT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Overlapping: GPU 0 is done in well under a second; serial: give it time it would not use.
+        deadline = time.monotonic() + (3 if serial else 20)
+        while time.monotonic() < deadline and layouts(root)[0] != {"T4-2Q": 8}:
+            time.sleep(0.1)
+        gpu0_done_while_held = layouts(root)[0] == {"T4-2Q": 8}
+        assert proc.poll() is None, "apply finished although the VMs still hold GPU 1's vGPUs"
+    finally:
+        for pid in pids:
+            cli("sim", "release", str(root), pid)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert layouts(root) == [{"T4-2Q": 8}, {"T4-2Q": 8}]
+    # Overlapping writes: GPU 0 finished while GPU 1 waited. Serial writes: it could not.
+    assert gpu0_done_while_held is not serial

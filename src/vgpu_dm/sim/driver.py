@@ -172,7 +172,42 @@ def vfio_nodes(dev_dir: Path) -> list[str]:
 RELEASE_POLL = 0.02
 
 
-def mdev_remove(base: Path, state: SimState, parent: str, uuid: str, data: str, path: str) -> None:
+class StillHeld(Exception):
+    """An mdev remove found the device held again (a VM opened it since the wait): wait once more."""
+
+
+def mdev_nodes(base: Path, rel: str) -> list[str] | None:
+    """The VFIO nodes of the mdev whose ``remove`` file is ``rel``, or None when ``rel`` is none."""
+    parts = Path(rel).parts
+    if len(parts) < 2 or parts[-1] != "remove" or not UUID_RE.fullmatch(parts[-2]):
+        return None
+    ddir = Path(os.path.realpath(base / rel)).parent
+    try:
+        return vfio_nodes(ddir)
+    except OSError:
+        return None  # not there: the write itself fails as the kernel's would
+
+
+def wait_released(base: Path, nodes: list[str]) -> None:
+    """Block while a process holds any of ``nodes``.
+
+    The kernel does not refuse to remove a held mdev: vfio_unregister_group_dev()
+    (drivers/vfio/vfio_main.c) waits until every user has closed the device ("Device is currently in
+    use, task ... blocked until device is released"), uninterruptibly after the first signal. The wait
+    is the device's own: mdev_device_remove() (drivers/vfio/mdev/mdev_core.c) holds only the parent's
+    unreg_sem, and only for reading, so removes and creates of other devices and other GPUs go on.
+    """
+    from vgpu_dm.sim.processes import holders_of
+
+    while holders_of(base, nodes):
+        time.sleep(RELEASE_POLL)
+
+
+def mdev_remove(
+    base: Path, state: SimState, parent: str, uuid: str, data: str, path: str, wait: bool = True
+) -> None:
+    """Remove an mdev; a held one blocks until released, or (``wait=False``, the caller waits outside
+    the simulator's lock) raises StillHeld."""
     from vgpu_dm.sim.processes import holders_of
 
     if data.strip() != "1":
@@ -180,11 +215,10 @@ def mdev_remove(base: Path, state: SimState, parent: str, uuid: str, data: str, 
     ddir = base / PCI_DIR / parent / uuid
     group = os.path.basename(os.readlink(ddir / "iommu_group"))
     nodes = vfio_nodes(ddir)
-    # The kernel does not refuse: vfio_unregister_group_dev() (drivers/vfio/vfio_main.c) waits until
-    # every user has closed the device ("Device is currently in use, task ... blocked until device is
-    # released"), uninterruptibly after the first signal. So this write blocks while a VM holds it.
-    while holders_of(base, nodes):
-        time.sleep(RELEASE_POLL)
+    if wait:
+        wait_released(base, nodes)
+    elif holders_of(base, nodes):
+        raise StillHeld(uuid)
     type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
     (ddir / "mdev_type").unlink()
     shutil.rmtree(ddir)

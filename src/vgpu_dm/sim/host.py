@@ -121,21 +121,34 @@ class SimHostRoot(HostRoot):
         self.faults.before_write(position, self.path(rel))
         with open(os.path.join(self.root, SIM_MARKER, WRITE_LOG), "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")
+        from vgpu_dm.sim import driver
+
         latency = self._latency
+        serial = bool(latency and latency.serial)
         delay = latency.seconds_for(rel, data) if latency else 0.0
-        if delay and not latency.serial:
+        # A held mdev's remove waits for its VM outside the simulator's lock: the kernel's wait blocks
+        # that device only (driver.wait_released). A driver that takes one write at a time host-wide
+        # (serial) waits with its lock held, so every GPU waits too.
+        nodes = None if serial else driver.mdev_nodes(self.base, rel)
+        if delay and not serial:
             time.sleep(delay)  # the driver's work, outside the simulator's lock: other GPUs proceed
-        lock = self._locked()
-        try:
-            if delay and latency.serial:
-                time.sleep(delay)
-            self._emulate(rel, data)
-        finally:
-            lock.close()
+        while True:
+            if nodes:
+                driver.wait_released(self.base, nodes)
+            lock = self._locked()
+            try:
+                if delay and serial:
+                    time.sleep(delay)
+                self._emulate(rel, data, wait=not nodes)
+                break
+            except driver.StillHeld:
+                continue  # a VM opened the device again between the wait and the lock
+            finally:
+                lock.close()
         if self._faults is not None:
             self._faults.after_write(position)
 
-    def _emulate(self, rel: str, data: str) -> None:
+    def _emulate(self, rel: str, data: str, wait: bool = True) -> None:
         from pathlib import Path
 
         from vgpu_dm.sim import driver
@@ -151,7 +164,7 @@ class SimHostRoot(HostRoot):
             type_id = driver.type_id_of_dir(parts[-2])
             driver.mdev_create(self.base, state, parts[-4], type_id, data, full)
         elif len(parts) >= 3 and parts[-1] == "remove" and driver.UUID_RE.fullmatch(parts[-2]):
-            driver.mdev_remove(self.base, state, parts[-3], parts[-2], data, full)
+            driver.mdev_remove(self.base, state, parts[-3], parts[-2], data, full, wait=wait)
         elif len(parts) >= 3 and parts[-1] == "current_vgpu_type" and parts[-2] == "nvidia":
             from vgpu_dm.sim.vfio_driver import set_vgpu_type
 
