@@ -51,7 +51,7 @@ class ApplyOptions:
     # changed, up to AUTO_JOBS). The CLI's --jobs defaults to 0; library callers opt in.
     jobs: int = 1
     # While a forced removal waits for a VM to release the device, say so this often (seconds).
-    watchdog_interval: float = 10.0
+    watchdog_interval: float = 5.0
     # libvirt domains (names, UUIDs or "all") that are not running and whose vGPUs may be removed.
     allow_assigned: tuple[str, ...] = ()
     # The operator's hooks (vgpu_dm.hooks.HooksFile), run at the stage boundaries of apply_config.
@@ -418,7 +418,7 @@ def _apply_gpu(
     where: str,
     host: HostRoot | None = None,
     held: frozenset[str] = frozenset(),
-    watchdog: float = 10.0,
+    watchdog: float = 5.0,
 ) -> _Outcome:
     """Remove, switch mode, create on one GPU; the writes made are recorded for rollback.
 
@@ -595,7 +595,7 @@ def recover(
     host: HostRoot,
     tools: HostTools | None = None,
     force: bool = False,
-    watchdog_interval: float = 10.0,
+    watchdog_interval: float = 5.0,
     before_change: Callable[[Iterable[GPU]], None] | None = None,
 ) -> bool:
     """Undo what an interrupted apply left half-done; returns True if there was something to recover."""
@@ -634,7 +634,7 @@ def _recover_gpu(
     inventory: Inventory,
     force: bool,
     problems: list[str],
-    watchdog_interval: float = 10.0,
+    watchdog_interval: float = 5.0,
 ) -> None:
     before = [journal.record_device(r) for r in jgpu.before]
     before_keys = {(d.key, d.type_id) for d in before}

@@ -531,3 +531,85 @@ def test_a_held_removal_on_one_gpu_does_not_stop_another_gpu(cli, sim_host, seri
     assert layouts(root) == [{"T4-2Q": 8}, {"T4-2Q": 8}]
     # Overlapping writes: GPU 0 finished while GPU 1 waited. Serial writes: it could not.
     assert gpu0_done_while_held is not serial
+
+
+# -- 18.13: long waits say how they are going, at least every 5 s ---------------------------------
+@pytest.fixture
+def quick_progress(monkeypatch):
+    """Progress lines every 0.2 s instead of 5 s, so the tests need not wait that long."""
+    from vgpu_dm import waiting
+
+    assert waiting.PROGRESS_EVERY == 5.0  # the figure the operator gets
+    monkeypatch.setattr(waiting, "PROGRESS_EVERY", 0.2)
+
+
+def test_waiting_for_the_host_lock_says_so_until_it_gives_up(cli, sim_host, quick_progress):
+    from vgpu_dm.host.lock import HostLock
+    from vgpu_dm.sim.host import SimHostRoot
+
+    root = sim_host("T4")
+    with HostLock(SimHostRoot(root)):
+        result = cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-small", "--lock-timeout", "1.2")
+    assert result.code == 1
+    waits = [x for x in result.err.splitlines() if "still waiting for the host lock after" in x]
+    assert len(waits) >= 4, result.err
+    assert f"pid {__import__('os').getpid()} is applying" in waits[0]
+    assert writes(root) == []
+
+
+def test_waiting_for_virtual_functions_says_so(sim_host, quick_progress, tmp_path):
+    import io
+
+    from vgpu_dm import log
+    from vgpu_dm.apply import apply_config
+    from vgpu_dm.errors import HostError
+    from vgpu_dm.host.inventory import HostTools
+    from vgpu_dm.sim.faults import Faults
+    from vgpu_dm.sim.host import SimHostRoot
+    from vgpu_dm.spec import load_spec
+
+    root = sim_host("L40S")
+    Faults(sriov_no_vfs=True).save(root)  # sriov-manage exits 0, the VFs never come
+    spec = load_spec(
+        'version: v1\nvgpu-configs:\n  a:\n    - devices: all\n      vgpu-devices: {"L40S-4Q": 2}\n'
+    )
+    out = io.StringIO()
+    log.setup(stream=out)
+    try:
+        with pytest.raises(HostError, match="created no virtual functions"):
+            apply_config(spec.configs["a"], SimHostRoot(root), HostTools(vf_wait=1.2), "c.yaml")
+    finally:
+        log.setup()
+    waits = [x for x in out.getvalue().splitlines() if "waiting for its virtual functions" in x]
+    assert len(waits) >= 4, out.getvalue()
+    assert (
+        "GPU 0 (0000:3b:00.0)" in waits[0]
+        and "0 of 0 ready" in waits[0]
+        and "gives up after 1.2 s" in waits[0]
+    )
+
+
+def test_a_slow_host_program_is_reported_while_it_runs(quick_progress):
+    import io
+
+    from vgpu_dm import log
+    from vgpu_dm.host.root import HostRoot
+
+    out = io.StringIO()
+    log.setup(stream=out)
+    try:
+        done = HostRoot("/").run(["sleep", "1"])  # a real program: the host root / needs no chroot
+    finally:
+        log.setup()
+    assert done.returncode == 0
+    waits = [x for x in out.getvalue().splitlines() if "still waiting for sleep after" in x]
+    assert len(waits) >= 3 and "it is killed after 300 s" in waits[0], out.getvalue()
+
+
+def test_a_forced_removal_reports_its_wait_every_5_s_by_default(cli):
+    from vgpu_dm.apply import ApplyOptions
+
+    assert ApplyOptions().watchdog_interval == 5.0
+    help_text = " ".join(cli("apply", "--help").out.split())
+    assert "--watchdog-interval SECONDS While a forced removal waits" in help_text
+    assert "[default: 5.0;" in help_text

@@ -121,7 +121,7 @@ watchdog_interval = option(
     "--watchdog-interval",
     envvar="VGPU_DM_WATCHDOG_INTERVAL",
     type=click.FloatRange(min=0.01),
-    default=10.0,
+    default=5.0,
     show_default=True,
     metavar="SECONDS",
     help="While a forced removal waits for a VM to release its vGPU, log the device and the process "

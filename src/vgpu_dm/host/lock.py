@@ -61,8 +61,16 @@ class HostLock:
     def acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        from vgpu_dm.waiting import Progress
+
         deadline = time.monotonic() + self.timeout
         waiting = False
+        progress = Progress(
+            lambda waited: _log.info(
+                f"still waiting for the host lock after {waited:.0f} s: {self._holder()} is applying "
+                f"(gives up after {self.timeout:g} s, --lock-timeout)"
+            )
+        )
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,7 +95,7 @@ class HostLock:
                         f"another nvidia-vgpu-dm ({self._holder()}) holds the host lock {self.path}; "
                         f"gave up after waiting {self.timeout:g} s (--lock-timeout)"
                     ) from None
-                time.sleep(self.poll)
+                progress.sleep(self.poll)
         if waiting:
             _log.info("got the host lock")
         os.ftruncate(fd, 0)

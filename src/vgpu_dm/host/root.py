@@ -156,15 +156,43 @@ class HostRoot:
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a host program without a shell, inside ``chroot`` (default: the host root); no chroot
-        when that is ``/``."""
+        when that is ``/``. Killed after ``timeout`` seconds (subprocess.TimeoutExpired); while it runs,
+        a line every few seconds says what the tool waits for."""
         import subprocess  # only apply on some GPUs runs programs; keep it off the start-up path
+        import time
+
+        from vgpu_dm.waiting import PROGRESS_EVERY
 
         cmd = list(argv)
         chroot = os.path.abspath(chroot) if chroot else self.root
         if chroot != "/":
             cmd = ["chroot", chroot, *cmd]
         _log.debug(f"run {cmd}")
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, input=input)
+        stdin = subprocess.PIPE if input is not None else None
+        pipe = subprocess.PIPE
+        start = time.monotonic()
+        with subprocess.Popen(cmd, stdin=stdin, stdout=pipe, stderr=pipe, text=True) as proc:
+            feed = input
+            try:
+                while True:
+                    left = start + timeout - time.monotonic()
+                    try:
+                        out, err = proc.communicate(feed, timeout=max(0.0, min(PROGRESS_EVERY, left)))
+                        break
+                    except subprocess.TimeoutExpired as exc:
+                        feed = None  # already handed over; a retry must not send it again
+                        waited = time.monotonic() - start
+                        if waited >= timeout:
+                            raise subprocess.TimeoutExpired(cmd, timeout, exc.output, exc.stderr) from None
+                        _log.info(
+                            f"still waiting for {os.path.basename(argv[0])} after {waited:.0f} s "
+                            f"(it is killed after {timeout:g} s)"
+                        )
+            except BaseException:
+                proc.kill()  # as subprocess.run does: no program outlives a timeout or an interrupt
+                proc.communicate()
+                raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     def spawn(
         self, argv: Sequence[str], env: dict[str, str], workdir: str | None = None

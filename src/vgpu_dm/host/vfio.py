@@ -265,9 +265,19 @@ class VendorVfioBackend:
     def _wait_for_vfs(self, gpu: GPU, output: str) -> None:
         """sriov-manage may return before the VFs' control files exist, or exit 0 having made no
         VFs at all (SR-IOV off in the BIOS, or not supported by this driver): poll, bounded."""
+        from vgpu_dm.waiting import Progress
+
         dev = f"{PCI_DEVICES}/{gpu.address}"
         wait = self.programs.tools.vf_wait
         deadline = time.monotonic() + wait
+        vfs: list[str] = []
+        ready: list[str] = []
+        progress = Progress(
+            lambda waited: _log.info(
+                f"{gpu.describe()}: waiting for its virtual functions' vGPU control files: "
+                f"{len(ready)} of {len(vfs)} ready after {waited:.0f} s (gives up after {wait:g} s)"
+            )
+        )
         while True:
             vfs = [e for e in self.host.listdir(dev) if e.startswith("virtfn")]
             # A VF is ready once it shows its vGPU control files: nvidia/ (vendor VFIO) or
@@ -282,7 +292,7 @@ class VendorVfioBackend:
                 return
             if time.monotonic() >= deadline:
                 break
-            time.sleep(VF_POLL)
+            progress.sleep(VF_POLL)
         said = f" (it said: {output})" if output else ""
         if not vfs:
             raise HostError(
