@@ -338,6 +338,13 @@ def execute(
             outcome.rolled_back, outcome.clean = _rollback(
                 [outcome.undo], inventory, plan_vfs=plan.vfs_enabled
             )
+            # Said now, in its place among the GPUs' lines (GPU order with --jobs 1), not after the
+            # GPUs that came later.
+            for line in (outcome.failure, *outcome.rolled_back):
+                _log.error(
+                    f"{where} {line}",
+                    extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="failed"),
+                )
         return outcome
 
     outcomes = _map(run, list(enumerate(changed_plans, 1)), workers)
@@ -375,7 +382,12 @@ def execute(
     else:
         journal.clear(host)
     if failures:
-        raise ApplyError("\n".join([*failures, "--keep-going: the other GPUs kept their new devices"]))
+        failed = ", ".join(o.undo.plan.gpu.describe() for o in outcomes if o.failure)
+        error = ApplyError(
+            "\n".join([*failures, f"--keep-going: the other GPUs kept their new devices (failed: {failed})"])
+        )
+        error.logged = tuple(failures)  # each was logged when its GPU failed
+        raise error
 
 
 def _map(func, items: list, workers: int) -> list:

@@ -52,6 +52,10 @@ class PlanError(VgpuDmError):
 class ApplyError(VgpuDmError):
     """A write failed while applying a plan."""
 
+    # Lines of the message that were already logged as they happened (--keep-going reports a failed
+    # GPU in its place among the others); a front end need not print them again.
+    logged: tuple[str, ...] = ()
+
 
 class ApplyInterrupted(ApplyError):
     """A stop was requested (SIGINT/SIGTERM, or the agent's stop event) while applying; the writes of

@@ -613,3 +613,23 @@ def test_a_forced_removal_reports_its_wait_every_5_s_by_default(cli):
     help_text = " ".join(cli("apply", "--help").out.split())
     assert "--watchdog-interval SECONDS While a forced removal waits" in help_text
     assert "[default: 5.0;" in help_text
+
+
+# -- 18.15: --keep-going reports a failed GPU in its place --------------------------------------------
+def test_keep_going_reports_failures_in_gpu_order(cli, sim_host):
+    root = sim_host("T4", "T4", "T4")
+    cli("sim", "fault", str(root), "--fail-write", "2")  # GPU 0's second create
+    result = cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", "T4-4Q", "--keep-going", "--jobs", "1")
+    assert result.code == 1
+    lines = [x.split('msg="', 1)[1].split('"', 1)[0] for x in result.err.splitlines()]
+    assert lines == [
+        "[1/3] GPU 0 (0000:3b:00.0): create 4 x T4-4Q",
+        "[1/3] step failed: create T4-4Q #2 of 4 on GPU 0 (0000:3b:00.0): Input/output error "
+        "(injected fault) (errno 5)",
+        "[1/3] GPU 0 (0000:3b:00.0): rolled back to its previous devices",
+        "[2/3] GPU 1 (0000:5e:00.0): create 4 x T4-4Q",
+        "[2/3] GPU 1 (0000:5e:00.0): done",
+        "[3/3] GPU 2 (0000:86:00.0): create 4 x T4-4Q",
+        "[3/3] GPU 2 (0000:86:00.0): done",
+        "--keep-going: the other GPUs kept their new devices (failed: GPU 0 (0000:3b:00.0))",
+    ]

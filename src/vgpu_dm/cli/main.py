@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except (ApplyError, HostError, VgpuDmError) as exc:
         log.setup_if_needed()
-        log_problems(str(exc).splitlines())
+        logged = set(getattr(exc, "logged", ()))
+        log_problems([line for line in str(exc).splitlines() if line not in logged])
         return EXIT_FAILED
     return EXIT_OK
 
