@@ -52,7 +52,7 @@ INVALID_MESSAGES = [
     "(leave the type out instead)",
     "{f}:9:22: vgpu-configs.T4-large[0].vgpu-devices.\"T4-16X\": invalid vGPU type 'T4-16X': expected "
     "<GPU>-<GB><SERIES> (e.g. T4-1Q, RTX6000-Ada-2Q) or <GPU>-<G>-<GB><SERIES>[ME|NOME|MEALL|GFX] "
-    "(e.g. A100-1-5CME), series one of A, B, C, Q",
+    "(e.g. A100-1-5CME), series one of A, B, C, Q; did you mean 'T4-16Q'?",
 ]
 
 
@@ -244,7 +244,8 @@ def test_env_selected_config_is_checked(cli) -> None:
     r = cli("assert", env=env)
     assert r.code == 2
     assert kv_messages(r.err, "error") == [
-        f"{EXAMPLE}: selected vgpu-config not present: 'nope' (configs in the file: {EXAMPLE_CONFIGS})"
+        f"{EXAMPLE}: selected vgpu-config not present: 'nope' (configs in the file: {EXAMPLE_CONFIGS}) "
+        "(the value came from the environment variable VGPU_DM_SELECTED_CONFIG)"
     ]
 
 

@@ -386,7 +386,7 @@ vgpu-configs:
 ONE_Q = 'version: v1\nvgpu-configs:\n  c:\n    - devices: all\n      vgpu-devices: {{"T4-1Q": {n}}}\n'
 
 
-def test_reapply_makes_no_writes(cli, sim_host):
+def test_reapply_makes_no_writes(cli, sim_host, tmp_path):
     root = sim_host("T4", "T4", "A10")
     made = apply_ok(cli, root, str(T4_CONFIG), "T4-small")
     assert len(made) == 32
@@ -395,8 +395,10 @@ def test_reapply_makes_no_writes(cli, sim_host):
     assert report(cli, root) == before
     again = cli("apply", "--sim", str(root), "-f", str(T4_CONFIG), "-c", "T4-small")
     assert again.code == 0 and "already applied" in again.err
+    # The example's configs filter on the T4's id: T4-1Q is what T4-small already made.
+    assert apply_ok(cli, root, str(T4_CONFIG), "T4-1Q") == []
     # A config that also selects the A10 (devices: all, no filter) is refused as a whole: no writes.
-    assert refused(cli, root, "apply", str(T4_CONFIG), "T4-1Q").code == 1
+    assert refused(cli, root, "apply", config(tmp_path, ONE_Q.format(n=16), "all.yaml"), "c").code == 1
     assert len(writes(root)) == 32
 
 
