@@ -652,7 +652,7 @@ def test_pyproject_license_is_an_spdx_string_and_setuptools_accepts_it():
 # -- examples/config-t4.yaml on a host that also has other GPUs -----------------------------------
 def test_every_example_t4_config_touches_only_the_t4s(cli, sim_host):
     from tests.simstate import layouts
-    from vgpu_dm.spec import load_spec_file
+    from vgpu_dm.spec.loader import load_spec_file
 
     root = sim_host("T4", "L40S", "T4")
     names = list(load_spec_file(T4_CONFIG).configs)
