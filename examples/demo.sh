@@ -29,7 +29,9 @@ clean "$host"
 export VGPU_DM_SIM="$host"
 
 step() { printf '\n$ %s\n' "$*"; }
+part() { printf '\n# %s\n' "$*"; }
 
+part "Part 1: two Tesla T4s (mdev): apply a layout, list it, check it with assert."
 step nvidia-vgpu-dm sim create "$host" --gpu T4 --gpu T4
 nvidia-vgpu-dm sim create "$host" --gpu T4 --gpu T4
 
@@ -53,6 +55,8 @@ echo "exit code $? (T4-small is applied)"
 # The same on a vendor-specific VFIO host (vGPU 17+): two H100s whose VFs start disabled.
 h100="$host-h100"
 clean "$h100"
+part "Part 2: two H100s (vendor-specific VFIO, vGPU 17+): apply enables their SR-IOV VFs, switches"
+printf '# mixed-size mode on and puts one vGPU on each VF: 1 x 40C + 2 x 10C + 5 x 4C per GPU.\n'
 step nvidia-vgpu-dm sim create "$h100" --gpu H100 --gpu H100
 nvidia-vgpu-dm sim create "$h100" --gpu H100 --gpu H100
 
