@@ -40,7 +40,6 @@ _log = log.get()
     "-o",
     "--output",
     type=click.Choice(["json", "yaml", "wide"]),
-    metavar="JSON|YAML|WIDE",
     help="With --dry-run: the plan as JSON or YAML, or as text that lists every vGPU removed (wide).",
 )
 @options.mig_parted

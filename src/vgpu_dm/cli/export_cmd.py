@@ -97,7 +97,6 @@ def export_data(inventory, name: str) -> dict:
     type=click.Choice(["yaml", "json"]),
     default="yaml",
     show_default=True,
-    metavar="YAML|JSON",
     help="The config file as YAML (with a comment naming the GPUs of each entry) or as JSON; both are "
     "config files that -f reads.",
 )

@@ -50,7 +50,6 @@ def output_options(formats: tuple[str, ...] = ("json", "yaml", "wide"), headers:
             "-o",
             "--output",
             type=click.Choice(formats),
-            metavar="|".join(formats).upper(),
             help=f"Output format: {', '.join(formats)} (default: text for people).",
         )(func)
 
