@@ -173,19 +173,11 @@ RELEASE_POLL = 0.02
 
 
 class StillHeld(Exception):
-    """An mdev remove found the device held again (a VM opened it since the wait): wait once more."""
+    """An mdev remove found its device held: the caller waits (outside its lock) and tries again."""
 
-
-def mdev_nodes(base: Path, rel: str) -> list[str] | None:
-    """The VFIO nodes of the mdev whose ``remove`` file is ``rel``, or None when ``rel`` is none."""
-    parts = Path(rel).parts
-    if len(parts) < 2 or parts[-1] != "remove" or not UUID_RE.fullmatch(parts[-2]):
-        return None
-    ddir = Path(os.path.realpath(base / rel)).parent
-    try:
-        return vfio_nodes(ddir)
-    except OSError:
-        return None  # not there: the write itself fails as the kernel's would
+    def __init__(self, uuid: str, nodes: list[str]):
+        super().__init__(uuid)
+        self.nodes = nodes
 
 
 def wait_released(base: Path, nodes: list[str]) -> None:
@@ -206,7 +198,7 @@ def wait_released(base: Path, nodes: list[str]) -> None:
 def mdev_remove(
     base: Path, state: SimState, parent: str, uuid: str, data: str, path: str, wait: bool = True
 ) -> None:
-    """Remove an mdev; a held one blocks until released, or (``wait=False``, the caller waits outside
+    """Remove an mdev; a held one blocks until released, or (``wait=False``: the caller waits outside
     the simulator's lock) raises StillHeld."""
     from vgpu_dm.sim.processes import holders_of
 
@@ -218,7 +210,7 @@ def mdev_remove(
     if wait:
         wait_released(base, nodes)
     elif holders_of(base, nodes):
-        raise StillHeld(uuid)
+        raise StillHeld(uuid, nodes)
     type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
     (ddir / "mdev_type").unlink()
     shutil.rmtree(ddir)

@@ -126,25 +126,23 @@ class SimHostRoot(HostRoot):
         latency = self._latency
         serial = bool(latency and latency.serial)
         delay = latency.seconds_for(rel, data) if latency else 0.0
-        # A held mdev's remove waits for its VM outside the simulator's lock: the kernel's wait blocks
-        # that device only (driver.wait_released). A driver that takes one write at a time host-wide
-        # (serial) waits with its lock held, so every GPU waits too.
-        nodes = None if serial else driver.mdev_nodes(self.base, rel)
         if delay and not serial:
             time.sleep(delay)  # the driver's work, outside the simulator's lock: other GPUs proceed
         while True:
-            if nodes:
-                driver.wait_released(self.base, nodes)
             lock = self._locked()
             try:
                 if delay and serial:
                     time.sleep(delay)
-                self._emulate(rel, data, wait=not nodes)
+                # A held mdev's remove waits for its VM outside the simulator's lock: the kernel's
+                # wait blocks that device only (driver.wait_released). A driver that takes one write
+                # at a time host-wide (serial) waits with its lock held, so every GPU waits too.
+                self._emulate(rel, data, wait=serial)
                 break
-            except driver.StillHeld:
-                continue  # a VM opened the device again between the wait and the lock
+            except driver.StillHeld as held:
+                nodes = held.nodes
             finally:
                 lock.close()
+            driver.wait_released(self.base, nodes)  # then try again: a VM may have opened it since
         if self._faults is not None:
             self._faults.after_write(position)
 
