@@ -88,8 +88,9 @@ class SimHostRoot(HostRoot):
             self._faults.before_read(rel)
         return super().read_text(rel)
 
-    def _locked(self):
-        """The simulated driver's lock (one change of its state at a time, across processes).
+    def _locked(self, shared: bool = False):
+        """The simulated driver's lock (one change of its state at a time, across processes; ``shared``
+        for a query, which many may run at once).
 
         Opened read-only (flock needs no write access), so a read-only simulated host can still be
         read: a real host's nvidia-smi queries need no write access to anything either.
@@ -103,7 +104,7 @@ class SimHostRoot(HostRoot):
             # A host made before the lock file was: make it (this is a write, so the host is writable).
             fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         fh = os.fdopen(fd, "rb")
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         return fh
 
     def write_text(self, rel: str, data: str) -> None:
@@ -205,7 +206,9 @@ class SimHostRoot(HostRoot):
             return CompletedProcess(list(argv), 127, "", err)
         if program in self.faults.hang:
             raise subprocess.TimeoutExpired(list(argv), timeout)  # killed by the caller's timeout
-        lock = self._locked()
+        # nvidia-smi's queries (-q, vgpu -s -v) change nothing: they share the lock, as readers.
+        query = program == "nvidia-smi" and (argv[1:2] == ["-q"] or argv[1:4] == ["vgpu", "-s", "-v"])
+        lock = self._locked(shared=query)
         try:
             state = SimState.load(self.base)
             if program == "sriov-manage" and not (inside / "sys/bus/pci/devices").is_dir():
