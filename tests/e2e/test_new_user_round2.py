@@ -663,3 +663,22 @@ def test_every_example_t4_config_touches_only_the_t4s(cli, sim_host):
         assert layouts(root)[1] == {}, name  # the L40S is left alone (its VFs stay off)
         assert cli("assert", "--sim", str(root), "-f", T4_CONFIG, "-c", name).code == 0
     assert not any("0000:5e:00.0" in w for w in writes(root))
+
+
+# -- layering: the host layer never knows the simulator ---------------------------------------------
+def test_the_host_package_never_imports_the_simulator():
+    """The front ends (cli, k8s) choose the host object; host/ used to import sim/ in open_host."""
+    import ast
+
+    from tests.conftest import REPO
+
+    found = []
+    for path in sorted((REPO / "src" / "vgpu_dm" / "host").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{path.name}: {n}" for n in names if n.startswith("vgpu_dm.sim")]
+    assert found == []
