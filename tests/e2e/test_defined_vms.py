@@ -261,7 +261,7 @@ def test_list_shows_the_vm_and_its_state_beside_the_holder(cli, host):
     by_key = {r["UUID"] if r["UUID"] != "-" else r["PARENT"]: r for r in rows}
     assert by_key[uuid]["VM"] == "win10 (shut off)" and by_key[uuid]["HOLDER"] == "-"
     assert by_key[vf]["VM"] == "db01 (running)" and by_key[vf]["HOLDER"] == f"{pid} qemu-system-x86_64"
-    report = json.loads(cli("list", "--sim", str(root), "--json").out)
+    report = json.loads(cli("list", "--sim", str(root), "--json").out)["gpus"]
     vgpu = next(v for v in report[0]["vgpus"] if v["uuid"] == uuid)
     assert vgpu["assigned"] == [{"domain": "win10", "uuid": vgpu["assigned"][0]["uuid"], "state": "shut off"}]
     assert next(v for v in report[1]["vgpus"] if v["parent"] == vf)["assigned"][0]["state"] == "running"

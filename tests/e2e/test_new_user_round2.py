@@ -448,6 +448,8 @@ def test_wide_and_no_headers(cli, busy_host):
         "UUID",
         "PARENT",
         "HOLDER",
+        "VM",
+        "MDEVCTL",
     ]
     for column in ("DEVICE ID", "DRIVER", "NUMA", "TYPE ID", "IOMMU GROUP"):
         assert column in wide[0] and column not in normal[0]

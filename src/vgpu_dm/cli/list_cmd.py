@@ -239,9 +239,10 @@ def list_cmd(
 
     MIXED is the mixed-size (heterogeneous) vGPU mode of each GPU (from nvidia-smi -q); HOLDER is the
     process (a VM) that has the vGPU open; VM the libvirt VMs defined to use it (running or shut off);
-    MDEVCTL whether mdevctl defines it (auto: created again at boot). -o wide adds device id, driver, NUMA node, vGPU type id
-    and IOMMU group; -o json / -o yaml give all of it, plus what an interrupted or running apply
-    left in its journal. Never changes anything and needs no write access.
+    MDEVCTL whether mdevctl defines it (auto: created again at boot). -o wide adds device id, driver,
+    NUMA node, vGPU type id and IOMMU group; -o json / -o yaml give all of it, plus what an
+    interrupted or running apply left in its journal. Never changes anything and needs no write
+    access.
 
     \b
     Example:

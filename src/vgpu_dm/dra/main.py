@@ -175,7 +175,12 @@ def run(opts: dict) -> None:
     driver_name = opts["driver_name"]
     plugin_dir = os.path.join(opts["kubelet_plugins_dir"], driver_name)
     try:
-        host = open_host(None if opts["sim"] else opts["host_root_mount"], opts["sim"])
+        if opts["sim"]:  # the front end chooses the host object: host/ never imports the simulator
+            from vgpu_dm.sim.host import SimHostRoot
+
+            host = SimHostRoot(opts["sim"])
+        else:
+            host = open_host(opts["host_root_mount"])
         api = DraApi(opts["kubeconfig"] or None, opts["node_name"], stop, deadline=10.0)
     except VgpuDmError as exc:
         _log.error(str(exc))
