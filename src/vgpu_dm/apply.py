@@ -199,6 +199,10 @@ def _apply_locked(
     log_discovery(inventory)
     plan = build_plan(entries, inventory, source, force=options.force, allow_assigned=options.allow_assigned)
     log_plan(plan)
+    if options.persist:
+        from vgpu_dm.persist import check_plan
+
+        check_plan(plan, inventory, options.force, options.allow_assigned)  # before VFs are enabled
     if options.uuid_mode == STABLE and any(gp.framework != VENDOR_VFIO for gp in plan.changed):
         machine_id(host)  # fail before anything is touched, sriov-manage included
     pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
@@ -240,7 +244,7 @@ def _apply_locked(
     if options.persist:
         from vgpu_dm.persist import check_plan
 
-        check_plan(options.persist, plan)
+        check_plan(plan, inventory, options.force, options.allow_assigned)
     else:
         from vgpu_dm.persist import mdevctl_conflicts
 
@@ -253,7 +257,7 @@ def _apply_locked(
         from vgpu_dm.persist import sync_mdevctl
 
         # The definitions follow what is on the GPUs now (after a no-op apply too).
-        sync_mdevctl(plan, Inventory(host, tools))
+        sync_mdevctl(plan, Inventory(host, tools), options.force, options.allow_assigned)
     return plan
 
 

@@ -34,6 +34,9 @@ vgpu-configs:
       vgpu-devices: {"T4-4Q": 4}
     - devices: [1]
       vgpu-devices: {"L40S-12Q": 2}
+  l40s:
+    - devices: [1]
+      vgpu-devices: {"L40S-12Q": 2}
 """
 
 
@@ -130,10 +133,12 @@ def test_with_persist_the_layout_survives_a_reboot_with_its_uuids(cli, host):
 
 def test_persist_refuses_vendor_vfio_gpus_and_a_host_without_mdevctl_with_zero_writes(cli, host, workdir):
     root, config = host
+    run(cli, "apply", root, config, "l40s")  # its VFs are on now
+    written = len(writes(root))
     result = run(cli, "apply", root, config, "both", "--persist", "mdevctl", code=1)
     assert f"GPU 1 ({L40S}) uses the vendor-specific VFIO framework" in result.err
     assert "deploy/systemd" in result.err and "nothing was changed" in result.err
-    assert writes(root) == [] and definitions(root) == {}
+    assert writes(root)[written:] == [] and definitions(root) == {}
     bare = workdir / "bare"
     create_host(bare, ["T4"])
     result = run(cli, "apply", bare, config, "four", "--persist", "mdevctl", code=1)
@@ -180,3 +185,152 @@ def test_mdev_on_vf_definitions_at_boot_follow_the_vf_events_option(cli, workdir
         # Apply made the layout again with new UUIDs, and persisted those.
         assert len(after) == 3 and not set(after) & set(before)
         assert sorted((u, p) for u, (p, _) in definitions(root).items()) == after
+
+
+# -- Definitions other programs own (libvirt's node devices, an operator's manual ones) ---------------
+UNUSED = "c2177883-f1bb-47f0-914d-32a22e3a8804"  # an mdev UUID no device on the host has
+
+
+def define_by_hand(root: Path, parent: str, uuid: str, start: str, mdev_type: str = "nvidia-222") -> Path:
+    path = root / "etc/mdevctl.d" / parent / uuid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(definition_text(mdev_type, start))
+    return path
+
+
+def test_persist_leaves_manual_definitions_alone_even_on_a_noop(cli, host):
+    """A start=manual definition does not come back at boot, so it does not fight the layout: it is
+    someone's on-demand device (``virsh nodedev-define`` without autostart, here named by a VM)."""
+    root, config = host
+    run(cli, "apply", root, config, "four", "--persist", "mdevctl")
+    manual = define_by_hand(root, T4, UNUSED, "manual")
+    cli("sim", "define", str(root), "vm1", "--vgpu", UNUSED)
+    before = manual.read_text()
+    assert "apply would change nothing" in run(cli, "plan", root, config, "four").out
+    result = run(cli, "apply", root, config, "four", "--persist", "mdevctl")
+    assert manual.read_text() == before
+    assert f"{UNUSED}" in result.err and "start=manual" in result.err
+    # A layout change on that GPU leaves it too.
+    run(cli, "apply", root, config, "two", "--persist", "mdevctl")
+    assert manual.read_text() == before
+
+
+def test_persist_refuses_to_remove_an_auto_definition_a_vm_names_unless_allowed(cli, host):
+    root, config = host
+    run(cli, "apply", root, config, "four", "--persist", "mdevctl")
+    auto = define_by_hand(root, T4, UNUSED, "auto")
+    cli("sim", "define", str(root), "vm1", "--vgpu", UNUSED)
+    files_before, written = definitions(root), len(writes(root))
+    result = run(cli, "apply", root, config, "two", "--persist", "mdevctl", code=1)
+    assert f"mdevctl definition {UNUSED}" in result.err and "VM 'vm1' (shut off)" in result.err
+    assert "--allow-assigned vm1" in result.err and "nothing was changed" in result.err
+    assert writes(root)[written:] == []
+    assert definitions(root) == files_before and layouts(root)[0] == {"T4-4Q": 4}
+    # The preview says the same, with what persist would do.
+    plan = run(cli, "plan", root, config, "two", "--persist", "mdevctl", code=1).out
+    assert f"mdevctl definition {UNUSED}" in plan and "VM 'vm1' (shut off)" in plan
+    allowed = run(cli, "apply", root, config, "two", "--persist", "mdevctl", "--allow-assigned", "vm1")
+    assert not auto.exists() and sorted(definitions(root)) == t4_mdevs(root)
+    assert f"--allow-assigned: removing mdevctl definition {UNUSED}" in allowed.err
+
+
+def test_plan_and_dry_run_show_what_persist_would_write_and_remove(cli, host):
+    root, config = host
+    run(cli, "apply", root, config, "four", "--persist", "mdevctl")
+    old = t4_mdevs(root)
+    manual = define_by_hand(root, T4, UNUSED, "manual")
+    written = len(writes(root))
+    for command, extra in (("plan", ()), ("apply", ("--dry-run",))):
+        out = run(cli, command, root, config, "two", "--persist", "mdevctl", *extra).out
+        assert "mdevctl" in out
+        assert "remove 4 definition(s)" in out and old[0] in out
+        assert "write 2 definition(s) for the vGPUs this run creates" in out
+        assert f"keep {UNUSED} (start=manual" in out
+        shown = run(cli, command, root, config, "two", "--persist", "mdevctl", *extra, "--json")
+        report = json.loads(shown.out)
+        gpu = report["persist"]["gpus"][0]
+        assert sorted(d["uuid"] for d in gpu["remove"]) == old and gpu["new"] == 2
+        assert [d["uuid"] for d in gpu["kept"]] == [UNUSED]
+    assert writes(root)[written:] == [] and manual.exists()
+    assert sorted(definitions(root)) == sorted([*old, UNUSED])
+
+
+def test_a_type_change_replaces_the_definition_in_place(cli, host, monkeypatch):
+    """The definition of a device whose type changed is replaced by one atomic rename: at no moment is
+    the file missing (a crash there would lose the device at the next boot)."""
+    root, config = host
+    run(cli, "apply", root, config, "four", "--persist", "mdevctl")
+    uuid = t4_mdevs(root)[0]
+    path = root / "etc/mdevctl.d" / T4 / uuid
+    path.write_text(definition_text("nvidia-999", "auto"))  # as if the type had been another
+    import vgpu_dm.host.root as hostroot
+
+    removed: list[str] = []
+    real = hostroot.HostRoot.remove_state
+    monkeypatch.setattr(
+        hostroot.HostRoot, "remove_state", lambda self, rel: (removed.append(rel), real(self, rel))[1]
+    )
+    run(cli, "apply", root, config, "four", "--persist", "mdevctl")
+    assert removed == []
+    type_dir = (root / "sys/bus/mdev/devices" / uuid / "mdev_type").readlink().name
+    assert path.read_text() == definition_text(type_dir, "auto")
+
+
+def test_an_unusable_definition_directory_is_refused_before_any_write(cli, workdir):
+    root = workdir / "two-t4"
+    create_host(root, ["T4", "T4"])
+    install_mdevctl(root)
+    config = workdir / "c.yaml"
+    config.write_text(
+        "version: v1\nvgpu-configs:\n  a:\n    - devices: all\n      vgpu-devices: {'T4-4Q': 4}\n"
+    )
+    second = gpu_addresses(root)[1]
+    (root / "etc/mdevctl.d" / second).write_text("not a directory\n")
+    result = run(cli, "apply", root, config, "a", "--persist", "mdevctl", code=1)
+    assert f"{root / 'etc/mdevctl.d' / second} is not a directory" in result.err
+    assert "nothing was changed" in result.err
+    assert writes(root) == [] and definitions(root) == {}
+    assert run(cli, "plan", root, config, "a", "--persist", "mdevctl", code=1).code == 1
+
+
+def gpu_addresses(root: Path) -> list[str]:
+    from vgpu_dm.sim.layout import SimState
+
+    return sorted(g.address for g in SimState.load(root).gpus)
+
+
+def vfs_enabled(root: Path, pf: str) -> bool:
+    """Straight from the simulated tree: sriov-manage -e left VFs (the write log does not show runs)."""
+    numvfs = (root / "sys/bus/pci/devices" / pf / "sriov_numvfs").read_text().strip()
+    links = [p for p in (root / "sys/bus/pci/devices" / pf).iterdir() if p.name.startswith("virtfn")]
+    return numvfs != "0" or bool(links)
+
+
+def test_persist_refuses_a_known_vendor_vfio_gpu_whose_vfs_are_off_without_enabling_them(cli, host):
+    """After a reboot a vendor-VFIO GPU has no VFs; the type table apply learned on its VFs (same
+    driver release) says what they are, so nothing runs before the refusal — not even sriov-manage."""
+    root, config = host
+    run(cli, "apply", root, config, "both")
+    cli("sim", "reboot", str(root))
+    assert not vfs_enabled(root, L40S)
+    written = len(writes(root))
+    hooks = root.parent / "hooks.yaml"
+    hooks.write_text("version: v1\nhooks:\n  pre-change:\n    - command: /bin/true\n")
+    result = run(
+        cli, "apply", root, config, "both", "--persist", "mdevctl", "--hooks-file", str(hooks), code=1
+    )
+    assert f"GPU 1 ({L40S}) uses the vendor-specific VFIO framework" in result.err
+    assert "nothing was changed" in result.err and "hook pre-change" not in result.err
+    assert not vfs_enabled(root, L40S) and writes(root)[written:] == [] and definitions(root) == {}
+
+
+def test_persist_on_an_unknown_sriov_gpu_says_truthfully_that_its_vfs_were_enabled(cli, host):
+    """A GPU that was never used has nothing that tells mdev-on-VF from vendor VFIO before its VFs
+    exist (host-interfaces.md §4): they are enabled (harmless), then persist refuses, and says so."""
+    root, config = host
+    result = run(cli, "apply", root, config, "l40s", "--persist", "mdevctl", code=1)
+    assert f"GPU 1 ({L40S}) uses the vendor-specific VFIO framework" in result.err
+    assert vfs_enabled(root, L40S)
+    assert "nothing was changed" not in result.err
+    assert "SR-IOV virtual functions" in result.err and "no vGPU" in result.err
+    assert snapshot(root) == []

@@ -104,7 +104,7 @@ def apply_cmd(
     if dry_run:
         from vgpu_dm.cli.plan_cmd import run_plan
 
-        code = run_plan((spec, name, entries), host_root, sim, tools, force, fmt, allow_assigned)
+        code = run_plan((spec, name, entries), host_root, sim, tools, force, fmt, allow_assigned, persist)
         if code:
             raise Failure(code)
         return

@@ -240,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         log_problems([str(p) for p in exc.problems] or str(exc).splitlines())
         return EXIT_USAGE
     except PlanError as exc:
+        from vgpu_dm.host.root import changes_made
+
         log.setup_if_needed()
         log_problems(exc.problems)
-        if _changing:
+        if _changing and changes_made():
+            # A plan made after a preparatory step (recovery, MIG, enabling VFs) can still refuse.
+            _log.error("no vGPU was changed for this config; what this run did change is said above")
+        elif _changing:
             _log.error("nothing was changed")
         return EXIT_FAILED
     except OSError as exc:

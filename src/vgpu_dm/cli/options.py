@@ -244,8 +244,9 @@ persist = option(
     envvar="VGPU_DM_PERSIST",
     type=click.Choice(["mdevctl"]),
     help="After applying, make mdevctl's definitions of the selected GPUs match their vGPUs (start=auto), so "
-    "mdevctl recreates them at boot; mdev GPUs only. The alternative is the systemd unit in deploy/systemd.  "
-    "[env: VGPU_DM_PERSIST]",
+    "mdevctl recreates them at boot; mdev GPUs only. start=manual definitions are left alone, and one a "
+    "libvirt VM names is removed only with --allow-assigned or --force. With plan or --dry-run: show what it "
+    "would write and remove. The alternative is the systemd unit in deploy/systemd.  [env: VGPU_DM_PERSIST]",
 )
 hooks_file = option(
     "--hooks-file",

@@ -63,9 +63,16 @@ def _by_domain(plan, inventory, force: bool, allow_assigned: tuple[str, ...]) ->
 
 
 def plan_report(
-    entries, inventory, source: str, name: str, force: bool = False, allow_assigned: tuple[str, ...] = ()
+    entries,
+    inventory,
+    source: str,
+    name: str,
+    force: bool = False,
+    allow_assigned: tuple[str, ...] = (),
+    persist: str | None = None,
 ) -> dict:
-    """The preview as data (what ``plan --json`` prints); built from plan.build_plan(strict=False)."""
+    """The preview as data (what ``plan --json`` prints); built from plan.build_plan(strict=False).
+    With ``persist``, also what apply --persist would do to mdevctl's definitions (``persist``)."""
     from vgpu_dm import catalog
     from vgpu_dm.cli.journal_note import journal_note
     from vgpu_dm.cli.list_cmd import model_name
@@ -119,12 +126,13 @@ def plan_report(
         if gpu.index in mig and governing is not None:
             _with_mig_step(item, mig[gpu.index], governing, inventory, gpu)
         gpus.append(_every_field(item))
-    notes = [*plan.notes, *mdevctl_conflicts(plan, inventory)]
+    # With --persist the definitions follow the layout: what it does is shown instead of the warning.
+    notes = [*plan.notes, *([] if persist else mdevctl_conflicts(plan, inventory))]
     if mig_note:
         notes.append(mig_note)
     removals = sum(len(g["remove"]) for g in gpus if g["status"] == "change")
     creations = sum(c["count"] for g in gpus for c in g["create"] if g["status"] == "change")
-    return {
+    report = {
         "config": name,
         "file": source,
         "gpus": gpus,
@@ -136,6 +144,12 @@ def plan_report(
         "journal": journal_note(inventory.host),
         "assigned": _by_domain(plan, inventory, force, allow_assigned),
     }
+    if persist:
+        from vgpu_dm.persist import persist_report
+
+        report["persist"] = persist_report(persist, plan, entries, inventory, force, allow_assigned)
+        report["problems"] += report["persist"]["problems"]
+    return report
 
 
 # Every GPU of the report has every field (null or empty where it does not apply), so that scripts
@@ -246,6 +260,8 @@ def render_plan(report: dict, wide: bool = False) -> str:
                 lines.append(
                     f"  VM {vm['domain']!r} ({vm['state']}): GPU {v['gpu']} {v['type']} {key} {what}"
                 )
+    if report.get("persist"):
+        lines.extend(_persist_lines(report["persist"]))
     problems = report["problems"]
     general = [p for p in problems if not any(p in g["problems"] for g in report["gpus"])]
     lines.extend(f"problem: {p}" for p in general)
@@ -273,6 +289,11 @@ def render_plan(report: dict, wide: bool = False) -> str:
         lines.append(
             f"config {report['config']!r}: {report['changes']} GPU(s) would change ({report['removals']} "
             f"removal(s), {report['creations']} creation(s){switched}); nothing was written"
+        )
+    elif _persist_changes(report.get("persist")):
+        lines.append(
+            f"config {report['config']!r} is applied: apply would change no vGPU, only mdevctl's "
+            f"definitions (above); nothing was written"
         )
     else:
         lines.append(f"config {report['config']!r} is applied: apply would change nothing")
@@ -315,6 +336,37 @@ def _actions(gpu: dict, wide: bool) -> list[str]:
     return lines
 
 
+def _persist_changes(persist: dict | None) -> bool:
+    return bool(persist) and any(g["write"] or g["remove"] or g["new"] for g in persist["gpus"])
+
+
+def _persist_lines(persist: dict) -> list[str]:
+    """What apply --persist=mdevctl would do to mdevctl's definitions, per GPU."""
+    lines = [f"mdevctl definitions (--persist={persist['tool']}, written after the vGPUs):"]
+    for gpu in persist["gpus"]:
+        head = f"  GPU {gpu['index']}  "
+        if gpu["later"]:
+            lines.append(f"{head}{gpu['later']}")
+            continue
+        if gpu["write"]:
+            shown = ", ".join(f"{d['uuid']} ({d['type']})" for d in gpu["write"])
+            lines.append(f"{head}write {len(gpu['write'])} definition(s) (start=auto): {shown}")
+        if gpu["new"]:
+            what = "for the vGPUs this run creates (start=auto)"
+            lines.append(f"{head}write {gpu['new']} definition(s) {what}")
+        if gpu["remove"]:
+            shown = ", ".join(f"{d['uuid']} ({d['start']})" for d in gpu["remove"])
+            lines.append(f"{head}remove {len(gpu['remove'])} definition(s): {shown}")
+        for d in gpu["kept"]:
+            lines.append(f"{head}keep {d['uuid']} ({d['why']})")
+        lines.extend(f"{head}{w}" for w in gpu["warnings"])
+        if gpu["unchanged"]:
+            lines.append(f"{head}{gpu['unchanged']} definition(s) already right")
+        if not (gpu["write"] or gpu["new"] or gpu["remove"] or gpu["kept"] or gpu["unchanged"]):
+            lines.append(f"{head}no definitions")
+    return lines
+
+
 def run_plan(
     loaded: tuple,
     host_root: str,
@@ -323,6 +375,7 @@ def run_plan(
     force: bool,
     fmt: str = "text",
     allow_assigned: tuple[str, ...] = (),
+    persist: str | None = None,
 ) -> int:
     """Print the preview in ``fmt`` (text, wide, json, yaml); returns 0 when apply would succeed, 1
     when it would stop on a problem."""
@@ -335,7 +388,9 @@ def run_plan(
     host = open_cli_host(host_root, sim)
     inventory = Inventory(host, tools)
     log_discovery(inventory)
-    report = plan_report(entries, inventory, spec.source, name, force=force, allow_assigned=allow_assigned)
+    report = plan_report(
+        entries, inventory, spec.source, name, force=force, allow_assigned=allow_assigned, persist=persist
+    )
     emit(dump(report, fmt) if fmt in ("json", "yaml") else render_plan(report, wide=fmt == "wide"))
     return 1 if report["problems"] else 0
 
@@ -351,6 +406,7 @@ def run_plan(
 @options.mig_parted
 @options.force
 @options.allow_assigned
+@options.persist
 @output_options(headers=False)
 def plan_cmd(
     config_file: str,
@@ -363,6 +419,7 @@ def plan_cmd(
     mig_parted: str,
     force: bool,
     allow_assigned: tuple[str, ...],
+    persist: str | None,
     output: str | None,
     as_json: bool,
 ) -> None:
@@ -387,6 +444,6 @@ def plan_cmd(
     fmt = output_format(output, as_json)
     loaded = load_selected(config_file, selected_config)
     tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
-    code = run_plan(loaded, host_root, sim, tools, force, fmt, allow_assigned)
+    code = run_plan(loaded, host_root, sim, tools, force, fmt, allow_assigned, persist)
     if code:
         raise Failure(code)

@@ -68,6 +68,11 @@ class VendorVfioBackend:
         """An SR-IOV GPU on the nvidia driver with no VFs yet: vendor VFIO once sriov-manage enables them."""
         return gpu.sriov_capable and not gpu.vfs and gpu.driver == "nvidia"
 
+    def learned_vendor_vfio(self, gpu: GPU) -> bool:
+        """Apply learned a type table on this GPU's vendor-VFIO VFs under this driver release (tables are
+        kept only for them): its VFs are vendor-VFIO ones, also while they are off (after a reboot)."""
+        return bool(self._learned(gpu))
+
     # -- reading ---------------------------------------------------------------------------------
     def _vf_type(self, vf: str) -> int:
         if vf not in self._current:
