@@ -232,6 +232,7 @@ def _apply_locked(
                 raise
             enabled.append(gpu.describe())
         inventory = Inventory(host, tools, writable=True)
+        _settle_mdevctl(inventory, pending)
         log_discovery(inventory)
         plan = build_plan(
             entries, inventory, source, force=options.force, allow_assigned=options.allow_assigned
@@ -259,6 +260,18 @@ def _apply_locked(
         # The definitions follow what is on the GPUs now (after a no-op apply too).
         sync_mdevctl(plan, Inventory(host, tools), options.force, options.allow_assigned)
     return plan
+
+
+def _settle_mdevctl(inventory: Inventory, enabled: list[GPU]) -> None:
+    """mdevctl may start its definitions on VFs just enabled, some time after sriov-manage returned:
+    wait for that before the plan is made on them (host/mdevctl.py settle_autostart)."""
+    addresses = {g.address for g in enabled}
+    parents = [vf for g in inventory.gpus if g.address in addresses for vf in g.vfs]
+    if parents and inventory.host.exists("etc/mdevctl.d"):
+        from vgpu_dm.host.mdevctl import settle_autostart
+
+        for warning in settle_autostart(inventory.host, parents):
+            _log.warning(warning)
 
 
 def execute(

@@ -17,7 +17,7 @@ from tests.simstate import layouts, snapshot
 from tests.table import LIST_COLUMNS, parse_table
 from vgpu_dm.host.mdevctl import definition_text
 from vgpu_dm.sim.layout import create_host
-from vgpu_dm.sim.libvirt import install_mdevctl
+from vgpu_dm.sim.mdevctl import install_mdevctl
 
 T4, L40S = "0000:3b:00.0", "0000:5e:00.0"
 CONFIG = """\
@@ -159,10 +159,12 @@ def test_a_bad_definition_file_is_a_warning_and_is_replaced_by_persist(cli, host
     assert json.loads(bad.read_text())["start"] == "auto"
 
 
-@pytest.mark.parametrize("on_vfs", ["start", "ignore"])
+@pytest.mark.parametrize("on_vfs", ["start", "later", "ignore"])
 def test_mdev_on_vf_definitions_at_boot_follow_the_vf_events_option(cli, workdir, on_vfs):
     """On an mdev-on-VF GPU (A10) the parents are VFs, which appear only when sriov-manage enables
-    them; whether mdevctl then starts their definitions is unconfirmed, so both are simulated."""
+    them; whether mdevctl then starts their definitions, and when (before sriov-manage returns or
+    after), is unconfirmed, so each is simulated. Apply waits for udev (udevadm settle) when mdevctl
+    has definitions on the new VFs, so it plans on what mdevctl made in every case."""
     root = workdir / "host"
     create_host(root, ["A10"], options={"mdevctl_on_vfs": on_vfs})
     install_mdevctl(root)
@@ -176,15 +178,43 @@ def test_mdev_on_vf_definitions_at_boot_follow_the_vf_events_option(cli, workdir
     cli("sim", "reboot", str(root))
     result = run(cli, "apply", root, config, "a", "--persist", "mdevctl")
     after = sorted((d[2], d[3]) for d in snapshot(root))
-    if on_vfs == "start":
+    if on_vfs in ("start", "later"):
         # mdevctl recreated them as the VFs appeared; apply found the layout in place.
         assert after == before
         assert "enabling SR-IOV virtual functions" in result.err
         assert "create" not in result.err and "is already applied" in result.err
+        assert ("waiting for udev" in result.err) == (on_vfs == "later")
     else:
         # Apply made the layout again with new UUIDs, and persisted those.
+        assert "mdevctl did not start 3 start=auto definition(s) on the new virtual functions" in result.err
         assert len(after) == 3 and not set(after) & set(before)
         assert sorted((u, p) for u, (p, _) in definitions(root).items()) == after
+
+
+def test_a_late_udev_event_lands_at_the_next_driver_write_when_nobody_waits(workdir):
+    """``later``: the simulator holds mdevctl's starts until udev is waited for or the driver is next
+    written — what a tool that plans on the new VFs without settling would race against."""
+    from vgpu_dm.host.mdevctl import Definition, write_definition
+    from vgpu_dm.host.root import HostRoot
+    from vgpu_dm.sim.host import SimHostRoot
+
+    root = workdir / "a10"
+    create_host(root, ["A10"], options={"mdevctl_on_vfs": "later"})
+    install_mdevctl(root)
+    host = SimHostRoot(root)
+    assert host.run(["/usr/lib/nvidia/sriov-manage", "-e", "ALL"]).returncode == 0
+    vf = sorted(p.name for p in (root / "sys/class/mdev_bus").iterdir())[0]
+    type_dir = sorted(p.name for p in (root / "sys/bus/pci/devices" / vf / "mdev_supported_types").iterdir())[
+        0
+    ]
+    write_definition(HostRoot(root), Definition(vf, UNUSED, type_dir, "auto"))
+    host.run(["/usr/lib/nvidia/sriov-manage", "-d", "ALL"])
+    host.run(["/usr/lib/nvidia/sriov-manage", "-e", "ALL"])
+    assert snapshot(root) == []  # sriov-manage returned; udev has not run mdevctl yet
+    other = sorted(p.name for p in (root / "sys/class/mdev_bus").iterdir())[1]
+    create = root / "sys/bus/pci/devices" / other / "mdev_supported_types" / type_dir / "create"
+    host.write_text(str(create.relative_to(root)), "11111111-2222-3333-4444-555555555555")
+    assert sorted(d[2] for d in snapshot(root)) == ["11111111-2222-3333-4444-555555555555", UNUSED]
 
 
 # -- Definitions other programs own (libvirt's node devices, an operator's manual ones) ---------------
@@ -334,3 +364,24 @@ def test_persist_on_an_unknown_sriov_gpu_says_truthfully_that_its_vfs_were_enabl
     assert "nothing was changed" not in result.err
     assert "SR-IOV virtual functions" in result.err and "no vGPU" in result.err
     assert snapshot(root) == []
+
+
+def test_at_boot_one_bad_file_stops_mdevctl_on_its_parent_only(cli, workdir):
+    """``mdevctl start-parent-mdevs P`` reads every definition of P strictly: one file it cannot use
+    fails the whole command (exit 1, "Error: invalid json") and nothing on P starts; other parents
+    are separate runs of the udev rule and start (mdevctl src/main.rs, src/environment.rs)."""
+    root = workdir / "two-t4"
+    create_host(root, ["T4", "T4"])
+    install_mdevctl(root)
+    config = workdir / "c.yaml"
+    config.write_text(
+        "version: v1\nvgpu-configs:\n  a:\n    - devices: all\n      vgpu-devices: {'T4-4Q': 2}\n"
+    )
+    run(cli, "apply", root, config, "a", "--persist", "mdevctl")
+    first, second = gpu_addresses(root)
+    define_by_hand(root, first, UNUSED, "auto").write_text('{"mdev_type": "nvidia-222"}')  # no "start"
+    lines = cli("sim", "reboot", str(root)).out
+    assert f"mdevctl start-parent-mdevs {first}: Error: invalid json (exit 1)" in lines
+    mdevs = snapshot(root)
+    assert [d for d in mdevs if d[0] == first] == []
+    assert len([d for d in mdevs if d[0] == second]) == 2

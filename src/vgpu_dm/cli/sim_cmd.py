@@ -129,11 +129,12 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
 )
 @click.option(
     "--mdevctl-on-vfs",
-    type=click.Choice(["start", "ignore"]),
-    default="start",
+    type=click.Choice(["start", "later", "ignore"]),
+    default="later",
     show_default=True,
-    help="Whether mdevctl starts the auto definitions of mdev-capable VFs when sriov-manage enables them "
-    "(unconfirmed for NVIDIA VFs).",
+    help="When mdevctl's udev rule starts the auto definitions of mdev-capable VFs that sriov-manage "
+    "enables: start = before sriov-manage returns; later = after it (when something runs 'udevadm settle', "
+    "or at the latest at the next write to the driver); ignore = never (unconfirmed for NVIDIA VFs).",
 )
 @click.option(
     "--driver",
@@ -196,7 +197,7 @@ def create_cmd(
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
     if mdevctl:
-        from vgpu_dm.sim.libvirt import install_mdevctl
+        from vgpu_dm.sim.mdevctl import install_mdevctl
 
         install_mdevctl(directory)
     from vgpu_dm.cli.list_cmd import model_name

@@ -171,3 +171,57 @@ def write_definition(host: HostRoot, definition: Definition) -> None:
 def remove_definition(host: HostRoot, definition: Definition) -> None:
     """Delete a definition file; the parent's directory stays (``mdevctl undefine`` keeps it too)."""
     host.remove_state(definition.path)
+
+
+SETTLE_TIMEOUT = 30.0  # seconds udevadm settle may wait for mdevctl's starts on new VFs
+
+
+def settle_autostart(host: HostRoot, parents: list[str], timeout: float = SETTLE_TIMEOUT) -> list[str]:
+    """After ``sriov-manage -e`` made ``parents`` (mdev-capable VFs): let mdevctl finish starting their
+    ``start: auto`` definitions before anything is planned on them; returns warnings.
+
+    mdevctl starts them from its udev rule when a parent registers. udev handles that event on its own
+    time, perhaps after sriov-manage returned (and whether NVIDIA's VFs raise it at all is
+    unconfirmed, kvm-host.md §E): creating vGPUs meanwhile would race mdevctl's creates for the same
+    VFs. ``udevadm settle`` returns once udev has handled every queued event, RUN programs included.
+    No definition on those parents, or all of them started already: nothing to wait for. No udevadm:
+    no udev, so no rule will run either.
+    """
+    index = MdevctlIndex(host)
+    if not index.installed:
+        return []
+    pending = [d for d in index.on_parents(parents) if d.auto]
+    if not pending or all(host.exists(f"sys/bus/mdev/devices/{d.uuid}") for d in pending):
+        return []
+    import subprocess
+
+    from vgpu_dm import log
+
+    log.get("mdevctl").info(
+        f"mdevctl has {len(pending)} start=auto definition(s) on the new virtual functions: waiting for udev "
+        f"to run its rule (udevadm settle)"
+    )
+    try:
+        proc = host.run(["udevadm", "settle", f"--timeout={timeout:g}"], timeout=timeout + 10)
+        why = (proc.stderr or proc.stdout or f"exit {proc.returncode}").strip()
+        # chroot exits 127 when the host root has no udevadm: no udev there either.
+        settled = proc.returncode == 0 or (proc.returncode == 127 and "chroot" in why)
+    except FileNotFoundError:
+        settled, why = True, ""
+    except subprocess.TimeoutExpired:
+        settled, why = False, "it did not return"
+    missing = [d for d in pending if not host.exists(f"sys/bus/mdev/devices/{d.uuid}")]
+    if not missing:
+        return []
+    shown = ", ".join(f"{d.uuid} on {d.parent}" for d in missing[:4])
+    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+    if not settled:
+        return [
+            f"udevadm settle failed ({why}): mdevctl may still create {len(missing)} mdev(s) it defines "
+            f"on the new virtual functions ({shown}{more}) while apply creates vGPUs there"
+        ]
+    return [
+        f"mdevctl did not start {len(missing)} start=auto definition(s) on the new virtual functions "
+        f"({shown}{more}): the VFs' udev event did not reach it, or the start failed (see the system log, "
+        f"logger tag mdevctl); apply makes the layout without them"
+    ]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from vgpu_dm import log
 from vgpu_dm.host.root import SIM_MARKER, HostRoot, NotAHostRoot, note_change
-from vgpu_dm.sim.files import DRIVER_LOCK, FAULTS_FILE, LATENCY_FILE, STATE_FILE, WRITE_LOG
+from vgpu_dm.sim.files import DRIVER_LOCK, FAULTS_FILE, LATENCY_FILE, STATE_FILE, UDEV_QUEUE_FILE, WRITE_LOG
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -134,6 +134,7 @@ class SimHostRoot(HostRoot):
             try:
                 if delay and serial:
                     time.sleep(delay)
+                self._udev_catches_up()
                 # A held mdev's remove waits for its VM outside the simulator's lock: the kernel's
                 # wait blocks that device only (driver.wait_released). A driver that takes one write
                 # at a time host-wide (serial) waits with its lock held, so every GPU waits too.
@@ -146,6 +147,15 @@ class SimHostRoot(HostRoot):
             driver.wait_released(self.base, nodes)  # then try again: a VM may have opened it since
         if self._faults is not None:
             self._faults.after_write(position)
+
+    def _udev_catches_up(self) -> None:
+        """Queued udev events (sim/mdevctl.py, ``later``) are handled by now: mdevctl's creates land
+        right before this write, as they may on a host where nobody waited for udev."""
+        if os.path.exists(os.path.join(self.root, SIM_MARKER, UDEV_QUEUE_FILE)):
+            from vgpu_dm.sim.mdevctl import handle_udev_queue
+
+            for line in handle_udev_queue(self.base):
+                _log.debug(f"udev (simulated): {line}")
 
     def _emulate(self, rel: str, data: str, wait: bool = True) -> None:
         from pathlib import Path
@@ -219,6 +229,13 @@ class SimHostRoot(HostRoot):
                 from vgpu_dm.sim import services
 
                 return services.run(self.base, list(argv))
+            if program == "udevadm" and argv[1:2] == ["settle"]:
+                from vgpu_dm.sim.mdevctl import handle_udev_queue
+
+                # Returns once udev has handled every queued event, mdevctl's RUN programs included.
+                for line in handle_udev_queue(self.base):
+                    _log.debug(f"udev (simulated): {line}")
+                return CompletedProcess(list(argv), 0, "", "")
             if program == "nvidia-mig-parted":
                 from vgpu_dm.sim import mig_parted
 

@@ -79,8 +79,9 @@ DEFAULT_OPTIONS = {
     "mig_after_reboot": "keep",
     # mdevctl's udev rule starts a parent's auto definitions when the parent registers with the mdev
     # core (kvm-host.md §E). Whether NVIDIA's VFs, enabled by sriov-manage, raise that event is
-    # unconfirmed: "start" (they do, as the kernel's mdev core does on registration) or "ignore".
-    "mdevctl_on_vfs": "start",
+    # unconfirmed, and udev handles events after the kernel queued them: "later" (queued until udev is
+    # waited for, or the next driver write), "start" (handled before sriov-manage returns) or "ignore".
+    "mdevctl_on_vfs": "later",
     # What sriov-manage does when it runs chrooted into a root without the host's sysfs, as the GPU
     # Operator's driver container root is published (design.md "Three roots"; issue 16 item 6). That
     # it cannot enable VFs there is the fact; how it says so is unknown (the script reads sysfs and

@@ -1,4 +1,4 @@
-"""Simulated libvirt VMs and mdevctl on a simulated host, written in the real programs' formats.
+"""Simulated libvirt VMs on a simulated host, written in libvirt's own formats.
 
 - A defined VM is ``etc/libvirt/qemu/NAME.xml`` with root ``<domain>`` (libvirt writes it at
   ``virsh define``, starting with its "auto-generated file" comment; the exact comment text is
@@ -16,11 +16,7 @@
   running VM is a fake QEMU process holding every vGPU's VFIO node open, so the real in-use
   detection sees it. Shutting it down removes the status file and the process; the vGPUs stay
   (libvirt does not remove mdevs at stop — §B, inferred).
-- mdevctl "installed" means its directories exist (``etc/mdevctl.d``; the callout and notifier
-  directories under ``usr/lib/mdevctl/scripts.d``, which mdevctl's self-check requires; mdevctl
-  Makefile.in, src/environment.rs). At boot its udev rule starts every ``start: auto`` definition
-  whose parent appears (§E): ``boot_start`` does that for the parents present after a simulated
-  reboot, or when VFs are enabled.
+- mdevctl is simulated in sim/mdevctl.py.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ from pathlib import Path
 
 from vgpu_dm.host.libvirt import LIVE_DIR, PERSISTENT_DIR
 
-MDEVCTL_DIRS = ("etc/mdevctl.d", "usr/lib/mdevctl/scripts.d/callouts", "usr/lib/mdevctl/scripts.d/notifiers")
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _PCI = r"([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])"
 _HEADER = """<!--
@@ -176,45 +171,3 @@ def undefine(root: str | os.PathLike[str], name: str) -> None:
     if not path.is_file():
         raise SimVMError(f"no VM {name!r} is defined (no {path})")
     path.unlink()
-
-
-def install_mdevctl(root: str | os.PathLike[str]) -> None:
-    for rel in MDEVCTL_DIRS:
-        (Path(root) / rel).mkdir(parents=True, exist_ok=True)
-
-
-def boot_start(root: str | os.PathLike[str], parents: list[str]) -> list[str]:
-    """mdevctl's udev rule on parents appearing: ``mdevctl start-parent-mdevs PARENT`` for each, which
-    creates every ``start: auto`` definition of that parent that has room; failures are logged (here:
-    returned) and skipped, as mdevctl does. Nothing happens when mdevctl is not installed."""
-    from vgpu_dm.host.mdevctl import CONFIG_DIR, MdevctlIndex
-    from vgpu_dm.host.root import HostRoot
-    from vgpu_dm.sim.driver import mdev_create, type_id_of_dir
-    from vgpu_dm.sim.layout import SimState
-
-    base = Path(root)
-    if not (base / CONFIG_DIR).is_dir():
-        return []
-    index = MdevctlIndex(HostRoot(base))
-    said = [f"mdevctl: {w}" for w in index.warnings]
-    for definition in index.on_parents(parents):
-        if not definition.auto:
-            continue
-        create = base / "sys/bus/pci/devices" / definition.parent / "mdev_supported_types"
-        create = create / definition.mdev_type / "create"
-        try:
-            if not create.exists():
-                raise OSError(f"type {definition.mdev_type} not offered by {definition.parent}")
-            state = SimState.load(base)
-            mdev_create(
-                base,
-                state,
-                definition.parent,
-                type_id_of_dir(definition.mdev_type),
-                definition.uuid,
-                str(create),
-            )
-            said.append(f"mdevctl: started {definition.uuid} ({definition.mdev_type}) on {definition.parent}")
-        except (OSError, ValueError) as exc:
-            said.append(f"mdevctl: could not start {definition.uuid} on {definition.parent}: {exc}")
-    return said

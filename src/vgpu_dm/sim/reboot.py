@@ -13,7 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
+from vgpu_dm.host.root import SIM_MARKER
 from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, refresh_all
+from vgpu_dm.sim.files import UDEV_QUEUE_FILE
 from vgpu_dm.sim.layout import SimState
 from vgpu_dm.sim.vfio_driver import disable_vfs
 
@@ -67,10 +69,12 @@ def reboot(root: str | os.PathLike[str]) -> list[str]:
     state.save(base)
     refresh_all(base, state)
     from vgpu_dm.sim.driver import parents_of
-    from vgpu_dm.sim.libvirt import boot_start
+    from vgpu_dm.sim.mdevctl import udev_parents_appeared
 
-    # The GPUs' own mdev parents register when the driver loads: mdevctl starts their auto definitions.
-    lines += boot_start(
+    # The GPUs' own mdev parents register when the driver loads, long before any tool runs: mdevctl's
+    # udev rule starts their auto definitions (a queue of a run before the reboot is gone).
+    (base / SIM_MARKER / UDEV_QUEUE_FILE).unlink(missing_ok=True)
+    lines += udev_parents_appeared(
         base, [p for gpu in state.gpus if gpu.framework == "mdev-pf" for p in parents_of(gpu)]
     )
     return lines

@@ -164,11 +164,17 @@ def sriov_manage(
     for gpu in targets:
         if gpu.framework != "mdev-pf":
             refresh_gpu(base, gpu)
-    if argv[1] == "-e" and state.options.get("mdevctl_on_vfs") == "start":
-        from vgpu_dm.sim.libvirt import boot_start
+    on_vfs = state.options.get("mdevctl_on_vfs")
+    if argv[1] == "-e" and on_vfs in ("start", "later"):
+        from vgpu_dm.sim import mdevctl
 
-        # New mdev parents appeared: mdevctl's udev rule starts their auto definitions.
-        boot_start(base, [vf for gpu in targets if gpu.framework == "mdev-vf" for vf in gpu.vfs])
+        # New mdev parents registered: mdevctl's udev rule starts their auto definitions, before
+        # sriov-manage returns or some time after it (sim/mdevctl.py; unconfirmed for NVIDIA's VFs).
+        parents = [vf for gpu in targets if gpu.framework == "mdev-vf" for vf in gpu.vfs]
+        if on_vfs == "start":
+            mdevctl.udev_parents_appeared(base, parents)
+        else:
+            mdevctl.queue_udev_events(base, parents)
     return _result(argv, 0, out="".join(out))
 
 
