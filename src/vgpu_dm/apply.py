@@ -183,6 +183,14 @@ def _apply_locked(
         from vgpu_dm.persist import check_persist
 
         check_persist(options.persist, entries, Inventory(host, tools))
+    if options.before_change is not None:
+        # The first change may be a recovery, the MIG step or enabling VFs; whichever it is, the first
+        # call (the pre-change hooks) names every GPU the run is going to change.
+        announce, first = (
+            _gpus_to_change(entries, host, tools, source, options, config_name),
+            options.before_change,
+        )
+        options = replace(options, before_change=lambda gpus: first([*announce, *gpus]))
     recover(
         host,
         tools,
@@ -209,7 +217,7 @@ def _apply_locked(
     if pending:
         # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
         if options.before_change is not None:
-            options.before_change(pending)
+            options.before_change([gp.gpu for gp in plan.changed])
         enabled: list[str] = []
         for gpu in pending:
             if options.stop is not None and options.stop.is_set():
@@ -260,6 +268,47 @@ def _apply_locked(
         # The definitions follow what is on the GPUs now (after a no-op apply too).
         sync_mdevctl(plan, Inventory(host, tools), options.force, options.allow_assigned)
     return plan
+
+
+def _gpus_to_change(
+    entries: tuple[ConfigEntry, ...],
+    host: HostRoot,
+    tools: HostTools | None,
+    source: str,
+    options: ApplyOptions,
+    config_name: str,
+) -> list[GPU]:
+    """Read-only, before the first change: the GPUs this run will change — those of an interrupted
+    run's journal (recovered first), those whose MIG layout changes, and those the plan for the host
+    as it is changes. What cannot be read here is left to the later calls, which add their GPUs."""
+    inventory = Inventory(host, tools)
+    by_address = {g.address: g for g in inventory.gpus}
+    by_index = {g.index: g for g in inventory.gpus}
+    found: dict[str, GPU] = {}
+    try:
+        interrupted = journal.read(host)
+        for jgpu in interrupted.gpus if interrupted else ():
+            if jgpu.gpu in by_address:
+                found[jgpu.gpu] = by_address[jgpu.gpu]
+        if not options.skip_mig:
+            from vgpu_dm.mig.step import changing_gpus
+
+            mig = changing_gpus(entries, config_name, inventory, source)
+            for index in mig[2] if mig else ():
+                found.setdefault(by_index[index].address, by_index[index])
+        plan = build_plan(
+            entries,
+            inventory,
+            source,
+            force=options.force,
+            strict=False,
+            allow_assigned=options.allow_assigned,
+        )
+        for gp in plan.changed:
+            found.setdefault(gp.gpu.address, gp.gpu)
+    except (ValueError, OSError, HostError) as exc:
+        _log.debug(f"the GPUs this run changes are named as it reaches them: {exc}")
+    return list(found.values())
 
 
 def _settle_mdevctl(inventory: Inventory, enabled: list[GPU]) -> None:

@@ -6,6 +6,7 @@ hook here appends a line to a trace file, so the order is what the programs saw.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,43 @@ def test_a_bad_hooks_file_is_a_located_usage_error_before_the_host_is_read(cli, 
         "apply", "--sim", str(root), "-f", str(config), "-c", "four", "--dry-run", "--hooks-file", str(bad)
     )
     assert dry.code == 2
+
+
+def test_pre_change_is_told_every_gpu_the_run_changes_also_when_vfs_come_first(cli, workdir):
+    """After a reboot a vendor-VFIO GPU needs its VFs enabled before its vGPUs, and that is the run's
+    first change; pre-change must already name the other GPU this run changes too."""
+    root = workdir / "mixed"
+    create_host(root, ["T4", "L40S"])
+    config = workdir / "c.yaml"
+    config.write_text(
+        "version: v1\nvgpu-configs:\n  both:\n    - devices: [0]\n      vgpu-devices: {'T4-4Q': 4}\n"
+        "    - devices: [1]\n      vgpu-devices: {'L40S-12Q': 2}\n"
+    )
+    trace = workdir / "trace"
+    apply(cli, root, config, "both", "--hooks-file", str(hooks_file(workdir, trace)))
+    assert trace_of(trace) == [
+        "apply-start",
+        "pre-change 0 1",
+        "post-change success 0 1",
+        "apply-exit success 0 1",
+    ]
+
+
+def test_pre_change_before_a_journal_recovery_names_the_gpus_of_the_whole_run(cli, run_cli, host, workdir):
+    """An interrupted apply left GPU 0 half-changed: recovering it is the first change, and this run
+    then changes GPU 1 too; pre-change runs once, naming both."""
+    root, config, trace = host
+    apply(cli, root, config, "four")
+    two = workdir / "gpu0-two.yaml"
+    two.write_text("version: v1\nvgpu-configs:\n  a:\n    - devices: [0]\n      vgpu-devices: {'T4-8Q': 2}\n")
+    assert cli("sim", "fault", str(root), "--kill-at-write", "2").code == 0
+    killed = run_cli("apply", "--sim", str(root), "-f", str(two), "-c", "a")
+    assert killed.code == -signal.SIGKILL and (root / "run/nvidia-vgpu-dm/journal.json").is_file()
+    assert cli("sim", "fault", str(root)).code == 0
+    apply(cli, root, config, "two", "--hooks-file", str(hooks_file(workdir, trace)))
+    assert trace_of(trace) == [
+        "apply-start",
+        "pre-change 0 1",
+        "post-change success 0 1",
+        "apply-exit success 0 1",
+    ]
