@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vgpu_dm import journal, log
-from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError
+from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError, PlanError, VgpuDmError
 from vgpu_dm.explain import log_discovery, log_plan
 from vgpu_dm.host.holders import HolderIndex
 from vgpu_dm.host.inventory import HostTools, Inventory
@@ -152,20 +152,29 @@ def apply_config(
 
         session = HookSession(options.hooks, host, source, config_name, options.stop)
         options = replace(options, before_change=session.before_change)
-        result, error = FAILED, None
         try:
             session.apply_start()
             plan = _apply_locked(entries, host, tools, source, options, config_name)
-            result = UNCHANGED if plan.is_noop else SUCCESS
-            return plan
-        except ApplyInterrupted as exc:
-            result, error = INTERRUPTED, exc
-            raise
         except BaseException as exc:
-            error = exc
+            late = session.finish(INTERRUPTED if isinstance(exc, ApplyInterrupted) else FAILED, exc)
+            if late and isinstance(exc, VgpuDmError):
+                raise _followed_by(exc, [f"after that: {line}" for line in late]) from None
+            for line in late:
+                _log.error(line)
             raise
-        finally:
-            session.finish(result, error)
+        session.finish(UNCHANGED if plan.is_noop else SUCCESS)
+        return plan
+
+
+def _followed_by(error: VgpuDmError, lines: list[str]) -> VgpuDmError:
+    """``error`` (same type, for the front ends' exit codes) with ``lines`` after its own message."""
+    import copy
+
+    longer = copy.copy(error)
+    if isinstance(longer, PlanError):
+        longer.problems = [*longer.problems, *lines]
+    longer.args = ("\n".join([str(error), *lines]), *error.args[1:])
+    return longer
 
 
 def _apply_locked(

@@ -209,3 +209,15 @@ def test_pre_change_before_a_journal_recovery_names_the_gpus_of_the_whole_run(cl
         "post-change success 0 1",
         "apply-exit success 0 1",
     ]
+
+
+def test_after_a_failed_run_a_failing_hook_is_reported_after_the_failure_itself(cli, host, workdir):
+    root, config, trace = host
+    apply(cli, root, config, "four")
+    assert cli("sim", "fault", str(root), "--fail-write", "3").code == 0
+    hooks = hooks_file(workdir, trace, post_change="echo dcgm did not start; exit 3")
+    result = apply(cli, root, config, "two", "--hooks-file", str(hooks), "--jobs", "1", code=1)
+    errors = [line for line in result.err.splitlines() if "level=error" in line]
+    cause = next(i for i, line in enumerate(errors) if "step failed" in line)
+    hook = next(i for i, line in enumerate(errors) if "hook post-change" in line)
+    assert cause < hook, errors

@@ -164,8 +164,18 @@ def test_failing_apply_exit_fails_a_good_run_and_is_only_logged_after_a_failed_o
     assert "hook apply-exit" in lines[1] and "cannot run /nonexistent/program" in lines[1]
     assert lines[2] == "the vGPU changes were made; only the hook failed"
     s2 = session(tmp_path, body)
-    s2.finish("failed", RuntimeError("write failed"))  # nothing raised: the run's own error wins
-    assert "cannot run /nonexistent/program" in logged.getvalue()
+    # Nothing raised: the run's own error wins; the failures are handed back, to be reported after it.
+    late = s2.finish("failed", RuntimeError("write failed"))
+    assert any("cannot run /nonexistent/program" in line for line in late)
+    assert "cannot run" not in logged.getvalue()
+
+
+def test_a_missing_workdir_is_named_as_such_not_blamed_on_the_command(tmp_path):
+    s = session(tmp_path, "  apply-start:\n    - command: /bin/true\n      workdir: /nonexistent/dir\n")
+    with pytest.raises(HookFailed) as caught:
+        s.apply_start()
+    assert "cannot change to its workdir /nonexistent/dir: No such file or directory" in str(caught.value)
+    assert "cannot run /bin/true" not in str(caught.value)
 
 
 def test_a_hook_past_its_timeout_is_killed_with_its_children(tmp_path):
@@ -235,3 +245,8 @@ def test_on_a_host_root_other_than_slash_hooks_run_chrooted_in_their_workdir(tmp
     said = logged.getvalue()
     assert "hook apply-start: /work" in said  # the root's /work, not this machine's
     assert "hook apply-start: apply-start" in said
+    missing = parse_hooks(
+        "version: v1\nhooks:\n  apply-start:\n    - command: /bin/sh\n      workdir: /gone\n", "h.yaml"
+    )
+    with pytest.raises(HookFailed, match=f"cannot change to its workdir /gone .in the host root {root}."):
+        HookSession(missing, HostRoot(root), "c.yaml", "x").apply_start()

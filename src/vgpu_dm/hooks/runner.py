@@ -29,7 +29,7 @@ from vgpu_dm import log
 from vgpu_dm.errors import ApplyError, ApplyInterrupted
 from vgpu_dm.hooks.spec import APPLY_EXIT, APPLY_START, POST_CHANGE, PRE_CHANGE, Hook, HooksFile
 from vgpu_dm.host.pci import GPU
-from vgpu_dm.host.root import HostRoot
+from vgpu_dm.host.root import HostRoot, WorkdirError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SUCCESS, UNCHANGED, FAILED, INTERRUPTED = "success", "unchanged", "failed", "interrupted"
@@ -85,9 +85,10 @@ class HookSession:
                 f"{exc}\nnothing was changed: a pre-change hook failed before the first write"
             ) from None
 
-    def finish(self, result: str, error: BaseException | None = None) -> None:
+    def finish(self, result: str, error: BaseException | None = None) -> list[str]:
         """``post-change`` (if ``pre-change`` ran), then ``apply-exit``. Raises HookFailed when one fails
-        and the run itself had not failed; after a failed run a failing hook is only logged."""
+        and the run itself had not failed; after a failed run the hooks' failures are returned, to be
+        reported after the run's own error."""
         extra = {"VGPU_DM_RESULT": result}
         if error is not None:
             extra["VGPU_DM_ERROR"] = str(error)[:MAX_ERROR_ENV]
@@ -99,14 +100,11 @@ class HookSession:
                 self._run_all(stage, extra, stoppable=False)
             except HookFailed as exc:
                 failures.append(str(exc))
-        if not failures:
-            return
-        if error is None:
+        if failures and error is None:
             changed = result == SUCCESS
             tail = "the vGPU changes were made; only the hook failed" if changed else "nothing was changed"
             raise HookFailed("\n".join([*failures, tail]))
-        for failure in failures:
-            _log.error(failure)
+        return failures
 
     # -- running -----------------------------------------------------------------------------------
     def environment(self, stage: str, hook: Hook, extra: dict[str, str]) -> dict[str, str]:
@@ -139,6 +137,12 @@ class HookSession:
         try:
             proc = self.host.spawn([hook.command, *hook.args], env, hook.workdir)
         except OSError as exc:
+            if isinstance(exc, WorkdirError) or (hook.workdir and exc.filename == hook.workdir):
+                where = f" (in the host root {self.host.root})" if self.host.root != "/" else ""
+                raise HookFailed(
+                    f"{label} ({hook.where}): cannot change to its workdir {hook.workdir}{where}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             raise HookFailed(
                 f"{label} ({hook.where}): cannot run {hook.command}: {exc.strerror or exc}"
             ) from None

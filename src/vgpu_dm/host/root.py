@@ -198,32 +198,15 @@ class HostRoot:
         self, argv: Sequence[str], env: dict[str, str], workdir: str | None = None
     ) -> subprocess.Popen[str]:
         """Start a program of the host (a hook) in its own session, inside the host root, with exactly
-        ``env`` and in ``workdir`` (a directory of the host); stdout and stderr merged into one pipe."""
+        ``env`` and in ``workdir`` (a directory of the host); stdout and stderr merged into one pipe.
+        A ``workdir`` that is not a directory raises WorkdirError before anything starts."""
         import subprocess
 
-        cmd = list(argv)
-        cwd = None
-        if self.root == "/":
-            cwd = workdir
-        else:
-            import shutil
+        if workdir and not os.path.isdir(self.workdir_path(workdir)):
+            import errno
 
-            # Our own PATH finds chroot (the hook's env may not); inside, sh changes to the workdir
-            # and execs the program with its arguments as they are (nothing is parsed by the shell).
-            chroot = shutil.which("chroot") or "chroot"
-            if workdir:
-                cmd = [
-                    chroot,
-                    self.root,
-                    "/bin/sh",
-                    "-c",
-                    'cd "$1" && shift && exec "$@"',
-                    "sh",
-                    workdir,
-                    *cmd,
-                ]
-            else:
-                cmd = [chroot, self.root, *cmd]
+            raise WorkdirError(errno.ENOENT, os.strerror(errno.ENOENT), workdir)
+        cmd, cwd = self._spawn_command(list(argv), workdir)
         _log.debug(f"spawn {cmd} (cwd {cwd or '-'})")
         return subprocess.Popen(
             cmd,
@@ -236,6 +219,36 @@ class HostRoot:
             errors="replace",
             start_new_session=True,
         )
+
+    def workdir_path(self, workdir: str) -> str:
+        """Where a hook's ``workdir`` (a directory of the host) is, as this process sees it."""
+        return self.path(workdir)
+
+    def _spawn_command(self, argv: list[str], workdir: str | None) -> tuple[list[str], str | None]:
+        """The command line that runs ``argv`` inside the host root, and the directory to start it in."""
+        if self.root == "/":
+            return argv, workdir
+        import shutil
+
+        # Our own PATH finds chroot (the hook's env may not); inside, sh changes to the workdir and
+        # execs the program with its arguments as they are (nothing is parsed by the shell).
+        chroot = shutil.which("chroot") or "chroot"
+        if workdir:
+            return [
+                chroot,
+                self.root,
+                "/bin/sh",
+                "-c",
+                'cd "$1" && shift && exec "$@"',
+                "sh",
+                workdir,
+                *argv,
+            ], None
+        return [chroot, self.root, *argv], None
+
+
+class WorkdirError(OSError):
+    """A hook's working directory does not exist (or is no directory) where the hook runs."""
 
 
 class NotAHostRoot(HostError):

@@ -252,23 +252,14 @@ class SimHostRoot(HostRoot):
             lock.close()
         raise FileNotFoundError(errno.ENOENT, f"{program}: not available on the simulated host", argv[0])
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str], workdir: str | None = None):
-        """Hooks on a simulated host run on this machine as they are: the simulated tree is no root
-        filesystem to chroot into (the real host root runs them through chroot, see HostRoot.spawn)."""
-        import subprocess
+    # Hooks on a simulated host run on this machine as they are: the simulated tree is no root
+    # filesystem to chroot into (the real host root runs them through chroot, see HostRoot.spawn).
+    def workdir_path(self, workdir: str) -> str:
+        return workdir
 
-        _log.debug(f"spawn {list(argv)} (cwd {workdir or '-'}; simulated host: not chrooted)")
-        return subprocess.Popen(
-            list(argv),
-            env=env,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
+    def _spawn_command(self, argv: list[str], workdir: str | None) -> tuple[list[str], str | None]:
+        _log.debug("simulated host: the hook runs on this machine, not chrooted")
+        return argv, workdir
 
     def _sriov_without_sysfs(self, argv: Sequence[str], inside: Path, state) -> CompletedProcess[str]:
         """sriov-manage in a root without sysfs: nothing changes; it fails, or (an unknown the
