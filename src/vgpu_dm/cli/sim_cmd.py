@@ -481,11 +481,12 @@ def reboot_cmd(directory: str) -> None:
 
 def _vm_command(action):
     """Run a simulated virsh action; what libvirt would refuse is a usage error (exit 2)."""
+    from vgpu_dm.host.libvirt import DomainFileError
     from vgpu_dm.sim.libvirt import SimVMError
 
     try:
         return action()
-    except SimVMError as exc:
+    except (SimVMError, DomainFileError) as exc:
         raise click.UsageError(str(exc)) from None
 
 

@@ -26,7 +26,7 @@ import re
 import uuid as uuidlib
 from pathlib import Path
 
-from vgpu_dm.host.libvirt import LIVE_DIR, PERSISTENT_DIR
+from vgpu_dm.host.libvirt import LIVE_DIR, PERSISTENT_DIR, DomainFileError
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _PCI = r"([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])"
@@ -70,10 +70,12 @@ def _hostdev(device: str, alias: int | None, indent: str) -> str:
 
 
 def _domain(name: str, uuid: str, devices: list[str], live: bool, indent: str = "") -> str:
+    from xml.sax.saxutils import escape
+
     hostdevs = "".join(_hostdev(d, n if live else None, indent + "    ") for n, d in enumerate(devices))
     opening = f"{indent}<domain type='kvm' id='1'>\n" if live else f"{indent}<domain type='kvm'>\n"
     return (
-        opening + f"{indent}  <name>{name}</name>\n{indent}  <uuid>{uuid}</uuid>\n"
+        opening + f"{indent}  <name>{escape(name)}</name>\n{indent}  <uuid>{uuid}</uuid>\n"
         f"{indent}  <memory unit='KiB'>8388608</memory>\n"
         f"{indent}  <currentMemory unit='KiB'>8388608</currentMemory>\n"
         f"{indent}  <vcpu placement='static'>4</vcpu>\n"
@@ -117,7 +119,11 @@ def start(root: str | os.PathLike[str], name: str) -> int:
     if live.exists():
         raise SimVMError(f"VM {name!r} is already running")
     text = path.read_text()
-    devices = _devices_of(text)
+    try:
+        devices = _devices_of(text)
+    except DomainFileError as exc:
+        # libvirt skipped the file when it loaded its definitions: it knows no such domain.
+        raise SimVMError(f"error: failed to get domain '{name}' ({path}: {exc})") from None
     nodes = []
     for device in devices:
         if re.fullmatch(_UUID, device) and not (base / "sys/bus/mdev/devices" / device).exists():
@@ -132,15 +138,18 @@ def start(root: str | os.PathLike[str], name: str) -> int:
         except LookupError as exc:
             raise SimVMError(f"error: Failed to start domain '{name}': {exc}") from None
     pid = add_holder(base, nodes)
+    from xml.sax.saxutils import quoteattr
+
     from vgpu_dm.host.libvirt import parse_domain_xml
 
     uuid = parse_domain_xml(text).uuid or str(uuidlib.uuid4())
+    monitor = quoteattr(f"/var/lib/libvirt/qemu/domain-1-{name}/monitor.sock")
     aliases = "".join(f"    <device alias='hostdev{n}'/>\n" for n in range(len(devices)))
     live.parent.mkdir(parents=True, exist_ok=True)
     live.write_text(
         f"<domstatus state='running' reason='booted' pid='{pid}'>\n"
         "  <taint flag='high-privileges'/>\n"
-        f"  <monitor path='/var/lib/libvirt/qemu/domain-1-{name}/monitor.sock' json='1' type='unix'/>\n"
+        f"  <monitor path={monitor} json='1' type='unix'/>\n"
         f"  <devices>\n{aliases}  </devices>\n"
         + _domain(name, uuid, devices, live=True, indent="  ")
         + "</domstatus>\n"
