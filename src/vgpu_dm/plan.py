@@ -158,6 +158,8 @@ def build_plan(
         problems.append(_selects_nothing(entries, gpus, where))
     elif not gpus:
         notes.append("this host has no NVIDIA GPUs: there is nothing to configure")
+    if allow_assigned:
+        problems += _unknown_allowed(inventory, allow_assigned)
     by_gpu: dict[int | None, tuple[str, ...]] = {None: tuple(problems)} if problems else {}
     blocked: list[GPUPlan] = []
     owned = inventory.dra_owned if chosen else None
@@ -381,10 +383,25 @@ def _domains_text(domains) -> str:
 
 
 def allowed_assigned(domain, allow_assigned: tuple[str, ...]) -> bool:
-    """--allow-assigned covers a domain that is not running, named by name or UUID (or ``all``)."""
+    """--allow-assigned covers a domain that is not running, named by name or UUID (or ``all``); names
+    are case-sensitive as in libvirt, UUIDs are not."""
     if domain.running:
         return False
-    return "all" in allow_assigned or domain.name in allow_assigned or (domain.uuid or "") in allow_assigned
+    if "all" in allow_assigned or domain.name in allow_assigned:
+        return True
+    return bool(domain.uuid) and domain.uuid in {a.lower() for a in allow_assigned}
+
+
+def _unknown_allowed(inventory: Inventory, allow_assigned: tuple[str, ...]) -> list[str]:
+    """--allow-assigned values that name no libvirt VM: a typo must not pass silently."""
+    domains = inventory.domains.domains
+    known = {d.name for d in domains} | {d.uuid for d in domains if d.uuid}
+    have = ", ".join(sorted(d.name for d in domains)) or "none"
+    return [
+        f"--allow-assigned {value}: no libvirt VM has that name or UUID (this host's VMs: {have})"
+        for value in dict.fromkeys(allow_assigned)
+        if value != "all" and value not in known and value.lower() not in known
+    ]
 
 
 def _reserved_vfs(remove, recreated, inventory: Inventory, force: bool, allow_assigned) -> tuple[set, set]:

@@ -322,3 +322,44 @@ def test_a_mig_change_refuses_to_take_a_defined_vms_vgpu(cli, workdir):
     assert len(write_log(root)) == logged
     run(cli, "apply", root, config, "A100-2-10C", "--allow-assigned", "train01")
     assert layouts(root) == [{"A100-2-10C": 3}]
+
+
+def test_sim_vm_names_with_xml_characters_are_escaped_and_a_broken_file_is_a_usage_error(cli, host):
+    root, _config = host
+    uuid = mdevs(root)[0]
+    sim(cli, "define", str(root), "R&D <lab>", "--vgpu", uuid, "--start")
+    listed = cli("list", "--sim", str(root))
+    assert listed.code == 0 and "warning" not in listed.err, listed.err
+    row = next(r for r in parse_table(listed.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5]) if r["UUID"] == uuid)
+    assert row["VM"] == "R&D <lab> (running)"
+    sim(cli, "shutdown", str(root), "R&D <lab>")
+    (root / "etc/libvirt/qemu/bad.xml").write_text("<domain><name>bad</name><devices></domain>")
+    failed = sim(cli, "start", str(root), "bad", code=2)
+    assert "bad.xml" in failed.err and "not well-formed XML" in failed.err and "Traceback" not in failed.err
+
+
+def test_allow_assigned_refuses_names_no_domain_has_and_takes_uuids_in_any_case(cli, host):
+    root, config = host
+    victim = mdevs(root)[0]
+    sim(cli, "define", str(root), "win10", "--vgpu", victim)
+    logged = len(writes(root))
+    typo = run(cli, "apply", root, config, "switch", "--allow-assigned", "win1O", "--force", code=1)
+    assert "--allow-assigned win1O: no libvirt VM has that name or UUID" in typo.err
+    assert "win10" in typo.err and len(writes(root)) == logged
+    plan = run(cli, "plan", root, config, "switch", "--allow-assigned", "win1O", code=1)
+    assert "--allow-assigned win1O: no libvirt VM has that name or UUID" in plan.out
+    domain_uuid = json.loads(cli("list", "--sim", str(root), "--json").out)[0]["vgpus"]
+    domain_uuid = next(v for v in domain_uuid if v["uuid"] == victim)["assigned"][0]["uuid"]
+    sim(cli, "define", str(root), "db01", "--vgpu", sorted(vfs(root))[1])
+    run(
+        cli,
+        "apply",
+        root,
+        config,
+        "switch",
+        "--allow-assigned",
+        domain_uuid.upper(),
+        "--allow-assigned",
+        "db01",
+    )
+    assert layouts(root) == [{"T4-8Q": 2}, {"L40S-16Q": 3}]
