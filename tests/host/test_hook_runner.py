@@ -250,3 +250,26 @@ def test_on_a_host_root_other_than_slash_hooks_run_chrooted_in_their_workdir(tmp
     )
     with pytest.raises(HookFailed, match=f"cannot change to its workdir /gone .in the host root {root}."):
         HookSession(missing, HostRoot(root), "c.yaml", "x").apply_start()
+
+
+def test_under_a_host_root_hooks_get_the_config_file_as_the_host_sees_it(tmp_path):
+    """Hooks run inside the host root (chroot), so a path of this process means nothing to them: a file
+    inside the host root is named by its host path, one only this container has (the agent's
+    ConfigMap) is copied into the host root's run directory first."""
+    root = tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    inside = root / "etc/vgpu.yaml"
+    inside.write_text("version: v1\n")
+    hooks = parse_hooks("version: v1\nhooks:\n  apply-start:\n    - command: /bin/true\n", "h.yaml")
+    hook = hooks.get("apply-start")[0]
+    told = HookSession(hooks, HostRoot(root), str(inside), "x").environment("apply-start", hook, {})
+    assert told["VGPU_DM_CONFIG_FILE"] == "/etc/vgpu.yaml"
+    outside = tmp_path / "configmap/config.yaml"
+    outside.parent.mkdir()
+    outside.write_text("version: v1\nvgpu-configs: {}\n")
+    told = HookSession(hooks, HostRoot(root), str(outside), "x").environment("apply-start", hook, {})
+    assert told["VGPU_DM_CONFIG_FILE"] == "/run/nvidia-vgpu-dm/hooks-config.yaml"
+    assert (root / "run/nvidia-vgpu-dm/hooks-config.yaml").read_text() == outside.read_text()
+    # On a host root of "/", the path is this machine's own.
+    told = HookSession(hooks, HostRoot("/"), str(outside), "x").environment("apply-start", hook, {})
+    assert told["VGPU_DM_CONFIG_FILE"] == str(outside)

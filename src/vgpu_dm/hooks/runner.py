@@ -58,10 +58,7 @@ class HookSession:
     ):
         self.hooks = hooks
         self.host = host
-        # Absolute: the hook runs in its own working directory (and, on a host root, in a chroot).
-        self.config_file = (
-            os.path.abspath(config_file) if config_file and config_file != "<stdin>" else config_file
-        )
+        self.config_file = _config_for_hooks(host, config_file)
         self.config_name = config_name
         self.stop = stop
         self.pre_change_ran = False
@@ -181,6 +178,29 @@ class HookSession:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             raise HookFailed(f"{label} ({hook.where}): {hook.describe()} {how}{said}")
         _log.info(f"{label}: done (exit 0, {took:.1f} s)")
+
+
+def _config_for_hooks(host: HostRoot, config_file: str) -> str:
+    """The config file's path as a hook sees it: absolute (the hook has its own working directory);
+    under a host root other than / (the hook runs chrooted there) the host's path of the file, or, for
+    a file only this container has, the path of a copy written into the host root's run directory."""
+    if not config_file or config_file == "<stdin>":
+        return config_file
+    path = os.path.abspath(config_file)
+    if host.root == "/" or host.simulated:
+        return path
+    inside = os.path.relpath(path, host.root)
+    if not inside.startswith(".."):
+        return "/" + inside
+    from vgpu_dm.state_files import HOOKS_CONFIG_FILE
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            host.save_state(HOOKS_CONFIG_FILE, fh.read())
+    except OSError as exc:
+        _log.warning(f"hooks get no VGPU_DM_CONFIG_FILE: cannot copy {path} into the host root: {exc}")
+        return ""
+    return "/" + HOOKS_CONFIG_FILE
 
 
 def _relay(proc, label: str, tail: list[str]) -> None:
