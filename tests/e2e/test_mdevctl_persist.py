@@ -385,3 +385,22 @@ def test_at_boot_one_bad_file_stops_mdevctl_on_its_parent_only(cli, workdir):
     mdevs = snapshot(root)
     assert [d for d in mdevs if d[0] == first] == []
     assert len([d for d in mdevs if d[0] == second]) == 2
+
+
+def test_list_notes_auto_definitions_on_parents_that_do_not_exist_now(cli, workdir):
+    """After a reboot an mdev-on-VF GPU (A10) has no VFs, so its definitions' parents are absent: list
+    cannot tie them to a GPU, and says they start only when those parents appear."""
+    root = workdir / "a10"
+    create_host(root, ["A10"])
+    install_mdevctl(root)
+    config = workdir / "c.yaml"
+    config.write_text(
+        "version: v1\nvgpu-configs:\n  a:\n    - devices: all\n      vgpu-devices: {'A10-4Q': 3}\n"
+    )
+    run(cli, "apply", root, config, "a", "--persist", "mdevctl")
+    defined = sorted(definitions(root))
+    cli("sim", "reboot", str(root))
+    listed = cli("list", "--sim", str(root))
+    note = next(line for line in listed.err.splitlines() if "parents that do not exist now" in line)
+    assert note.startswith("note: mdevctl defines 3 mdev(s) with start=auto on parents that do not exist now")
+    assert all(uuid in note for uuid in defined) and "sriov-manage" in note

@@ -70,10 +70,13 @@ def host_path(inventory, definition) -> str:
     return inventory.host.path(definition.path)
 
 
-def inventory_report(host, tools=None, warnings: list[str] | None = None) -> list[dict]:
+def inventory_report(
+    host, tools=None, warnings: list[str] | None = None, notes: list[str] | None = None
+) -> list[dict]:
     """Per GPU: identity, framework, mixed-size mode and vGPUs with the processes that hold them, the
     libvirt VMs defined to use them and their mdevctl definitions. ``warnings`` collects what the
-    readers of VM definitions and mdevctl files could not vouch for."""
+    readers of VM definitions and mdevctl files could not vouch for; ``notes`` what belongs to no GPU
+    now (mdevctl definitions on parents that do not exist)."""
     from vgpu_dm import catalog
     from vgpu_dm.explain import log_discovery
     from vgpu_dm.host.inventory import Inventory
@@ -127,9 +130,25 @@ def inventory_report(host, tools=None, warnings: list[str] | None = None) -> lis
                 for d in inventory.mdevctl.on_parents(inventory.mdev.parents(gpu))
                 if d.uuid not in existing
             ]
+    if notes is not None and inventory.mdevctl.installed:
+        notes.extend(_definitions_without_parent(inventory))
     if warnings is not None:
         warnings.extend(inventory.claim_warnings())
     return report
+
+
+def _definitions_without_parent(inventory) -> list[str]:
+    """Auto definitions whose parent is not an mdev parent now: on an SR-IOV GPU whose VFs are off
+    (after a reboot) the parents are VFs that do not exist yet, so no GPU can be named for them."""
+    present = {p for gpu in inventory.gpus for p in inventory.mdev.parents(gpu)}
+    waiting = [d for d in inventory.mdevctl.definitions if d.auto and d.parent not in present]
+    if not waiting:
+        return []
+    return [
+        f"mdevctl defines {len(waiting)} mdev(s) with start=auto on parents that do not exist now; it "
+        f"creates them when those parents appear (SR-IOV VFs: when sriov-manage enables them, if their udev "
+        f"event reaches mdevctl): " + ", ".join(f"{d.uuid} ({d.mdev_type} on {d.parent})" for d in waiting)
+    ]
 
 
 class Column(NamedTuple):
@@ -256,7 +275,9 @@ def list_cmd(
     fmt = output_format(output, as_json, no_headers)
     host = open_cli_host(host_root, sim)
     warnings: list[str] = []
-    report = inventory_report(host, HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root), warnings)
+    notes_of_host: list[str] = []
+    tools = HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root)
+    report = inventory_report(host, tools, warnings, notes_of_host)
     pending = journal_by_gpu(host)
     notes = {p["note"] for p in pending.values()}
     if not notes:  # a journal that names no GPU still tells of an apply
@@ -280,5 +301,7 @@ def list_cmd(
                 + ", ".join(f"{d['uuid']} ({d['type']})" for d in auto),
                 err=True,
             )
+    for note in notes_of_host:
+        click.echo(f"note: {note}", err=True)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
