@@ -297,3 +297,50 @@ def test_any_text_is_a_domain_or_a_located_refusal_never_a_crash():
             assert all(is_pci_address(a) for a in parsed.pci), parsed.pci
 
     check()
+
+
+def network_interface(network: str) -> str:
+    return f"""    <interface type='network'>
+      <mac address='52:54:00:6d:90:02'/>
+      <source network='{network}'/>
+    </interface>"""
+
+
+def test_a_vm_on_a_hostdev_network_pool_claims_every_vf_of_the_pool(host):
+    """kvm-host.md trap 4: a stopped VM whose interface names a ``<forward mode='hostdev'>`` network
+    gets one of the pool's VFs only when it starts, so every VF of the pool counts as claimed (the
+    pool as libvirt's own test data writes it: tests/networkxml2xmlin/hostdev.xml)."""
+    qemu = "etc/libvirt/qemu"
+    write(
+        host,
+        f"{qemu}/networks/vfpool.xml",
+        """<network>
+  <name>vfpool</name>
+  <uuid>81ff0d90-c91e-6742-64da-4a736edb9a9b</uuid>
+  <forward mode='hostdev' managed='yes'>
+    <address type='pci' domain='0x0000' bus='0x41' slot='0x00' function='0x4'/>
+    <address type='pci' domain='0x0000' bus='0x41' slot='0x00' function='0x5'/>
+  </forward>
+</network>
+""",
+    )
+    write(
+        host, f"{qemu}/networks/default.xml", "<network><name>default</name><forward mode='nat'/></network>"
+    )
+    write(host, f"{qemu}/networks/broken.xml", "<network><name>broken</name>")
+    write(
+        host,
+        f"{qemu}/pooled.xml",
+        domain_xml("pooled", "11111111-2222-4333-8444-555555555555", network_interface("vfpool")),
+    )
+    write(
+        host,
+        f"{qemu}/natted.xml",
+        domain_xml("natted", "21111111-2222-4333-8444-555555555555", network_interface("default")),
+    )
+    index = DomainIndex(HostRoot(host))
+    (pooled,) = index.for_pci("0000:41:00.5")
+    assert pooled.name == "pooled" and pooled.pci == {"0000:41:00.4", "0000:41:00.5"}
+    assert next(d for d in index.domains if d.name == "natted").pci == frozenset()
+    (warning,) = index.warnings
+    assert "broken.xml" in warning and "not well-formed" in warning and "hostdev network" in warning

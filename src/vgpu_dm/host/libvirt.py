@@ -29,6 +29,7 @@ from vgpu_dm.host.root import HostRoot
 
 PERSISTENT_DIR = "etc/libvirt/qemu"
 LIVE_DIR = "run/libvirt/qemu"
+NETWORKS_DIR = "etc/libvirt/qemu/networks"
 QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 SHUT_OFF = "shut off"
 # <domstatus state=…> holds libvirt's state name; virsh prints these words for them.
@@ -82,6 +83,7 @@ class ParsedDomain(NamedTuple):
     mdevs: frozenset[str]
     pci: frozenset[str]
     problems: tuple[str, ...]  # devices whose reference could not be read (the domain is not vouched for)
+    networks: frozenset[str] = frozenset()  # libvirt networks its interfaces use (hostdev pools, maybe)
 
 
 class DomainFileError(ValueError):
@@ -152,6 +154,7 @@ def parse_domain_xml(text: str) -> ParsedDomain:
         raise DomainFileError(f"root element is <{root.tag}>, not <domain> or <domstatus>")
     mdevs: set[str] = set()
     pci: set[str] = set()
+    networks: set[str] = set()
     problems: list[str] = []
 
     def add_pci(address, what: str) -> None:
@@ -181,6 +184,8 @@ def parse_domain_xml(text: str) -> ParsedDomain:
         elif device.tag == "interface":
             if kind == "hostdev":
                 add_pci(device.find("source/address"), "<interface type='hostdev'>")
+            if kind == "network" and device.find("source") is not None:
+                networks.add(device.find("source").get("network") or "")
             actual = device.find("actual")
             if actual is not None and actual.get("type") == "hostdev":
                 # A VF picked from a hostdev network pool: known only in live XML (Trap 4).
@@ -197,7 +202,35 @@ def parse_domain_xml(text: str) -> ParsedDomain:
         mdevs=frozenset(mdevs),
         pci=frozenset(pci),
         problems=tuple(problems),
+        networks=frozenset(networks - {""}),
     )
+
+
+def parse_hostdev_pool(text: str) -> tuple[str | None, frozenset[str] | None]:
+    """(name, VFs) of a libvirt network file; VFs None unless it is a ``<forward mode='hostdev'>`` pool
+    listing its VFs by ``<address type='pci'>`` (libvirt tests/networkxml2xmlin/hostdev.xml). A pool
+    given as ``<pf dev='…'/>`` is a network card's VFs: a GPU has no network device, so none of its
+    VFs can be in one. DomainFileError for what is not a network."""
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError as exc:
+        line, column = getattr(exc, "position", (0, 0))
+        raise DomainFileError(f"not well-formed XML (line {line}, column {column + 1})") from None
+    if root.tag != "network":
+        raise DomainFileError(f"root element is <{root.tag}>, not <network>")
+    forward = root.find("forward")
+    if forward is None or forward.get("mode") != "hostdev":
+        return _text(root, "name"), None
+    vfs = set()
+    for address in forward.iterfind("address"):
+        if address.get("type", "pci") == "pci":
+            try:
+                vfs.add(pci_address(address))
+            except ValueError as exc:
+                raise DomainFileError(f"pool address: {exc}") from None
+    return _text(root, "name"), frozenset(vfs)
 
 
 def _canonical_bdf(text: str) -> str:
@@ -295,7 +328,15 @@ class DomainIndex:
                     entry["persistent"] = True
                 entry["mdevs"] |= parsed.mdevs
                 entry["pci"] |= parsed.pci
+                entry.setdefault("networks", set()).update(parsed.networks)
                 entry["files"].append(rel)
+        used = {n for e in merged.values() for n in e.get("networks", ())}
+        if used:
+            # Trap 4: a VM on a hostdev pool gets one of its VFs only when it starts: it claims them all.
+            pools = self._hostdev_pools()
+            for entry in merged.values():
+                for network in entry.get("networks", ()):
+                    entry["pci"] |= pools.get(network, frozenset())
         domains = [
             Domain(
                 name=e["name"],
@@ -309,6 +350,25 @@ class DomainIndex:
             for e in merged.values()
         ]
         return sorted(domains, key=lambda d: (d.name, d.uuid or ""))
+
+    def _hostdev_pools(self) -> dict[str, frozenset[str]]:
+        """Network name → VFs of every ``<forward mode='hostdev'>`` pool in the networks directory."""
+        pools: dict[str, frozenset[str]] = {}
+        for rel in self._files(NETWORKS_DIR):
+            try:
+                name, vfs = parse_hostdev_pool(self.host.read_text(rel))
+            except IsADirectoryError:
+                continue
+            except (OSError, DomainFileError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                self._warnings.append(
+                    f"{self.host.path(rel)}: {why}: if it is a hostdev network, the VFs of the VMs that use "
+                    f"it are not protected"
+                )
+                continue
+            if name and vfs is not None:
+                pools[name] = vfs
+        return pools
 
     def _cannot_vouch(self, rel: str, name: str, why: str, whole: bool = True) -> None:
         what = "the vGPUs it uses are" if whole else "that device is"
