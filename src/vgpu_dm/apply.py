@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError, PlanError, VgpuDmError
@@ -30,6 +30,9 @@ from vgpu_dm.host.root import HostRoot
 from vgpu_dm.plan import GPUPlan, Plan, build_plan, plan_create_one, plan_remove_one
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.uuids import RANDOM, STABLE, UUIDSource, machine_id
+
+if TYPE_CHECKING:
+    from vgpu_dm.hooks.spec import HooksFile
 
 _log = log.get("apply")
 
@@ -54,8 +57,8 @@ class ApplyOptions:
     watchdog_interval: float = 5.0
     # libvirt domains (names, UUIDs or "all") that are not running and whose vGPUs may be removed.
     allow_assigned: tuple[str, ...] = ()
-    # The operator's hooks (vgpu_dm.hooks.HooksFile), run at the stage boundaries of apply_config.
-    hooks: Any = None
+    # The operator's hooks, run at the stage boundaries of apply_config.
+    hooks: HooksFile | None = None
     # "mdevctl": after applying, make mdevctl's definitions of the GPUs the config selects match them.
     persist: str | None = None
     # Called with the GPUs about to change right before the first change of the host (set by

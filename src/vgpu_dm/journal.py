@@ -12,12 +12,10 @@ import re
 import time
 from typing import NamedTuple
 
-from vgpu_dm.host.model import VGPUDevice
+from vgpu_dm.host.model import UUID_PATTERN, VGPUDevice
 from vgpu_dm.host.pci import is_pci_address
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.state_files import JOURNAL_FILE
-
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 # NamedTuple rather than a frozen dataclass: far cheaper to define at import (README, Performance).
@@ -54,7 +52,9 @@ def _check(gpu: str, device: VGPUDevice) -> None:
     """Journal records end up in sysfs paths: only well-formed ones are used."""
     if not (is_pci_address(gpu) and is_pci_address(device.parent) and device.gpu == gpu):
         raise ValueError(f"bad device record for GPU {gpu!r}")
-    if device.uuid is not None and not re.fullmatch(_UUID, device.uuid):
+    # Ours are written lowercase: anything else in a journal was not written by this tool.
+    uuid = device.uuid
+    if uuid is not None and not (re.fullmatch(UUID_PATTERN, uuid) and uuid == uuid.lower()):
         raise ValueError(f"bad UUID {device.uuid!r}")
     if not isinstance(device.type_id, int) or isinstance(device.type_id, bool) or device.type_id <= 0:
         raise ValueError(f"bad type id {device.type_id!r}")

@@ -25,7 +25,16 @@ from typing import NamedTuple
 import yaml
 
 from vgpu_dm.errors import ConfigError, Problem
-from vgpu_dm.spec.loader import _TAG, _describe, _is_null, _is_str, _tag, _TooBig, _Walker, compose
+from vgpu_dm.spec.loader import (
+    YAML_TAG,
+    Walker,
+    WalkTooBig,
+    compose,
+    describe_node,
+    is_null,
+    is_str,
+    node_tag,
+)
 
 APPLY_START, PRE_CHANGE, POST_CHANGE, APPLY_EXIT = "apply-start", "pre-change", "post-change", "apply-exit"
 HOOK_NAMES = (APPLY_START, PRE_CHANGE, POST_CHANGE, APPLY_EXIT)
@@ -86,7 +95,7 @@ def parse_hooks(text: str, source: str = "<hooks>") -> HooksFile:
     walker = _HooksWalker(source, len(text))
     try:
         hooks = walker.document(root)
-    except _TooBig as exc:
+    except WalkTooBig as exc:
         walker.error(exc.node, "", str(exc))
         hooks = {}
     if walker.problems:
@@ -94,9 +103,9 @@ def parse_hooks(text: str, source: str = "<hooks>") -> HooksFile:
     return HooksFile(source, hooks)
 
 
-class _HooksWalker(_Walker):
+class _HooksWalker(Walker):
     def document(self, root: yaml.Node | None) -> dict[str, tuple[Hook, ...]]:
-        if root is None or (isinstance(root, yaml.ScalarNode) and _is_null(root)):
+        if root is None or (isinstance(root, yaml.ScalarNode) and is_null(root)):
             self.error(root, "", "empty hooks file; expected 'version: v1' and 'hooks:'")
             return {}
         items = self.mapping(root, "", 0, "the top level of a hooks file")
@@ -108,12 +117,14 @@ class _HooksWalker(_Walker):
                 self.error(key_node, "", f"unknown key {key!r}; expected one of: version, hooks")
         if "version" not in keys:
             self.error(root, "", "missing required key 'version' (expected version: v1)")
-        elif not (_is_str(keys["version"]) and keys["version"].value == "v1"):
+        elif not (is_str(keys["version"]) and keys["version"].value == "v1"):
             self.error(
-                keys["version"], "version", f"unsupported version {_describe(keys['version'])}; expected v1"
+                keys["version"],
+                "version",
+                f"unsupported version {describe_node(keys['version'])}; expected v1",
             )
         node = keys.get("hooks")
-        if node is None or (isinstance(node, yaml.ScalarNode) and _is_null(node)):
+        if node is None or (isinstance(node, yaml.ScalarNode) and is_null(node)):
             return {}
         named = self.mapping(node, "hooks", 1, "a mapping of hook name to a list of programs")
         if named is None:
@@ -128,11 +139,11 @@ class _HooksWalker(_Walker):
                     key_node, path, f"unknown hook {name!r}; expected one of: {', '.join(HOOK_NAMES)}{also}"
                 )
                 continue
-            if isinstance(value, yaml.ScalarNode) and _is_null(value):
+            if isinstance(value, yaml.ScalarNode) and is_null(value):
                 hooks[name] = ()
                 continue
             if not isinstance(value, yaml.SequenceNode):
-                self.error(value, path, f"expected a list of programs to run, got {_describe(value)}")
+                self.error(value, path, f"expected a list of programs to run, got {describe_node(value)}")
                 continue
             entries = [self.hook(item, f"{path}[{i}]") for i, item in enumerate(value.value)]
             hooks[name] = tuple(e for e in entries if e is not None)
@@ -205,16 +216,16 @@ class _HooksWalker(_Walker):
         """A scalar as text: strings as they are, numbers as written; booleans and null are errors."""
         self.visit(node, 5)
         if not isinstance(node, yaml.ScalarNode):
-            self.error(node, path, f"expected a string, got {_describe(node)}")
+            self.error(node, path, f"expected a string, got {describe_node(node)}")
             return None
-        tag = _tag(node)
-        if tag in (_TAG + "bool", _TAG + "null"):
+        tag = node_tag(node)
+        if tag in (YAML_TAG + "bool", YAML_TAG + "null"):
             self.error(
-                node, path, f"expected a string, got {_describe(node)}; quote it if it is meant as text"
+                node, path, f"expected a string, got {describe_node(node)}; quote it if it is meant as text"
             )
             return None
-        if tag not in (_TAG + "str", _TAG + "int", _TAG + "float"):
-            self.error(node, path, f"expected a string, got {_describe(node)}; quote it")
+        if tag not in (YAML_TAG + "str", YAML_TAG + "int", YAML_TAG + "float"):
+            self.error(node, path, f"expected a string, got {describe_node(node)}; quote it")
             return None
         if "\x00" in node.value:
             self.error(node, path, "contains a NUL character")
@@ -223,17 +234,17 @@ class _HooksWalker(_Walker):
 
     def args(self, node: yaml.Node, path: str) -> tuple[str, ...] | None:
         self.visit(node, 4)
-        if isinstance(node, yaml.ScalarNode) and _is_null(node):
+        if isinstance(node, yaml.ScalarNode) and is_null(node):
             return ()
         if not isinstance(node, yaml.SequenceNode):
-            hint = " (one list item per argument; no shell splits it)" if _is_str(node) else ""
-            self.error(node, path, f"expected a list of arguments, got {_describe(node)}{hint}")
+            hint = " (one list item per argument; no shell splits it)" if is_str(node) else ""
+            self.error(node, path, f"expected a list of arguments, got {describe_node(node)}{hint}")
             return None
         values = [self.string(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
         return None if any(v is None for v in values) else tuple(v for v in values if v is not None)
 
     def env(self, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...] | None:
-        if isinstance(node, yaml.ScalarNode) and _is_null(node):
+        if isinstance(node, yaml.ScalarNode) and is_null(node):
             return ()
         items = self.mapping(node, path, 4, "a mapping of environment variable name to value")
         if items is None:
@@ -262,14 +273,16 @@ class _HooksWalker(_Walker):
     def seconds(self, node: yaml.Node, path: str) -> float | None:
         self.visit(node, 4)
         value = None
-        if isinstance(node, yaml.ScalarNode) and _tag(node) in (_TAG + "int", _TAG + "float"):
+        if isinstance(node, yaml.ScalarNode) and node_tag(node) in (YAML_TAG + "int", YAML_TAG + "float"):
             try:
                 value = float(node.value.replace("_", ""))
             except ValueError:
                 value = None
         if value is None or not (0 < value <= MAX_TIMEOUT):
             self.error(
-                node, path, f"expected a number of seconds > 0 and <= {MAX_TIMEOUT:g}, got {_describe(node)}"
+                node,
+                path,
+                f"expected a number of seconds > 0 and <= {MAX_TIMEOUT:g}, got {describe_node(node)}",
             )
             return None
         return value

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from vgpu_dm.host.model import UUID_PATTERN as _UUID
 from vgpu_dm.host.root import HostRoot
 
 PERSISTENT_DIR = "etc/libvirt/qemu"
@@ -43,7 +44,6 @@ _STATE_WORDS = {
     "crashed": "crashed",
     "pmsuspended": "pmsuspended",
 }
-_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 # QEMU arguments naming a vfio device by its sysfs path or host address (kvm-host.md §B escape hatch).
 _MDEV_ARG = r"sysfsdev=/sys/bus/mdev/devices/(" + _UUID + ")"
 _PCI_ARG = (

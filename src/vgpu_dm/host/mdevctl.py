@@ -18,12 +18,12 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from vgpu_dm.host.model import UUID_PATTERN
 from vgpu_dm.host.root import HostRoot
 
 CONFIG_DIR = "etc/mdevctl.d"
 # Directories beside the parents: legacy callout/notifier scripts, never definitions.
 _NOT_PARENTS = ("scripts.d",)
-_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 AUTO, MANUAL = "auto", "manual"
 
 
@@ -140,7 +140,7 @@ class MdevctlIndex:
                 )
                 continue
             for name in names:
-                if not re.fullmatch(_UUID, name):
+                if not re.fullmatch(UUID_PATTERN, name):
                     continue  # mdevctl skips such files too (with a warning of its own)
                 rel = definition_path(parent, name)
                 try:

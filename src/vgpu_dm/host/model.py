@@ -9,6 +9,8 @@ from vgpu_dm.vgpu_type import InvalidVGPUType, VGPUType
 
 MDEV = "mdev"
 VENDOR_VFIO = "vendor-vfio"
+# An mdev UUID as the kernel, libvirt and mdevctl write it (36 characters, hyphenated, either case).
+UUID_PATTERN = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 UNRESOLVED = -1  # TypeInfo.type_id of a type whose id on this GPU is not known yet (vendor VFIO)
 
 

@@ -16,7 +16,7 @@ such: it stays pending until the next reset or reboot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vgpu_dm import catalog, log
 from vgpu_dm.errors import ApplyError, HostError, PlanError
@@ -27,6 +27,9 @@ from vgpu_dm.host.root import HostRoot
 from vgpu_dm.mig.parted import MigParted, MigPartedMissing, output
 from vgpu_dm.mig.translate import entry_config, mig_parted_config
 from vgpu_dm.spec.model import ConfigEntry
+
+if TYPE_CHECKING:
+    from vgpu_dm.apply import ApplyOptions
 
 _log = log.get("mig")
 
@@ -63,7 +66,7 @@ def prepare_mig(
     tools: HostTools | None,
     source: str = "",
     force: bool = False,
-    options: Any = None,
+    options: ApplyOptions | None = None,
 ) -> bool:
     """Run the MIG step; returns True if it changed anything. Raises before any write when it cannot."""
 
@@ -76,7 +79,7 @@ def prepare_mig(
     parted, per_gpu, changing = found
     _precheck(entries, inventory, source, force, changing)
     mode_change = [i for i in changing if not parted.holds(_one(name, [per_gpu[i]]), "--mode-only")]
-    _check_removals(changing, by_index, inventory, force, getattr(options, "allow_assigned", ()))
+    _check_removals(changing, by_index, inventory, force, options.allow_assigned if options else ())
     before = parted.export()
     for i in changing:
         gpu, item = by_index[i], per_gpu[i]
@@ -86,12 +89,12 @@ def prepare_mig(
             _log.info(f"{gpu.describe()}: {verb} {what} (nvidia-mig-parted)")
         else:
             _log.info(f"{gpu.describe()}: MIG mode off (nvidia-mig-parted)")
-    stop = getattr(options, "stop", None)
+    stop = options.stop if options else None
     if stop is not None and stop.is_set():
         from vgpu_dm.errors import ApplyInterrupted
 
         raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
-    before_change = getattr(options, "before_change", None)
+    before_change = options.before_change if options else None
     if before_change is not None:
         before_change([by_index[i] for i in changing])  # the pre-change hooks, before the first write
     work = _Work(vfs_before={by_index[i].address: bool(by_index[i].vfs) for i in changing})

@@ -11,9 +11,10 @@ import shutil
 import time
 from pathlib import Path
 
+from vgpu_dm.host.model import UUID_PATTERN
 from vgpu_dm.sim.layout import SimGPU, SimState, SimType, add_vfio_nodes
 
-UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID_RE = re.compile(UUID_PATTERN)
 PCI_DIR = "sys/devices/pci0000:00"
 # The errno the simulated driver returns when a type has no room (the kernel's generic mdev counter
 # uses EUSERS; the NVIDIA driver's exact value is unconfirmed, see host-interfaces.md §10).

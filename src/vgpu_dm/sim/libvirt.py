@@ -27,8 +27,8 @@ import uuid as uuidlib
 from pathlib import Path
 
 from vgpu_dm.host.libvirt import LIVE_DIR, PERSISTENT_DIR, DomainFileError
+from vgpu_dm.host.model import UUID_PATTERN as _UUID
 
-_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _PCI = r"([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])"
 _HEADER = """<!--
 WARNING: THIS IS AN AUTO-GENERATED FILE. CHANGES TO IT ARE LIKELY TO BE

@@ -640,3 +640,15 @@ def compose(text: str, source: str) -> yaml.Node | None:
 def load_spec_file(path: str | Path) -> Spec:
     data, name = read_config_source(str(path))
     return load_spec(data, name)
+
+
+# -- Shared with the hooks file's parser (hooks/spec.py), which walks its YAML the same way -----------
+# The public names of the pieces it builds on: the generic walker (mappings, strings, located errors,
+# node and depth limits), the node helpers, and the exception that ends a walk over a too-big file.
+Walker = _Walker
+WalkTooBig = _TooBig
+YAML_TAG = _TAG
+node_tag = _tag
+is_null = _is_null
+is_str = _is_str
+describe_node = _describe
