@@ -458,6 +458,11 @@ def _check_in_use(
             notes.append(
                 f"--force: removing {what}; the kernel blocks the removal until the VM releases the device"
             )
+        elif device.framework == VENDOR_VFIO:
+            problems.append(
+                f"{what}; the config would remove it: stop the VM first (the driver refuses to destroy a "
+                f"vendor-VFIO vGPU that a VM has open, even with --force)"
+            )
         else:
             problems.append(f"{what}; the config would remove it: stop the VM first, or pass --force")
 

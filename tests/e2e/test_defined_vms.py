@@ -105,6 +105,7 @@ def test_a_stopped_vms_mdev_is_kept_and_the_apply_refused_with_zero_writes(cli, 
             "uuid": victim,
             "parent": T4,
             "action": "remove",
+            "held": False,
             "allowed": False,
         }
     ]
@@ -363,3 +364,21 @@ def test_allow_assigned_refuses_names_no_domain_has_and_takes_uuids_in_any_case(
         "db01",
     )
     assert layouts(root) == [{"T4-8Q": 2}, {"L40S-16Q": 3}]
+
+
+def test_the_plan_does_not_call_a_vf_a_running_vm_holds_valid_when_it_is_recreated(cli, host):
+    """A recreate keeps a stopped VM's definition valid; a running VM holds its VF open, and the driver
+    refuses to destroy it (even with --force): the summary must say so, as the problem line does."""
+    root, config = host
+    vf = sorted(vfs(root))[1]
+    sim(cli, "define", str(root), "db01", "--vgpu", vf, "--start")
+    plan = run(cli, "plan", root, config, "mixed", code=1).out
+    problem = next(line for line in plan.splitlines() if "problem:" in line and vf in line)
+    assert "stop the VM first (the driver refuses to destroy a vendor-VFIO vGPU" in problem
+    assert "or pass --force" not in problem
+    summary = next(line for line in plan.splitlines() if line.startswith("  VM 'db01'"))
+    assert "recreated with the same VF: apply refuses this while the VM has it open" in summary
+    assert "stays valid" not in plan
+    report = json.loads(run(cli, "plan", root, config, "mixed", "--json", code=1).out)
+    (vgpu,) = report["assigned"][0]["vgpus"]
+    assert (vgpu["action"], vgpu["held"], vgpu["allowed"]) == ("recreate", True, False)

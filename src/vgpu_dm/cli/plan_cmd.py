@@ -36,17 +36,25 @@ def _assigned(device, inventory) -> list[dict]:
 
 def _by_domain(plan, inventory, force: bool, allow_assigned: tuple[str, ...]) -> list[dict]:
     """Per libvirt VM: its vGPUs this plan removes or recreates (also on GPUs held back by a problem)."""
+    from vgpu_dm.host.model import VENDOR_VFIO
     from vgpu_dm.plan import allowed_assigned
 
     found: dict[str, dict] = {}
     for gp in (*plan.gpus, *plan.blocked):
         for device in gp.remove:
+            # A vGPU a process holds is not removed, recreated or not, without --force (and a
+            # vendor-VFIO one not even then: the driver refuses while the VM has it open).
+            held = bool(inventory.holders.holders(device, required=False))
             for domain in inventory.assigned(device):
                 entry = found.setdefault(
                     domain.uuid or domain.name,
                     {"domain": domain.name, "uuid": domain.uuid, "state": domain.state, "vgpus": []},
                 )
                 recreated = device.key in gp.recreated
+                if held:
+                    allowed = force and device.framework != VENDOR_VFIO
+                else:
+                    allowed = recreated or force or allowed_assigned(domain, allow_assigned)
                 entry["vgpus"].append(
                     {
                         "gpu": gp.gpu.index,
@@ -55,8 +63,8 @@ def _by_domain(plan, inventory, force: bool, allow_assigned: tuple[str, ...]) ->
                         "uuid": device.uuid,
                         "parent": device.parent,
                         "action": "recreate" if recreated else "remove",
-                        # apply refuses what is neither recreated nor allowed
-                        "allowed": recreated or force or allowed_assigned(domain, allow_assigned),
+                        "held": held,
+                        "allowed": allowed,  # apply refuses what is not
                     }
                 )
     return sorted(found.values(), key=lambda e: (e["domain"], e["uuid"] or ""))
@@ -249,8 +257,15 @@ def render_plan(report: dict, wide: bool = False) -> str:
         for vm in report["assigned"]:
             for v in vm["vgpus"]:
                 key = v["uuid"] or v["parent"]
-                if v["action"] == "recreate":
-                    what = "recreated with the same " + ("UUID" if v["uuid"] else "VF") + ": stays valid"
+                same = "recreated with the same " + ("UUID" if v["uuid"] else "VF")
+                if v["action"] == "recreate" and v["allowed"]:
+                    what = f"{same}: stays valid"
+                elif v.get("held") and not v["uuid"]:
+                    verb = same if v["action"] == "recreate" else "removed"
+                    what = f"{verb}: apply refuses this while the VM has it open (stop the VM first)"
+                elif v["action"] == "recreate" or v.get("held"):
+                    verb = same if v["action"] == "recreate" else "removed"
+                    what = f"{verb}: apply refuses this while the VM has it open, without --force"
                 elif v["allowed"]:
                     what = "removed (allowed): the VM will not start until its definition is changed"
                 elif vm["state"] != "shut off":
