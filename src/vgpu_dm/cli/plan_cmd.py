@@ -355,6 +355,11 @@ def _persist_changes(persist: dict | None) -> bool:
     return bool(persist) and any(g["write"] or g["remove"] or g["new"] for g in persist["gpus"])
 
 
+def _first(items: list[str], shown: int = 4) -> str:
+    more = f" and {len(items) - shown} more (--json lists all)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 def _persist_lines(persist: dict) -> list[str]:
     """What apply --persist=mdevctl would do to mdevctl's definitions, per GPU."""
     lines = [f"mdevctl definitions (--persist={persist['tool']}, written after the vGPUs):"]
@@ -364,13 +369,13 @@ def _persist_lines(persist: dict) -> list[str]:
             lines.append(f"{head}{gpu['later']}")
             continue
         if gpu["write"]:
-            shown = ", ".join(f"{d['uuid']} ({d['type']})" for d in gpu["write"])
+            shown = _first([f"{d['uuid']} ({d['type']})" for d in gpu["write"]])
             lines.append(f"{head}write {len(gpu['write'])} definition(s) (start=auto): {shown}")
         if gpu["new"]:
             what = "for the vGPUs this run creates (start=auto)"
             lines.append(f"{head}write {gpu['new']} definition(s) {what}")
         if gpu["remove"]:
-            shown = ", ".join(f"{d['uuid']} ({d['start']})" for d in gpu["remove"])
+            shown = _first([f"{d['uuid']} ({d['start']})" for d in gpu["remove"]])
             lines.append(f"{head}remove {len(gpu['remove'])} definition(s): {shown}")
         for d in gpu["kept"]:
             lines.append(f"{head}keep {d['uuid']} ({d['why']})")

@@ -135,7 +135,8 @@ class HookSession:
             proc = self.host.spawn([hook.command, *hook.args], env, hook.workdir)
         except OSError as exc:
             if isinstance(exc, WorkdirError) or (hook.workdir and exc.filename == hook.workdir):
-                where = f" (in the host root {self.host.root})" if self.host.root != "/" else ""
+                chrooted = self.host.root != "/" and not self.host.simulated
+                where = f" (in the host root {self.host.root})" if chrooted else ""
                 raise HookFailed(
                     f"{label} ({hook.where}): cannot change to its workdir {hook.workdir}{where}: "
                     f"{exc.strerror or exc}"
