@@ -382,7 +382,7 @@ def persist_report(
 ) -> dict:
     """What ``apply --persist`` would do to mdevctl's definitions, as data for the plan preview."""
     problems = persist_problems(persist, entries, inventory)
-    planned = plan_persist(plan, inventory, force, allow_assigned) if not problems else PersistPlan(())
+    planned = plan_persist(plan, inventory, force, allow_assigned)
     problems += [p for p in planned.problems if p not in problems]
 
     def item(definition: Definition, why: str | None = None) -> dict:

@@ -362,6 +362,8 @@ def _first(items: list[str], shown: int = 4) -> str:
 
 def _persist_lines(persist: dict) -> list[str]:
     """What apply --persist=mdevctl would do to mdevctl's definitions, per GPU."""
+    if not persist["gpus"]:
+        return []
     lines = [f"mdevctl definitions (--persist={persist['tool']}, written after the vGPUs):"]
     for gpu in persist["gpus"]:
         head = f"  GPU {gpu['index']}  "

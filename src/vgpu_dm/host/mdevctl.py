@@ -154,8 +154,9 @@ class MdevctlIndex:
                     mdev_type, start, attrs = parse_definition(text)
                 except ValueError as exc:
                     self._warnings.append(
-                        f"{self.host.path(rel)}: not a valid mdevctl definition: {exc} "
-                        f"(mdevctl list --defined, and libvirt's node devices, fail while this file is there)"
+                        f"{self.host.path(rel)}: not a valid mdevctl definition: {exc} (while this file is "
+                        f"there, mdevctl list --defined and libvirt's node devices fail, and at boot mdevctl "
+                        f"starts none of the definitions on {parent})"
                     )
                     continue
                 found.append(Definition(parent, name.lower(), mdev_type, start, attrs))
