@@ -189,7 +189,7 @@ class SimHostRoot(HostRoot):
         input: str | None = None,
     ) -> CompletedProcess[str]:
         """Stand in for the host programs the tool runs: sriov-manage, nvidia-smi, nvidia-mig-parted,
-        systemctl and reboot.
+        systemctl, reboot and udevadm settle.
 
         As ``chroot DIR prog`` would, it finds the program inside ``chroot`` (default: the host root) —
         the stand-in files ``sim create`` put in the driver root — and exits 127 when it is not there.
