@@ -53,6 +53,7 @@ class SimHostRoot(HostRoot):
 
             self._latency = WriteLatency.load(self.root)
         self._unbind_failures = 0
+        self._held_while_dying = None  # the driver lock, taken for good by an injected SIGKILL
 
     @property
     def faults(self) -> Faults:
@@ -118,7 +119,9 @@ class SimHostRoot(HostRoot):
             # them has inside the driver completes first, as a system call would: take the driver
             # lock so that no emulated write is cut in half.
             self._dying.set()
-            self._locked()
+            # Kept until the process dies: a dropped handle would close the file, releasing the lock
+            # before the SIGKILL, and another thread's emulated write could then be cut in half.
+            self._held_while_dying = self._locked()
         self.faults.before_write(position, self.path(rel))
         with open(os.path.join(self.root, SIM_MARKER, WRITE_LOG), "a") as log:
             log.write(f"{rel}\t{data.strip()}\n")
