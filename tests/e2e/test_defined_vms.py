@@ -349,7 +349,7 @@ def test_allow_assigned_refuses_names_no_domain_has_and_takes_uuids_in_any_case(
     assert "win10" in typo.err and len(writes(root)) == logged
     plan = run(cli, "plan", root, config, "switch", "--allow-assigned", "win1O", code=1)
     assert "--allow-assigned win1O: no libvirt VM has that name or UUID" in plan.out
-    domain_uuid = json.loads(cli("list", "--sim", str(root), "--json").out)[0]["vgpus"]
+    domain_uuid = json.loads(cli("list", "--sim", str(root), "--json").out)["gpus"][0]["vgpus"]
     domain_uuid = next(v for v in domain_uuid if v["uuid"] == victim)["assigned"][0]["uuid"]
     sim(cli, "define", str(root), "db01", "--vgpu", sorted(vfs(root))[1])
     run(
