@@ -27,7 +27,7 @@ from vgpu_dm.host.lock import HostLock
 from vgpu_dm.host.model import MDEV, VENDOR_VFIO, TypeInfo, VGPUDevice
 from vgpu_dm.host.pci import GPU
 from vgpu_dm.host.root import HostRoot
-from vgpu_dm.plan import GPUPlan, Plan, build_plan, plan_create_one, plan_remove_one
+from vgpu_dm.plan import GPUPlan, Plan, build_plan, plan_create_one, plan_remove_one, refuse_dra_owned
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.uuids import RANDOM, STABLE, UUIDSource, machine_id
 
@@ -191,6 +191,8 @@ def _apply_locked(
     if options.stop is not None and options.stop.is_set():
         raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
     host.check_before_changes()
+    # First of all, the MIG step included: a GPU the DRA driver owns is no static layout's to change.
+    refuse_dra_owned(entries, Inventory(host, tools))
     if options.persist:
         from vgpu_dm.persist import check_persist
 

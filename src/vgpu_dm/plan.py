@@ -92,6 +92,32 @@ def governing_entries(entries: tuple[ConfigEntry, ...], gpus: list[GPU]) -> dict
     return chosen
 
 
+def dra_owned_problems(entries: tuple[ConfigEntry, ...], inventory: Inventory) -> dict[int, str]:
+    """GPU index → why a static layout must not touch it: the config selects a GPU the DRA driver owns
+    (its vGPUs come and go with ResourceClaims). Asked by build_plan, and by apply and the agent before
+    anything else — the MIG step, operand pauses — so that no path writes to such a GPU."""
+    chosen = governing_entries(entries, inventory.gpus)
+    owned = inventory.dra_owned if chosen else None
+    if owned is None:
+        return {}
+    return {
+        gpu.index: (
+            f"{gpu.describe()} [{chosen[gpu.index].path}]: {owned.describe(inventory.host, gpu.address)}; "
+            f"select a config that leaves this GPU out, or hand it back first (docs/dra.md, 'Giving a GPU "
+            f"back')"
+        )
+        for gpu in inventory.gpus
+        if gpu.index in chosen and gpu.address in owned.gpus
+    }
+
+
+def refuse_dra_owned(entries: tuple[ConfigEntry, ...], inventory: Inventory) -> None:
+    """Raise PlanError (nothing written) if the config selects a GPU the DRA driver owns."""
+    problems = dra_owned_problems(entries, inventory)
+    if problems:
+        raise PlanError(list(problems.values()))
+
+
 def _matches_as_is(
     wanted: dict[VGPUType, int], current: list[VGPUDevice], offers: Callable[[str], bool]
 ) -> bool:
@@ -162,18 +188,14 @@ def build_plan(
         problems += _unknown_allowed(inventory, allow_assigned)
     by_gpu: dict[int | None, tuple[str, ...]] = {None: tuple(problems)} if problems else {}
     blocked: list[GPUPlan] = []
-    owned = inventory.dra_owned if chosen else None
+    owned = dra_owned_problems(entries, inventory)
     for gpu in gpus:
         entry = chosen.get(gpu.index)
         if entry is None:
             continue
         before = len(problems)
-        if owned is not None and gpu.address in owned.gpus:
-            # Its vGPUs come and go with ResourceClaims: a static layout must not rewrite them.
-            problems.append(
-                f"{gpu.describe()} [{entry.path}]: {owned.describe(inventory.host, gpu.address)}; select a "
-                f"config that leaves this GPU out, or hand it back first (docs/dra.md, 'Giving a GPU back')"
-            )
+        if gpu.index in owned:
+            problems.append(owned[gpu.index])
             by_gpu[gpu.index] = tuple(problems[before:])
             continue
         plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes, allow_assigned)

@@ -220,3 +220,61 @@ def test_the_agent_refuses_a_gpu_the_dra_driver_owns(
         and "owned by the DRA driver vgpu.nvidia.com" in event.message
     )
     assert writes(sim.root) == []
+
+
+def test_the_agent_refuses_a_mig_config_for_a_dra_owned_gpu_before_pausing_anything(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir
+):
+    """A MIG change is found before the vGPUs are planned, and its step runs after the operands are
+    paused: the ownership check comes before both. Nothing paused, not one write, MIG mode untouched."""
+    import time as _time
+    from pathlib import Path
+
+    from tests.k8s.agentkit import (
+        ON_BOTH,
+        NodeStage,
+        SimSetup,
+        node_events,
+        running_agent,
+        set_labels,
+        settings_for,
+        state_is,
+        wait_for,
+    )
+    from vgpu_dm.host.owner import DraOwnership, write_dra_owned
+    from vgpu_dm.k8s import labels as L
+    from vgpu_dm.sim.layout import SimState, create_host
+
+    root = workdir / "host"
+    create_host(root, ["A100", "A100"])
+    config = workdir / "config.yaml"
+    mig_config = Path(__file__).resolve().parents[2] / "examples" / "config-mig.yaml"
+    config.write_text(
+        mig_config.read_text() + '  gpu1-4C:\n    - devices: [1]\n      vgpu-devices: {"A100-4C": 1}\n'
+    )
+    # GPU 1 carries a vGPU as a prepared (unheld) claim leaves it, and the DRA driver owns it.
+    assert cli_main(["apply", "--sim", str(root), "-f", str(config), "-c", "gpu1-4C"]) == 0
+    write_dra_owned(SimHostRoot(root), DraOwnership(K.DRIVER, k8s_node, {"0000:5e:00.0": _time.time()}))
+    lib = workdir / "driver-root" / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    (lib / "libnvidia-ml.so.580.159.04").write_text("")
+    os.symlink("libnvidia-ml.so.580.159.04", lib / "libnvidia-ml.so.1")
+    logged = len(writes(root))
+    set_labels(admin_client, k8s_node, {**ON_BOTH, L.CONFIG_LABEL: "A100-1-5C"})
+    stage = NodeStage(admin_client, k8s_node, k8s_namespace).start()
+    settings = settings_for(
+        k8s_node, k8s_namespace, SimSetup(root, config), driver_root=str(workdir / "driver-root")
+    )
+    try:
+        with running_agent(apiserver.admin_kubeconfig, settings):
+            wait_for(state_is(admin_client, k8s_node, L.FAILED), what="state failed")
+    finally:
+        stage.stop()
+    (event,) = [e for e in node_events(admin_client, k8s_namespace, k8s_node)]
+    assert event.reason == "VGPUConfigNotApplicable" and "GPU 1 (0000:5e:00.0)" in event.message
+    assert "owned by the DRA driver vgpu.nvidia.com" in event.message
+    states = stage.label_states()
+    assert not any(s.get(L.STATE_LABEL) == L.PENDING for s in states), states
+    assert not any(L.PAUSED in (s.get(k) for k in ON_BOTH) for s in states), states
+    assert len(writes(root)) == logged
+    assert [g.mig_mode for g in SimState.load(root).gpus] == [False, False]

@@ -32,7 +32,7 @@ from vgpu_dm.k8s.mig import stop_clients as stop_gpu_clients
 from vgpu_dm.k8s.settings import Settings
 from vgpu_dm.mig import node as mig_node
 from vgpu_dm.mig.step import MigModePending
-from vgpu_dm.plan import build_plan
+from vgpu_dm.plan import build_plan, refuse_dra_owned
 from vgpu_dm.sim.host import SimHostRoot
 from vgpu_dm.spec import load_spec, read_config_source
 from vgpu_dm.spec.model import ConfigEntry
@@ -161,6 +161,8 @@ class Reconciler:
             tools = self.tools()
             interrupted_run = journal.read(host)
             inventory = Inventory(host, tools)
+            # Before the MIG check (which skips build_plan) and before any operand is paused.
+            refuse_dra_owned(entries, inventory)
             # A MIG change is checked as the apply's MIG step checks it: the instances the vGPU types
             # need do not exist yet, so those GPUs cannot be planned before the step.
             mig = mig_change(entries, name, inventory, source)
