@@ -278,3 +278,32 @@ def test_the_agent_refuses_a_mig_config_for_a_dra_owned_gpu_before_pausing_anyth
     assert not any(L.PAUSED in (s.get(k) for k in ON_BOTH) for s in states), states
     assert len(writes(root)) == logged
     assert [g.mig_mode for g in SimState.load(root).gpus] == [False, False]
+
+
+def test_a_prepare_that_fails_after_creating_the_vgpu_undoes_it_and_answers_per_claim(
+    apiserver, node, k8s_namespace
+):
+    """Writing the claim's files fails (the CDI directory is a file: EEXIST): the vGPU made for it is
+    removed, the error is a per-claim answer (not a gRPC error failing the whole call: each claim of the
+    call gets its entry), and each kubelet retry leaves nothing behind — until the directory is fixed."""
+    node.start()
+    published(apiserver, node, 16)
+    good = allocate(apiserver, node, k8s_namespace, "good")
+    node.kubelet().prepare(K.identity(good))  # its files exist before the CDI dir breaks
+    node.cdi.rename(node.base / "cdi-ok")
+    node.cdi.write_text("not a directory\n")
+    bad = allocate(apiserver, node, k8s_namespace, "bad")
+    uid = bad["metadata"]["uid"]
+    kubelet = node.kubelet()
+    for _ in range(3):  # the kubelet retries
+        answer = kubelet.prepare(K.identity(bad), K.identity(good))
+        assert set(answer.claims) == {uid, good["metadata"]["uid"]}
+        error = answer.claims[uid].error
+        assert error == f"ResourceClaim {k8s_namespace}/bad: File exists: {node.cdi}"
+        assert len(mdevs(node)) == 1  # the good claim's only
+        assert uid not in node.checkpoint["claims"]
+    node.cdi.unlink()
+    (node.base / "cdi-ok").rename(node.cdi)
+    answer = kubelet.prepare(K.identity(bad), K.identity(good))
+    assert [e.error for e in answer.claims.values()] == ["", ""]
+    assert len(mdevs(node)) == 2

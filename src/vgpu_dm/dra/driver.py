@@ -265,18 +265,15 @@ class Driver:
             if r.get("driver") == self.s.driver and r.get("pool") == self.pool
         ]
         with self.lock:
-            record = self.checkpoint.get(uid)
-            if record is not None and record.state == PREPARED:
-                try:
-                    record = self._ensure(record)
-                except VgpuDmError as exc:
-                    return Prepared([], str(exc))
-                return Prepared(self._answer(record))
             try:
-                record = self._prepare(namespace, uid, name, meta, results)
-            except VgpuDmError as exc:
-                return Prepared([], f"ResourceClaim {namespace}/{name}: {exc}")
-            return Prepared(self._answer(record))
+                record = self.checkpoint.get(uid)
+                if record is not None and record.state == PREPARED:
+                    record = self._ensure(record)
+                else:
+                    record = self._prepare(namespace, uid, name, meta, results)
+                return Prepared(self._answer(record))
+            except Exception as exc:  # any failure is this claim's alone: the kubelet retries it
+                return Prepared([], f"ResourceClaim {namespace}/{name}: {_reason(exc)}")
 
     def _prepare(self, namespace: str, uid: str, name: str, meta: dict, results: list[dict]) -> ClaimRecord:
         wanted = []
@@ -305,7 +302,16 @@ class Driver:
         try:
             for want in wanted:
                 made.append(self._create(want, f"dra claim {namespace}/{name} ({uid})"))
+            record = record._replace(state=PREPARED, devices=tuple(made))
+            self.files.write(record, self.pool)
+            self.checkpoint.put(record)  # before the kubelet hears of it
         except BaseException:
+            # Whatever failed — a vGPU, a file, the checkpoint — the claim is left as if never prepared,
+            # so a kubelet retry does not leave one more vGPU behind each time.
+            try:
+                self.files.remove(record)
+            except OSError as exc:
+                _log.error(f"could not remove the files of a failed prepare: {_reason(exc)}")
             for device in reversed(made):
                 try:
                     remove_one(
@@ -316,13 +322,10 @@ class Driver:
                         options=self._options(),
                         label="dra undo",
                     )
-                except VgpuDmError as exc:
-                    _log.error(f"could not remove {device.key} after a failed prepare: {exc}")
+                except Exception as exc:
+                    _log.error(f"could not remove {device.key} after a failed prepare: {_reason(exc)}")
             self.checkpoint.drop(uid)
             raise
-        record = record._replace(state=PREPARED, devices=tuple(made))
-        self.files.write(record, self.pool)
-        self.checkpoint.put(record)  # before the kubelet hears of it
         _log.info(
             f"prepared claim {namespace}/{name}: "
             + ", ".join(f"{d.type_name} {d.key} on {d.gpu} ({d.device})" for d in made)
@@ -430,3 +433,11 @@ def _group(host: HostRoot, device) -> int | None:
     where = f"{MDEV_DEVICES}/{device.uuid}" if device.uuid else f"{PCI_DEVICES}/{device.parent}"
     group = link_name(host, f"{where}/iommu_group")
     return int(group) if group and group.isdigit() else None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, VgpuDmError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"

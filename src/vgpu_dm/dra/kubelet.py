@@ -12,6 +12,7 @@ from concurrent import futures
 import grpc
 
 from vgpu_dm import log
+from vgpu_dm.dra.driver import Prepared
 from vgpu_dm.dra.proto import dra_v1_pb2, dra_v1beta1_pb2, registration_v1_pb2
 
 _log = log.get("dra")
@@ -27,7 +28,10 @@ def _dra_handler(pb, driver) -> grpc.GenericRpcHandler:
     def prepare(request, context):
         response = pb.NodePrepareResourcesResponse()
         for claim in request.claims:
-            result = driver.prepare(claim.namespace, claim.uid, claim.name)
+            try:
+                result = driver.prepare(claim.namespace, claim.uid, claim.name)
+            except Exception as exc:  # never a gRPC error: it would fail every claim of the call
+                result = Prepared([], f"{type(exc).__name__}: {exc}")
             entry = response.claims[claim.uid]
             if result.error:
                 _log.error(f"prepare {claim.namespace}/{claim.name} ({claim.uid}): {result.error}")
@@ -47,7 +51,10 @@ def _dra_handler(pb, driver) -> grpc.GenericRpcHandler:
     def unprepare(request, context):
         response = pb.NodeUnprepareResourcesResponse()
         for claim in request.claims:
-            error = driver.unprepare(claim.namespace, claim.uid, claim.name)
+            try:
+                error = driver.unprepare(claim.namespace, claim.uid, claim.name)
+            except Exception as exc:
+                error = f"ResourceClaim {claim.namespace}/{claim.name}: {type(exc).__name__}: {exc}"
             response.claims[claim.uid].error = error
             if error:
                 _log.error(f"unprepare {claim.namespace}/{claim.name} ({claim.uid}): {error}")
