@@ -81,6 +81,9 @@ def test_daemonset_mounts_what_the_kubelet_and_the_runtime_read_at_the_same_path
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
     assert mounts[env["HOST_ROOT_MOUNT"]]["hostPath"]["path"] == "/"
+    # A containerised driver mounted at /run/nvidia/driver after the pod started must show up inside.
+    (host_mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["HOST_ROOT_MOUNT"]]
+    assert host_mount.get("mountPropagation") == "HostToContainer"
     for key in ("KUBELET_REGISTRY_DIR", "KUBELET_PLUGINS_DIR", "CDI_DIR"):
         assert mounts[env[key]]["hostPath"]["path"] == env[key], f"{key} must be the same path on the host"
     assert container["securityContext"]["privileged"] is True and container["command"] == ["nvidia-vgpu-dra"]

@@ -3,8 +3,8 @@ are paused and restored, and the backoff between retries."""
 
 from __future__ import annotations
 
+from vgpu_dm.backoff import Backoff
 from vgpu_dm.k8s import labels as L
-from vgpu_dm.k8s.backoff import Backoff
 
 DP, VAL = L.DEVICE_PLUGIN_LABEL, L.VALIDATOR_LABEL
 

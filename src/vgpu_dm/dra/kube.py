@@ -5,7 +5,6 @@ connections) are retried with jittered backoff for a bounded time; anything else
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,34 +16,14 @@ from lightkube.resources.core_v1 import Node
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
 
 from vgpu_dm import log
+from vgpu_dm.kubeapi import call_with_retries, describe, status_code
 from vgpu_dm.nodeconfig import load_kubeconfig
+
+__all__ = ["COMPONENT", "DraApi", "describe", "status_code"]
 
 T = TypeVar("T")
 COMPONENT = "nvidia-vgpu-dra"
 _log = log.get("dra")
-
-
-def status_code(exc: BaseException) -> int | None:
-    if isinstance(exc, ApiError) and exc.status is not None and exc.status.code:
-        return int(exc.status.code)
-    if isinstance(exc, httpx2.HTTPStatusError):
-        return exc.response.status_code
-    return None
-
-
-def describe(exc: BaseException) -> str:
-    code = status_code(exc)
-    if code is not None:
-        message = exc.status.message if isinstance(exc, ApiError) and exc.status else ""
-        return f"HTTP {code}" + (f" ({message})" if message else "")
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, httpx2.TransportError):
-        return True
-    code = status_code(exc)
-    return code is not None and (code == 429 or code >= 500)
 
 
 class DraApi:
@@ -66,16 +45,16 @@ class DraApi:
         self.client.close()
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        delay, end = 0.2, time.monotonic() + self.deadline
-        while True:
-            try:
-                return fn()
-            except (httpx2.HTTPError, ApiError) as exc:
-                if not _transient(exc) or time.monotonic() + delay > end or self.stop.is_set():
-                    raise
-                _log.warning(f"{what}: {describe(exc)}; retrying in {delay:.1f} s")
-                time.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 5.0)
+        """``fn()``, retried while the failure is transient, for at most ``deadline`` seconds. A 409 is
+        not retried: the writes here send the resourceVersion they read, so a retry would conflict too."""
+        return call_with_retries(
+            what,
+            fn,
+            stop=self.stop,
+            deadline=time.monotonic() + self.deadline,
+            conflicts=False,
+            logger=_log,
+        )
 
     # -- the node --------------------------------------------------------------------------------------
 

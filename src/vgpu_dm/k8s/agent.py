@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vgpu_dm import log
+from vgpu_dm.backoff import Backoff
 from vgpu_dm.k8s import labels as L
-from vgpu_dm.k8s.backoff import Backoff
 from vgpu_dm.k8s.kube import ApiTiming, Kube, Stopped, describe
 from vgpu_dm.k8s.metrics import HealthServer, Metrics
 from vgpu_dm.k8s.reconcile import FAILED, Outcome, PreApplyStep, Reconciler

@@ -13,17 +13,13 @@ they do not know, and a PUT without them would erase a newer server's Node field
 Events are optional: the operator's RBAC does not grant them. A 403 on Event creation is said once, at
 info, and no Event is attempted again; every Event not recorded is counted.
 
-Watches are read here, not through lightkube's ``Client.watch``: that one silently re-opens a stream
-that ends without an error, which turns a proxy that drops streams at once into a request storm, and
-hides every restart. ``stream`` opens one watch request and yields its events; the loops that call it
-(``watch.py``, ``wait_pods_gone``) decide when to resume, relist and back off.
+Watches are read with ``vgpu_dm.kubeapi.WatchStreams`` (shared with the DRA driver), not lightkube's
+``Client.watch``; the loops that call ``stream`` (``watch.py``, ``wait_pods_gone``) decide when to
+resume, relist and back off.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -42,8 +38,20 @@ from lightkube.resources.core_v1 import Event, Node, Pod
 from lightkube.types import PatchType
 
 from vgpu_dm import log
-from vgpu_dm.k8s.backoff import Backoff
+from vgpu_dm.backoff import Backoff
+from vgpu_dm.kubeapi import (
+    Gone,
+    Stopped,
+    WatchError,
+    WatchStreams,
+    call_with_retries,
+    describe,
+    retriable,
+    status_code,
+)
 from vgpu_dm.nodeconfig import load_kubeconfig
+
+__all__ = ["Gone", "Kube", "Stopped", "WatchError", "describe", "retriable", "status_code"]
 
 COMPONENT = "nvidia-k8s-vgpu-dm"
 T = TypeVar("T")
@@ -52,43 +60,6 @@ PATCH, UPDATE = "patch", "update"  # how node labels are written
 # goes to Kube.call's backoff.
 CONFLICT_TRIES = 5
 _log = log.get("k8s")
-
-
-class Stopped(Exception):
-    """The agent was told to stop while a call was waiting to be retried."""
-
-
-class Gone(Exception):
-    """The watch's resourceVersion is too old (410): relist."""
-
-
-class WatchError(Exception):
-    """The server ended a watch with an error event other than 410."""
-
-
-def status_code(exc: BaseException) -> int | None:
-    """HTTP status of an API error, else None (transport errors, timeouts)."""
-    if isinstance(exc, ApiError) and exc.status is not None and exc.status.code:
-        return int(exc.status.code)
-    if isinstance(exc, httpx2.HTTPStatusError):
-        return exc.response.status_code
-    return None
-
-
-def retriable(exc: BaseException) -> bool:
-    """Conflicts, throttling, server errors and broken connections go away by themselves."""
-    if isinstance(exc, httpx2.TransportError):
-        return True
-    code = status_code(exc)
-    return code is not None and (code in (409, 429) or code >= 500)
-
-
-def describe(exc: BaseException) -> str:
-    code = status_code(exc)
-    if code is not None:
-        message = exc.status.message if isinstance(exc, ApiError) and exc.status else ""
-        return f"HTTP {code}" + (f" ({message})" if message else "")
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -130,8 +101,7 @@ class Kube:
         self.client = Client(config, trust_env=False, timeout=timeout, field_manager=COMPONENT)
         # Watches: same server, TLS and credentials; no read timeout of their own (see ``stream``).
         self._http = HttpClient(config, ConnectionParams(timeout=timeout, trust_env=False))
-        self._streams: set[httpx2.Response] = set()
-        self._streams_lock = threading.Lock()
+        self._watches = WatchStreams(self._http, stop, self.timing.request_timeout)
         self.node_uid: str | None = None
 
     def close(self) -> None:
@@ -145,26 +115,17 @@ class Kube:
         """``fn()``, retried while the failure is transient; raises Stopped when the agent stops
         (unless ``ignore_stop``: restoring operand labels must go on while shutting down), and the last
         error once ``deadline`` (monotonic) would be passed."""
-        backoff = Backoff(self.timing.retry_initial, self.timing.retry_max)
-        while True:
-            if self.stop.is_set():
-                if not ignore_stop:
-                    raise Stopped(what)
-                if deadline is None:  # shutting down: keep trying, but not past the grace period
-                    deadline = time.monotonic() + self.timing.shutdown_grace
-            try:
-                return fn()
-            except (httpx2.HTTPError, ApiError) as exc:
-                if not retriable(exc):
-                    raise
-                delay = backoff.next()
-                if deadline is not None and time.monotonic() + delay > deadline:
-                    raise
-                why = describe(exc)
-                self.on_retry(what, why)
-                _log.warning(f"{what}: {why}; retrying in {delay:.1f} s")
-                if self.stop.wait(delay) and not ignore_stop:
-                    raise Stopped(what) from None
+        return call_with_retries(
+            what,
+            fn,
+            stop=self.stop,
+            initial=self.timing.retry_initial,
+            cap=self.timing.retry_max,
+            deadline=deadline,
+            ignore_stop=ignore_stop,
+            shutdown_grace=self.timing.shutdown_grace,
+            on_retry=self.on_retry,
+        )
 
     # -- the node --------------------------------------------------------------------------------------
 
@@ -315,57 +276,12 @@ class Kube:
     # -- watches ---------------------------------------------------------------------------------------
 
     def stream(self, path: str, params: Mapping[str, Any], read_timeout: float | None) -> Iterator[dict]:
-        """One watch request: yields its events (``{"type": …, "object": {…}}``) until the server ends
-        the stream. Raises Gone on 410, WatchError on other error events, HTTP/transport errors as is.
-
-        ``read_timeout`` bounds the silence between two lines, so a connection that died without a FIN
-        (a crashed node, a lost route) is noticed instead of waited on forever.
-        """
-        timeout = httpx2.Timeout(self.timing.request_timeout, read=read_timeout)
-        with self._http.stream("GET", path, params=dict(params), timeout=timeout) as resp:
-            with self._streams_lock:
-                self._streams.add(resp)
-                # A stop that came before this stream was registered found nothing to abort: check it
-                # here, under the same lock as abort_streams, so no stream outlives a stop.
-                stopping = self.stop.is_set()
-            try:
-                if stopping:
-                    raise Stopped(path)
-                if resp.status_code == 410:
-                    raise Gone(f"{path}: HTTP 410")
-                if resp.status_code >= 400:
-                    resp.read()
-                    if "json" in resp.headers.get("content-type", ""):
-                        raise ApiError(request=resp.request, response=resp)
-                    resp.raise_for_status()
-                for line in resp.iter_lines():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if event.get("type") == "ERROR":
-                        status = event.get("object") or {}
-                        if status.get("code") == 410:
-                            raise Gone(status.get("message", "410 Gone"))
-                        raise WatchError(f"HTTP {status.get('code')}: {status.get('message', '')}")
-                    yield event
-            finally:
-                with self._streams_lock:
-                    self._streams.discard(resp)
+        """One watch request's events (``kubeapi.WatchStreams.stream``)."""
+        return self._watches.stream(path, params, read_timeout)
 
     def abort_streams(self) -> None:
         """Close open watch streams (from another thread) so their readers return now."""
-        with self._streams_lock:
-            streams = list(self._streams)
-        for resp in streams:
-            # resp.close() alone does not wake a thread blocked in recv() on the socket; shutting the
-            # socket down does. Either may race with the reader's own close: it is closed either way.
-            with contextlib.suppress(Exception):
-                stream = resp.extensions.get("network_stream")
-                sock = stream.get_extra_info("socket") if stream is not None else None
-                if sock is not None:
-                    sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(Exception):
-                resp.close()
+        self._watches.abort()
 
     # -- operand pods ----------------------------------------------------------------------------------
 

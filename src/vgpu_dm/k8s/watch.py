@@ -16,7 +16,7 @@ import httpx2
 from lightkube import ApiError
 
 from vgpu_dm import log
-from vgpu_dm.k8s.backoff import Backoff
+from vgpu_dm.backoff import Backoff
 from vgpu_dm.k8s.kube import Gone, Kube, Stopped, WatchError, describe
 
 _log = log.get("k8s")
