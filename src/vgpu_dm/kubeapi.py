@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import threading
 import time
@@ -171,3 +172,133 @@ class WatchStreams:
                     sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(Exception):
                 resp.close()
+
+    def get_json(self, path: str, params: Mapping[str, Any] | None = None) -> dict:
+        """One plain GET; ApiError (or HTTPStatusError) on an error status."""
+        resp = self.http.request("GET", path, params=dict(params or {}))
+        if resp.status_code >= 400:
+            if "json" in resp.headers.get("content-type", ""):
+                raise ApiError(request=resp.request, response=resp)
+            resp.raise_for_status()
+        return resp.json()
+
+
+class ListWatch:
+    """Keeps a consumer up to date with a collection, as an informer does: list (in pages) → watch from
+    the list's resourceVersion → resume from the last resourceVersion when the server ends a healthy
+    stream at its timeout → relist on 410 Gone, an error event, or a stream that broke or ended early,
+    with jittered backoff between relists. ``synced`` is True from a complete list until the next
+    failure: while it is False the consumer's copy may be missing changes."""
+
+    def __init__(
+        self,
+        streams: WatchStreams,
+        path: str,
+        *,
+        on_list: Callable[[list[dict]], None],
+        on_event: Callable[[str, dict], None],
+        params: Mapping[str, str] | None = None,
+        page: int = 500,
+        timeout: tuple[int, int] = (240, 360),
+        silence_grace: float = 30.0,
+        restart: tuple[float, float] = (0.5, 30.0),
+        logger=None,
+        name: str | None = None,
+    ):
+        """``name``: follow one object, listed by a GET of ``path/name`` (RBAC ``get`` rather than
+        ``list``) and watched with the field selector ``metadata.name``."""
+        self.streams = streams
+        self.path = path
+        self.on_list = on_list
+        self.on_event = on_event
+        self.name = name
+        self.params = dict(params or {})
+        if name is not None:
+            self.params["fieldSelector"] = f"metadata.name={name}"
+        self.page = page
+        self.timeout = timeout
+        self.silence_grace = silence_grace
+        self.restart = restart
+        self.log = logger or _log
+        self.synced = False
+        self.lists = 0  # how many complete lists were made (tests and logs)
+
+    def _list(self) -> str:
+        if self.name is not None:
+            try:
+                obj = self.streams.get_json(f"{self.path}/{self.name}")
+            except ApiError as exc:
+                if status_code(exc) != 404:
+                    raise
+                # Not there (yet): watch from "now"; the server sends it as ADDED once it exists.
+                self.on_list([])
+                self.lists += 1
+                return ""
+            self.on_list([obj])
+            self.lists += 1
+            return (obj.get("metadata") or {}).get("resourceVersion") or ""
+        items: list[dict] = []
+        token = ""
+        while True:
+            params = {**self.params, "limit": str(self.page)}
+            if token:
+                params["continue"] = token
+            found = self.streams.get_json(self.path, params)
+            items.extend(found.get("items") or [])
+            meta = found.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                self.on_list(items)
+                self.lists += 1
+                return meta.get("resourceVersion") or ""
+
+    def _watch(self, rv: str) -> tuple[str, bool]:
+        timeout = random.randint(*self.timeout)
+        params = {
+            **self.params,
+            "watch": "1",
+            "resourceVersion": rv,
+            "timeoutSeconds": str(timeout),
+            "allowWatchBookmarks": "true",
+        }
+        started = time.monotonic()
+        for event in self.streams.stream(self.path, params, timeout + self.silence_grace):
+            obj = event.get("object") or {}
+            rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+            if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                self.on_event(event["type"], obj)
+        if self.streams.stop.is_set():
+            raise Stopped(self.path)
+        # The server closes a watch at timeoutSeconds; much earlier means something cut it.
+        return rv, time.monotonic() - started >= timeout * 0.9
+
+    def run(self) -> None:
+        stop = self.streams.stop
+        backoff = Backoff(*self.restart)
+        rv: str | None = None
+        while not stop.is_set():
+            try:
+                if rv is None:
+                    rv = self._list()
+                    self.synced = True
+                rv, full = self._watch(rv)
+                if full:
+                    backoff.reset()
+                    continue
+                why = "the watch stream ended early"
+            except Stopped:
+                return
+            except Gone:
+                why = "resourceVersion too old (410 Gone)"
+            except WatchError as exc:
+                why = str(exc)
+            except (httpx2.HTTPError, ApiError, ValueError) as exc:
+                why = describe(exc)
+            self.synced = False
+            rv = None
+            if stop.is_set():
+                return
+            delay = backoff.next()
+            self.log.info(f"watch {self.path}: {why}; relisting in {delay:.1f} s")
+            if stop.wait(delay):
+                return

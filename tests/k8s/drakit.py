@@ -38,6 +38,9 @@ vgpu-configs:
   T4-4Q:
     - devices: all
       vgpu-devices: {"T4-4Q": 4}
+  gpu0-T4-4Q:
+    - devices: [0]
+      vgpu-devices: {"T4-4Q": 4}
   L40S-mixed:
     - devices: all
       vgpu-devices: {"L40S-24Q": 2, "L40S-12Q": 4, "L40S-8Q": 6}
@@ -83,7 +86,7 @@ class FakeKubelet:
         self.versions = list(info.supported_versions)
         return info
 
-    def _call(self, method: str, claims: list[dict], version: str):
+    def _call(self, method: str, claims: list[dict], version: str, timeout: float = 45):
         package, pb = _PACKAGES[version]
         request_type = getattr(pb, f"{method}Request")
         response_type = getattr(pb, f"{method}Response")
@@ -96,10 +99,10 @@ class FakeKubelet:
                 f"/{package}.DRAPlugin/{method}",
                 request_serializer=request_type.SerializeToString,
                 response_deserializer=response_type.FromString,
-            )(request, timeout=45)
+            )(request, timeout=timeout)
 
-    def prepare(self, *claims: dict, version: str = "v1"):
-        return self._call("NodePrepareResources", list(claims), version)
+    def prepare(self, *claims: dict, version: str = "v1", timeout: float = 45):
+        return self._call("NodePrepareResources", list(claims), version, timeout)
 
     def unprepare(self, *claims: dict, version: str = "v1"):
         return self._call("NodeUnprepareResources", list(claims), version)

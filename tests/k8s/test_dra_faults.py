@@ -307,3 +307,60 @@ def test_a_prepare_that_fails_after_creating_the_vgpu_undoes_it_and_answers_per_
     answer = kubelet.prepare(K.identity(bad), K.identity(good))
     assert [e.error for e in answer.claims.values()] == ["", ""]
     assert len(mdevs(node)) == 2
+
+
+def test_the_driver_takes_a_gpu_only_under_the_host_lock(apiserver, node, k8s_namespace):
+    """apply checks ownership inside the host lock; the driver must decide and record it inside the
+    same lock. While another process holds it, a relabel that adds GPU 1 leaves the record and the
+    published devices alone; once the lock is free, the driver takes GPU 1."""
+    from vgpu_dm.host.lock import HostLock
+
+    K.set_label(apiserver, node.name, "gpu0-T4-4Q")
+    node.extra_args = ("--lock-timeout", "1")
+    node.start()
+    published(apiserver, node, 4)
+    record = node.sim / "var/lib/nvidia-vgpu-dm/dra-owned.json"
+    assert list(json.loads(record.read_text())["gpus"]) == ["0000:3b:00.0"]
+    lock = HostLock(SimHostRoot(node.sim), timeout=5)
+    lock.acquire()
+    try:
+        K.set_label(apiserver, node.name, "T4-4Q")
+        import time
+
+        time.sleep(4)  # several resyncs (1 s) and the label watch
+        assert list(json.loads(record.read_text())["gpus"]) == ["0000:3b:00.0"]
+        assert len(K.pool_devices(apiserver, node.name)) == 4
+    finally:
+        lock.release()
+    published(apiserver, node, 8)
+    assert sorted(json.loads(record.read_text())["gpus"]) == ["0000:3b:00.0", "0000:5e:00.0"]
+
+
+def test_files_left_by_a_prepare_killed_before_its_checkpoint_are_removed_at_start(
+    apiserver, node, k8s_namespace
+):
+    """Killed after writing a claim's CDI specs and metadata but before recording it as prepared: at
+    the next start the files of claims the checkpoint does not hold go; a prepared claim's files and
+    other drivers' CDI specs stay."""
+    node.start()
+    published(apiserver, node, 16)
+    claim = allocate(apiserver, node, k8s_namespace)
+    uid = claim["metadata"]["uid"]
+    assert node.kubelet().prepare(K.identity(claim)).claims[uid].error == ""
+    node.stop()
+    kept = sorted(p.name for p in node.cdi.iterdir())
+    ghost = str(uuid.uuid4())
+    strays = [
+        node.cdi / f"{K.DRIVER}_vgpu_{ghost}.json",
+        node.cdi / f"{K.DRIVER}_metadata_{ghost}_vgpu.json",
+        node.plugin_dir / "dra-device-metadata" / f"{k8s_namespace}_ghost" / "vgpu" / "metadata.json",
+    ]
+    for path in strays:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    (node.cdi / "other.example.com_gpu.json").write_text("{}")
+    node.start()
+    assert not any(p.exists() for p in strays)
+    assert not (node.plugin_dir / "dra-device-metadata" / f"{k8s_namespace}_ghost").exists()
+    assert sorted(p.name for p in node.cdi.iterdir()) == sorted([*kept, "other.example.com_gpu.json"])
+    assert K.kubevirt_read_metadata(node, "c1", "vgpu")["mdev"] == mdevs(node)[0]

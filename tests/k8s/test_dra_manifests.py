@@ -54,7 +54,7 @@ def test_rbac_is_exactly_what_the_driver_calls():
     assert rules == {
         ("", "nodes"): ["get", "watch"],
         ("resource.k8s.io", "resourceslices"): ["create", "delete", "list", "update"],
-        ("resource.k8s.io", "resourceclaims"): ["get", "list"],
+        ("resource.k8s.io", "resourceclaims"): ["get", "list", "watch"],
     }
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]

@@ -156,3 +156,22 @@ def test_our_protos_match_the_kubelets_contract():
         assert (
             fields["NodePrepareResourcesRequest"] == fields["NodeUnprepareResourcesRequest"] == {"claims": 1}
         )
+
+
+def test_a_vgpu_without_an_iommu_group_gets_no_cdi_spec(tmp_path):
+    """A CDI spec with /dev/vfio/vfio alone would hand the VM nothing it can open."""
+    from vgpu_dm.dra.checkpoint import PREPARED, ClaimRecord, PreparedDevice
+    from vgpu_dm.dra.claimfiles import ClaimFiles
+    from vgpu_dm.errors import HostError
+
+    files = ClaimFiles("vgpu.nvidia.com", str(tmp_path / "plugin"), str(tmp_path / "cdi"))
+    device = PreparedDevice("vgpu", "gpu0-t4-2q-0", "0000:3b:00.0", "T4-2Q", "mdev", "5d1c…", None)
+    record = ClaimRecord("uid-1", "ns", "c1", PREPARED, (device,))
+    with pytest.raises(HostError, match="has no IOMMU group"):
+        files.write(record, "node-1")
+    assert not (tmp_path / "cdi").exists()
+    spec = files.device_spec(record._replace(devices=(device._replace(iommu_group=42),)))
+    assert spec["devices"][0]["containerEdits"]["deviceNodes"] == [
+        {"path": "/dev/vfio/vfio"},
+        {"path": "/dev/vfio/42"},
+    ]

@@ -16,10 +16,12 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from typing import Any
 
 from vgpu_dm.dra.checkpoint import ClaimRecord, PreparedDevice
 from vgpu_dm.dra.devices import PCI_BUS_ID
+from vgpu_dm.errors import HostError
 from vgpu_dm.host.model import MDEV
 
 CDI_VERSION = "0.5.0"
@@ -85,9 +87,14 @@ class ClaimFiles:
     def device_spec(self, record: ClaimRecord) -> dict[str, Any]:
         devices = []
         for device in record.devices:
-            nodes = [{"path": "/dev/vfio/vfio"}]
-            if device.iommu_group is not None:
-                nodes.append({"path": f"/dev/vfio/{device.iommu_group}"})
+            if device.iommu_group is None:
+                # /dev/vfio/vfio alone gives a VM nothing to open: never hand that out as a vGPU.
+                raise HostError(
+                    f"vGPU {device.key or device.device} of claim {record.namespace}/{record.name} has no "
+                    f"IOMMU group (no iommu_group link in sysfs), so no VFIO device node can be given to "
+                    f"the VM; is the IOMMU on (intel_iommu=on / amd_iommu=on)?"
+                )
+            nodes = [{"path": "/dev/vfio/vfio"}, {"path": f"/dev/vfio/{device.iommu_group}"}]
             devices.append(
                 {
                     "name": self.cdi_name(record.uid, device),
@@ -159,6 +166,29 @@ class ClaimFiles:
             _write_json(
                 self.metadata_spec_path(record.uid, request), json.dumps(self.metadata_spec(record, request))
             )
+
+    def sweep(self, keep: Iterable[ClaimRecord]) -> list[str]:
+        """Remove this driver's CDI specs and metadata directories that belong to none of ``keep`` (left
+        by a driver killed between writing them and recording its claim); returns what went."""
+        keep = list(keep)
+        uids = {r.uid for r in keep}
+        dirs = {f"{r.namespace}_{r.name}" for r in keep}
+        gone = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(self.cdi_dir)):
+                for prefix in (f"{self.driver}_{CDI_CLASS}_", f"{self.driver}_metadata_"):
+                    if name.startswith(prefix) and name.endswith(".json"):
+                        uid = name[len(prefix) : -len(".json")].split("_", 1)[0]
+                        if uid not in uids:
+                            os.unlink(os.path.join(self.cdi_dir, name))
+                            gone.append(os.path.join(self.cdi_dir, name))
+        top = os.path.join(self.plugin_dir, METADATA_SUBDIR)
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(top)):
+                if name not in dirs:
+                    shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+                    gone.append(os.path.join(top, name))
+        return gone
 
     def remove(self, record: ClaimRecord) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,22 +1,26 @@
-"""The DRA driver's Kubernetes API calls (lightkube): its Node, its pool's ResourceSlices, and the
-ResourceClaims it prepares. Transient failures (409 on a stale update aside, 429, 5xx, broken
-connections) are retried with jittered backoff for a bounded time; anything else is raised.
+"""The DRA driver's Kubernetes API calls (lightkube): its Node, its pool's ResourceSlices, the
+ResourceClaims it prepares, and the watches of its Node and of ResourceClaims (``kubeapi.ListWatch``).
+Transient failures (409 on a stale update aside, 429, 5xx, broken connections) are retried with
+jittered backoff for a bounded time; anything else is raised.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx2
 from lightkube import ApiError, Client
+from lightkube.config.client_adapter import Client as HttpClient
+from lightkube.config.client_adapter import ConnectionParams
 from lightkube.resources.core_v1 import Node
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
 
 from vgpu_dm import log
-from vgpu_dm.kubeapi import call_with_retries, describe, status_code
+from vgpu_dm.dra.allocations import Allocations
+from vgpu_dm.kubeapi import ListWatch, WatchStreams, call_with_retries, describe, status_code
 from vgpu_dm.nodeconfig import load_kubeconfig
 
 __all__ = ["COMPONENT", "DraApi", "describe", "status_code"]
@@ -33,25 +37,28 @@ class DraApi:
         self.node = node
         self.stop = stop
         self.deadline = deadline  # seconds a call is retried (prepare must answer within the kubelet's 45 s)
-        self.client = Client(
-            load_kubeconfig(kubeconfig),
-            trust_env=False,
-            timeout=httpx2.Timeout(10.0),
-            field_manager=COMPONENT,
-        )
+        config = load_kubeconfig(kubeconfig)
+        self.client = Client(config, trust_env=False, timeout=httpx2.Timeout(10.0), field_manager=COMPONENT)
+        # Watches (the node's labels, ResourceClaims): our stream reader over the same credentials.
+        http = HttpClient(config, ConnectionParams(timeout=httpx2.Timeout(10.0), trust_env=False))
+        self.watches = WatchStreams(http, stop, 10.0)
         self.node_uid: str | None = None
 
     def close(self) -> None:
+        self.watches.abort()
         self.client.close()
+        self.watches.http.close()
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()``, retried while the failure is transient, for at most ``deadline`` seconds. A 409 is
-        not retried: the writes here send the resourceVersion they read, so a retry would conflict too."""
+    def call(self, what: str, fn: Callable[[], T], deadline: float | None = None) -> T:
+        """``fn()``, retried while the failure is transient, for at most ``self.deadline`` seconds (and
+        not past ``deadline``, monotonic). A 409 is not retried: the writes here send the resourceVersion
+        they read, so a retry would conflict too."""
+        end = time.monotonic() + self.deadline
         return call_with_retries(
             what,
             fn,
             stop=self.stop,
-            deadline=time.monotonic() + self.deadline,
+            deadline=end if deadline is None else min(end, deadline),
             conflicts=False,
             logger=_log,
         )
@@ -66,12 +73,24 @@ class DraApi:
 
         return self.call(f"get node {self.node}", once)
 
-    def watch_node(self, resource_version: str | None = None) -> Iterator[tuple[str, dict[str, str]]]:
-        """(event type, labels) of the node until the server ends the watch."""
-        for kind, node in self.client.watch(
-            Node, fields={"metadata.name": self.node}, resource_version=resource_version, server_timeout=300
-        ):
-            yield kind, dict(node.metadata.labels or {})
+    def node_watch(self, on_labels: Callable[[dict[str, str]], None]) -> ListWatch:
+        """A list + watch of this node that feeds its labels to ``on_labels`` (run it in a thread)."""
+
+        def labels_of(node: dict) -> dict[str, str]:
+            return dict((node.get("metadata") or {}).get("labels") or {})
+
+        def on_list(items: list[dict]) -> None:
+            for node in items:
+                on_labels(labels_of(node))
+
+        return ListWatch(
+            self.watches,
+            "/api/v1/nodes",
+            name=self.node,
+            on_list=on_list,
+            on_event=lambda kind, node: on_labels(labels_of(node)) if kind != "DELETED" else None,
+            logger=_log,
+        )
 
     # -- ResourceSlices --------------------------------------------------------------------------------
 
@@ -137,7 +156,7 @@ class DraApi:
 
     # -- ResourceClaims --------------------------------------------------------------------------------
 
-    def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_claim(self, namespace: str, name: str, deadline: float | None = None) -> dict[str, Any] | None:
         def once() -> dict[str, Any] | None:
             try:
                 return self.client.get(ResourceClaim, name, namespace=namespace).to_dict()
@@ -146,18 +165,17 @@ class DraApi:
                     return None
                 raise
 
-        return self.call(f"get ResourceClaim {namespace}/{name}", once)
+        return self.call(f"get ResourceClaim {namespace}/{name}", once, deadline)
 
-    def allocated_devices(self, driver: str, pool: str) -> set[str]:
-        """Names of the devices of ``pool`` that some ResourceClaim has allocated (prepared or not yet)."""
-
-        def once() -> set[str]:
-            found = set()
-            for claim in self.client.list(ResourceClaim, namespace="*"):
-                allocation = claim.status.allocation if claim.status else None
-                for result in (allocation.devices.results or []) if allocation and allocation.devices else []:
-                    if result.driver == driver and result.pool == pool:
-                        found.add(result.device)
-            return found
-
-        return self.call("list ResourceClaims", once)
+    def claim_watch(self, allocations: Allocations) -> ListWatch:
+        """A list + watch of ResourceClaims in every namespace that keeps ``allocations`` up to date (run
+        it in a thread). Claims have no field selector for their allocation, hence every namespace."""
+        watch = ListWatch(
+            self.watches,
+            "/apis/resource.k8s.io/v1/resourceclaims",
+            on_list=allocations.replace,
+            on_event=allocations.update,
+            logger=_log,
+        )
+        allocations.synced = lambda: watch.synced
+        return watch

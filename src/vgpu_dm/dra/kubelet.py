@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from concurrent import futures
 
 import grpc
 
 from vgpu_dm import log
-from vgpu_dm.dra.driver import Prepared
+from vgpu_dm.dra.driver import KUBELET_TIMEOUT, Prepared
 from vgpu_dm.dra.proto import dra_v1_pb2, dra_v1beta1_pb2, registration_v1_pb2
 
 _log = log.get("dra")
@@ -24,12 +25,19 @@ _PACKAGES = {
 }
 
 
+def _deadline(context) -> float:
+    """The call's deadline (monotonic): the kubelet's own, else its default of 45 s."""
+    remaining = context.time_remaining()
+    return time.monotonic() + (remaining if remaining is not None else KUBELET_TIMEOUT)
+
+
 def _dra_handler(pb, driver) -> grpc.GenericRpcHandler:
     def prepare(request, context):
         response = pb.NodePrepareResourcesResponse()
+        deadline = _deadline(context)
         for claim in request.claims:
             try:
-                result = driver.prepare(claim.namespace, claim.uid, claim.name)
+                result = driver.prepare(claim.namespace, claim.uid, claim.name, deadline)
             except Exception as exc:  # never a gRPC error: it would fail every claim of the call
                 result = Prepared([], f"{type(exc).__name__}: {exc}")
             entry = response.claims[claim.uid]
@@ -50,9 +58,10 @@ def _dra_handler(pb, driver) -> grpc.GenericRpcHandler:
 
     def unprepare(request, context):
         response = pb.NodeUnprepareResourcesResponse()
+        deadline = _deadline(context)
         for claim in request.claims:
             try:
-                error = driver.unprepare(claim.namespace, claim.uid, claim.name)
+                error = driver.unprepare(claim.namespace, claim.uid, claim.name, deadline)
             except Exception as exc:
                 error = f"ResourceClaim {claim.namespace}/{claim.name}: {type(exc).__name__}: {exc}"
             response.claims[claim.uid].error = error

@@ -209,9 +209,17 @@ def run(opts: dict) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from vgpu_dm.dra.allocations import Allocations
+
+    allocations = Allocations(driver_name, opts["node_name"])
+    allocations.on_change = wake.set  # an allocation released may let a held-back GPU switch layout
+    # Which devices are allocated: one list + watch of ResourceClaims, started before the first publish
+    # (which withdraws nothing from a GPU whose layout changes until the watch has listed them).
+    threading.Thread(target=api.claim_watch(allocations).run, name="claim-watch", daemon=True).start()
     try:
-        driver = Driver(settings, api, host, tools)
+        driver = Driver(settings, api, host, tools, allocations)
         driver.on_republish = wake.set
+        driver.stop = stop
         driver.start()
     except (VgpuDmError, ValueError, OSError) as exc:
         _log.error(f"cannot start: {exc}")
@@ -230,8 +238,16 @@ def run(opts: dict) -> None:
     except (OSError, RuntimeError) as exc:
         _log.error(f"cannot serve the kubelet's sockets: {exc}")
         raise Failure(EXIT_FAILED) from None
-    watcher = threading.Thread(target=_watch_node, args=(api, wake, stop), name="node-watch", daemon=True)
-    watcher.start()
+    seen: dict[str, str | None] = {}
+
+    def on_labels(labels: dict[str, str]) -> None:
+        from vgpu_dm.nodeconfig import CONFIG_LABEL
+
+        if seen.get("value", "") != labels.get(CONFIG_LABEL):
+            seen["value"] = labels.get(CONFIG_LABEL)
+            wake.set()
+
+    threading.Thread(target=api.node_watch(on_labels).run, name="node-watch", daemon=True).start()
     _log.info(
         f"nvidia-vgpu-dra {__version__}: driver {driver_name} on node {settings.node} "
         f"(config {driver.config_name!r}, {len(driver.offered)} devices offered)"
@@ -252,25 +268,6 @@ def run(opts: dict) -> None:
         plugin.stop()
         api.close()
     _log.info("stopped; prepared claims stay prepared (the checkpoint keeps them)")
-
-
-def _watch_node(api, wake: threading.Event, stop: threading.Event) -> None:
-    """Wake the publisher when the node's config label changes."""
-    from vgpu_dm.nodeconfig import CONFIG_LABEL
-
-    last: str | None = None
-    while not stop.is_set():
-        try:
-            for _kind, labels in api.watch_node():
-                value = labels.get(CONFIG_LABEL)
-                if value != last:
-                    last = value
-                    wake.set()
-                if stop.is_set():
-                    return
-        except Exception as exc:
-            _log.debug(f"node watch ended: {exc}")
-        stop.wait(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,21 +148,22 @@ class SlicePublisher:
         """This pool's slices as the server has them now."""
         return self.api.list_slices(self.node, self.driver)
 
-    def published_devices(self) -> dict[str, DeviceSpec]:
-        """Devices of the newest generation published (by us, earlier: e.g. before a restart)."""
+    def published_devices(self) -> tuple[dict[str, DeviceSpec], dict[str, DeviceSpec]]:
+        """Devices this pool has on the server (published by us earlier: e.g. before a restart): those of
+        the newest generation, and those of every generation still there."""
+        newest_found: dict[str, DeviceSpec] = {}
+        every: dict[str, DeviceSpec] = {}
         slices = self.current()
-        if not slices:
-            return {}
-        newest = max(s["spec"]["pool"]["generation"] for s in slices)
-        found = {}
-        for s in slices:
-            if s["spec"]["pool"]["generation"] != newest:
-                continue
+        newest = max((s["spec"]["pool"]["generation"] for s in slices), default=0)
+        for s in sorted(slices, key=lambda s: s["spec"]["pool"]["generation"]):
             for device in s["spec"].get("devices") or []:
                 spec = DeviceSpec.from_api(device)
-                if spec is not None:
-                    found[spec.name] = spec
-        return found
+                if spec is None:
+                    continue
+                every[spec.name] = spec
+                if s["spec"]["pool"]["generation"] == newest:
+                    newest_found[spec.name] = spec
+        return newest_found, every
 
     def publish(self, offer: NodeOffer) -> Published:
         mixed = bool(offer.counter_sets)
