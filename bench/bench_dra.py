@@ -36,7 +36,7 @@ vgpu-configs:
       vgpu-devices: {"T4-4Q": 4}
   L40S-mixed:
     - devices: all
-      vgpu-devices: {"L40S-24Q": 2, "L40S-12Q": 4, "L40S-8Q": 6, "L40S-4Q": 12}
+      vgpu-devices: {"L40S-24Q": 2, "L40S-12Q": 4, "L40S-8Q": 4, "L40S-4Q": 8}
   L40S-8Q:
     - devices: all
       vgpu-devices: {"L40S-8Q": 6}
@@ -174,7 +174,7 @@ def main() -> int:
         K.ensure_device_class(server)
         claims_to_prepared(server, K, work, args.claims)
         publication(server, K, work, "T4", "T4-1Q", "T4-4Q", (128, 32), args.relabels)
-        publication(server, K, work, "L40S", "L40S-mixed", "L40S-8Q", (192, 48), args.relabels)
+        publication(server, K, work, "L40S", "L40S-mixed", "L40S-8Q", (144, 48), args.relabels)
         return 0
     finally:
         if scheduler is not None:

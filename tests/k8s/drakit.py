@@ -43,10 +43,16 @@ vgpu-configs:
       vgpu-devices: {"T4-4Q": 4}
   L40S-mixed:
     - devices: all
-      vgpu-devices: {"L40S-24Q": 2, "L40S-12Q": 4, "L40S-8Q": 6}
+      vgpu-devices: {"L40S-24Q": 2, "L40S-12Q": 4, "L40S-8Q": 4}
   L40S-8Q:
     - devices: all
       vgpu-devices: {"L40S-8Q": 6}
+  L40S-8Q-6-mixed:
+    - devices: all
+      vgpu-devices: {"L40S-24Q": 1, "L40S-8Q": 6}
+  L4-small:
+    - devices: all
+      vgpu-devices: {"L4-1Q": 16, "L4-2Q": 8}
   two-kinds:
     - device-filter: "0x1EB810DE"
       devices: all
@@ -134,6 +140,7 @@ class DraNode:
     kubeconfig: str
     gpus: tuple[str, ...] = ("T4", "T4")
     default_config: str = "default"
+    sim_options: dict[str, str] = field(default_factory=dict)  # simulator options (sim/layout.py)
     extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
     log: Path = field(init=False)
@@ -146,7 +153,7 @@ class DraNode:
         self.cdi = self.base / "cdi"
         self.log = self.base / "dra.log"
         if not self.sim.exists():
-            create_host(self.sim, list(self.gpus))
+            create_host(self.sim, list(self.gpus), options=self.sim_options or None)
         if not self.config.exists():
             self.config.write_text(CONFIG)
 

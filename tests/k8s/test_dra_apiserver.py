@@ -77,17 +77,21 @@ def test_homogeneous_config_publishes_the_pinned_type_per_gpu(apiserver, dra):
 
 def test_mixed_size_config_shares_each_gpus_framebuffer_through_counters(apiserver, dra):
     node = dra(gpus=("L40S",), label="L40S-mixed")
-    devices = published(apiserver, node, 12)
+    devices = published(apiserver, node, 10)
     items = K.slices(apiserver, node.name)
     # Kubernetes 1.36 keeps counter sets in a slice of their own (split layout), same pool and generation.
     assert len(items) == 2 and {s["spec"]["pool"]["resourceSliceCount"] for s in items} == {2}
     (counters,) = [s for s in items if s["spec"].get("sharedCounters")]
+    # Each vGPU of a vendor-VFIO GPU takes one of its 32 VFs: counted too.
     assert counters["spec"]["sharedCounters"] == [
-        {"name": "gpu-0-framebuffer", "counters": {"framebuffer": {"value": "48Gi"}}}
+        {"name": "gpu-0-framebuffer", "counters": {"framebuffer": {"value": "48Gi"}, "vfs": {"value": "32"}}}
     ]
     d = devices["gpu0-l40s-24q-1"]
     assert d["consumesCounters"] == [
-        {"counterSet": "gpu-0-framebuffer", "counters": {"framebuffer": {"value": "24Gi"}}}
+        {
+            "counterSet": "gpu-0-framebuffer",
+            "counters": {"framebuffer": {"value": "24Gi"}, "vfs": {"value": "1"}},
+        }
     ]
     assert attr(d, "framework") == "vendor-vfio" and attr(d, "mixedSize") is True
     # One size again: no counters, one slice; the counter slice of the old generation is deleted.
@@ -174,7 +178,7 @@ def test_a_claim_that_cannot_fit_stays_pending(apiserver, dra, k8s_namespace):
 
 def test_mixed_size_counters_keep_claims_within_the_framebuffer(apiserver, dra, k8s_namespace):
     node = dra(gpus=("L40S",), label="L40S-mixed")
-    published(apiserver, node, 12)
+    published(apiserver, node, 10)
     sel = 'device.attributes["{}"].type == "{}"'
     K.create_claim(apiserver, k8s_namespace, "big", cel=sel.format(K.DRIVER, "L40S-24Q"))
     K.create_pod(apiserver, k8s_namespace, "vm-big", "big", node.name)
@@ -182,7 +186,7 @@ def test_mixed_size_counters_keep_claims_within_the_framebuffer(apiserver, dra, 
     K.create_claim(apiserver, k8s_namespace, "mid", cel=sel.format(K.DRIVER, "L40S-12Q"), count=2)
     K.create_pod(apiserver, k8s_namespace, "vm-mid", "mid", node.name)
     mid = K.allocated(apiserver, k8s_namespace, "mid")
-    # 24 + 2 x 12 GB fill the 48 GB: one more 8Q cannot be allocated, though 6 are published.
+    # 24 + 2 x 12 GB fill the 48 GB: one more 8Q cannot be allocated, though 4 are published.
     K.create_claim(apiserver, k8s_namespace, "small", cel=sel.format(K.DRIVER, "L40S-8Q"))
     K.create_pod(apiserver, k8s_namespace, "vm-small", "small", node.name)
     wait_for(

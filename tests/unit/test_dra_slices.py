@@ -175,3 +175,36 @@ def test_a_vgpu_without_an_iommu_group_gets_no_cdi_spec(tmp_path):
         {"path": "/dev/vfio/vfio"},
         {"path": "/dev/vfio/42"},
     ]
+
+
+def test_mixed_size_counts_agree_with_the_simulated_placements():
+    """The driver counts a type's mixed-size vGPUs (devices.mixed_size_count); the simulator places
+    them slot by slot (sim/placements.py). Written apart from the same source, they must agree on
+    every catalog GPU with SR-IOV and every time-sliced type."""
+    from vgpu_dm import catalog
+    from vgpu_dm.dra.devices import mixed_size_count
+    from vgpu_dm.sim import placements as P
+    from vgpu_dm.sim.layout import SimGPU, SimType
+    from vgpu_dm.vgpu_type import VGPUType
+
+    checked = 0
+    for entry in catalog.load():
+        if entry.framework == "mdev-pf":
+            continue
+        types = []
+        for n, (name, most) in enumerate(entry.vgpu_types.items()):
+            parsed = VGPUType.parse(name)
+            types.append(SimType(name, n, most, parsed.framebuffer_gb, parsed.is_mig_backed))
+        gpu = SimGPU(
+            "0000:3b:00.0", entry.name, entry.prefix, "vendor-vfio", 0, 0, "NVIDIA ", 16, types=types,
+            framebuffer_gb=entry.framebuffer_gb, placement_deny=P.deny_list(entry.arch, entry.framebuffer_gb),
+        )  # fmt: skip
+        for vtype in types:
+            if vtype.mig_backed:
+                continue
+            counted = mixed_size_count(
+                vtype.framebuffer_gb, vtype.max_instances, gpu.framebuffer_gb, entry.arch
+            )
+            assert counted == len(P.supported(gpu, vtype)), (entry.name, vtype.name)
+            checked += 1
+    assert checked > 100

@@ -152,6 +152,15 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     help="What sriov-manage does when run chrooted into a root without sysfs (a driver container's): "
     "exit with an error, or exit 0 having made no VFs (which one a real script does is unknown).",
 )
+@click.option(
+    "--mixed-size-rule",
+    type=click.Choice(["framebuffer", "placements"]),
+    default="framebuffer",
+    show_default=True,
+    help="Which vGPUs fit side by side in mixed-size mode: each type up to its maximum within the "
+    "framebuffer, or at fixed placements as NVIDIA's resource manager source places them (fewer, and "
+    "they can fragment). Which one a driver release follows is unconfirmed.",
+)
 @_latency_options
 def create_cmd(
     directory: str,
@@ -165,6 +174,7 @@ def create_cmd(
     mdevctl_on_vfs: str,
     driver: str,
     sriov_manage_without_sysfs: str,
+    mixed_size_rule: str,
     write_latency_ms: float | None,
     create_latency_ms: float | None,
     remove_latency_ms: float | None,
@@ -191,6 +201,7 @@ def create_cmd(
                 "mig_after_reboot": mig_after_reboot,
                 "mdevctl_on_vfs": mdevctl_on_vfs,
                 "sriov_manage_without_sysfs": sriov_manage_without_sysfs,
+                "mixed_size_rule": mixed_size_rule,
             },
             driver_root=DRIVER_CONTAINER_ROOT if driver == "container" else "",
         )

@@ -1,10 +1,18 @@
 """From the node's selected config to the DRA devices it offers: one device per vGPU a GPU may host,
-with its attributes, and a framebuffer counter set for GPUs that mix framebuffer sizes.
+with its attributes, and a counter set for GPUs that mix framebuffer sizes.
 
 A GPU whose config entry names one framebuffer size offers exactly the entry's vGPUs (the config pins
 the type, so no mix can be allocated; every subset of a valid layout can be created). A GPU whose entry
 names several sizes (mixed-size mode) offers each type up to its count, and every device consumes its
-framebuffer from the GPU's counter set, so the scheduler never allocates more than the GPU holds.
+framebuffer from the GPU's counter set, so the scheduler never allocates more than the GPU holds; on a
+GPU whose vGPUs each take an SR-IOV VF (vendor VFIO, mdev on VFs) it also consumes one of the set's
+``vfs``.
+
+In mixed-size mode NVIDIA's resource manager puts each vGPU at fixed placements (sim/placements.py has
+the rule as read in its open kernel module source): a type's count there is the largest power of two
+not above its equal-size maximum (fewer for 1 GB types on 48 GB boards; none for 512 MB types), so no
+more than that is offered. Which placement the driver picks is its own choice, so placements can still
+fragment: a prepare can then fail although the counters allowed the allocation (docs/dra.md).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from vgpu_dm.spec.model import ConfigEntry
 
 PCI_BUS_ID = "resource.kubernetes.io/pciBusID"  # KEP-4381's standard attribute
 FRAMEBUFFER = "framebuffer"  # the counter (and capacity) name
+VFS = "vfs"  # the counter of SR-IOV VFs, on GPUs whose every vGPU takes one
 
 
 def quantity(gb: float) -> str:
@@ -43,6 +52,7 @@ class DeviceSpec(NamedTuple):
     framebuffer_gb: float
     mixed: bool  # the GPU mixes framebuffer sizes: the device consumes from counter_set
     attributes: dict[str, dict[str, Any]]
+    uses_vf: bool = False  # mixed, and each vGPU of the GPU takes a VF: consumes one of the set's vfs
 
     @property
     def counter_set(self) -> str | None:
@@ -55,12 +65,10 @@ class DeviceSpec(NamedTuple):
             "capacity": {FRAMEBUFFER: {"value": quantity(self.framebuffer_gb)}},
         }
         if self.mixed:
-            device["consumesCounters"] = [
-                {
-                    "counterSet": self.counter_set,
-                    "counters": {FRAMEBUFFER: {"value": quantity(self.framebuffer_gb)}},
-                }
-            ]
+            counters: dict[str, Any] = {FRAMEBUFFER: {"value": quantity(self.framebuffer_gb)}}
+            if self.uses_vf:
+                counters[VFS] = {"value": "1"}
+            device["consumesCounters"] = [{"counterSet": self.counter_set, "counters": counters}]
         return device
 
     @classmethod
@@ -75,6 +83,7 @@ class DeviceSpec(NamedTuple):
         if not (gpu and type_name and isinstance(index, int)):
             return None
         fb = (value("framebufferMiB", "int") or 512) / 1024
+        consumes = device.get("consumesCounters") or []
         return cls(
             device["name"],
             gpu,
@@ -82,8 +91,9 @@ class DeviceSpec(NamedTuple):
             type_name,
             value("framework", "string") or "",
             fb,
-            bool(device.get("consumesCounters")),
+            bool(consumes),
             attrs,
+            any(VFS in (c.get("counters") or {}) for c in consumes),
         )
 
 
@@ -92,18 +102,22 @@ def counter_set_name(gpu_index: int) -> str:
 
 
 class CounterSetSpec(NamedTuple):
-    """The framebuffer of one mixed-size GPU, shared by its devices."""
+    """The framebuffer (and VFs) of one mixed-size GPU, shared by its devices."""
 
     gpu: str
     gpu_index: int
     framebuffer_gb: float
+    vfs: int | None = None  # the GPU's VFs, when each of its vGPUs takes one
 
     @property
     def name(self) -> str:
         return counter_set_name(self.gpu_index)
 
     def to_api(self) -> dict[str, Any]:
-        return {"name": self.name, "counters": {FRAMEBUFFER: {"value": quantity(self.framebuffer_gb)}}}
+        counters: dict[str, Any] = {FRAMEBUFFER: {"value": quantity(self.framebuffer_gb)}}
+        if self.vfs is not None:
+            counters[VFS] = {"value": str(self.vfs)}
+        return {"name": self.name, "counters": counters}
 
 
 class NodeOffer(NamedTuple):
@@ -127,13 +141,39 @@ def _model_name(gpu) -> str:
     return entry.name if entry else str(gpu.device_id)
 
 
-def gpu_devices(offer: GPUOffer) -> tuple[list[DeviceSpec], CounterSetSpec | None]:
-    """The devices (and counter set) of one GPU's checked offer."""
+def mixed_size_count(type_gb: float, maximum: int, gpu_gb: float | None, arch: str) -> int:
+    """How many vGPUs of a type fit in mixed-size mode: its placements (module doc)."""
+    if type_gb < 1 or maximum < 1:
+        return 0  # placementSize = whole GB: a 512 MB type has no placement
+    count = 1 << (maximum.bit_length() - 1)
+    if type_gb == 1 and gpu_gb == 48:
+        count -= 2 if arch == "Ampere" else 16  # the deny lists of 1 GB placements on 48 GB boards
+    return max(count, 0)
+
+
+def gpu_devices(offer: GPUOffer) -> tuple[list[DeviceSpec], CounterSetSpec | None, list[str]]:
+    """The devices (and counter set) of one GPU's checked offer, and notes on counts cut down."""
+    from vgpu_dm import catalog
+
     gpu = offer.gpu
     model = _model_name(gpu)[:64]
+    entry = catalog.for_device(gpu.device_id)
+    arch = entry.arch if entry else ""
+    uses_vf = offer.mixed and bool(gpu.vfs)
     devices = []
+    notes = []
     for otype in offer.types:
-        for n in range(otype.count):
+        count = otype.count
+        if offer.mixed:
+            maximum = catalog.max_instances(otype.name, gpu.device_id) or otype.count
+            fits = mixed_size_count(otype.framebuffer_gb, maximum, offer.framebuffer_gb, arch)
+            if fits < count:
+                notes.append(
+                    f"{gpu.describe()}: offers {fits} x {otype.name}, not {count}: in mixed-size mode the "
+                    f"driver places each vGPU at fixed positions, which hold at most {fits} of them"
+                )
+                count = fits
+        for n in range(count):
             attrs = {
                 "type": {"string": otype.name},
                 "series": {"string": otype.name[-1]},
@@ -156,6 +196,7 @@ def gpu_devices(offer: GPUOffer) -> tuple[list[DeviceSpec], CounterSetSpec | Non
                     otype.framebuffer_gb,
                     offer.mixed,
                     attrs,
+                    uses_vf,
                 )
             )
     counters = None
@@ -167,8 +208,10 @@ def gpu_devices(offer: GPUOffer) -> tuple[list[DeviceSpec], CounterSetSpec | Non
                     f"cannot be shared out through a counter set"
                 ]
             )
-        counters = CounterSetSpec(gpu.address, gpu.index, offer.framebuffer_gb)
-    return devices, counters
+        counters = CounterSetSpec(
+            gpu.address, gpu.index, offer.framebuffer_gb, len(gpu.vfs) if uses_vf else None
+        )
+    return devices, counters, notes
 
 
 def build_offer(
@@ -192,7 +235,8 @@ def build_offer(
             continue
         try:
             offer = check_offer(gpu, entry, inventory)
-            found, counter_set = gpu_devices(offer)
+            found, counter_set, notes = gpu_devices(offer)
+            problems.extend(notes)
         except PlanError as exc:
             problems.extend(exc.problems)
             continue

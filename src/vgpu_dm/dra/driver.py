@@ -89,6 +89,7 @@ class Driver:
         self.config_name = ""
         self.on_republish: Callable[[], None] = lambda: None  # wakes the publisher loop
         self._frozen_said: dict[str, tuple] = {}  # GPU → the held-back devices last logged
+        self._said_problems: tuple[str, ...] = ()
         self.stop: threading.Event | None = None  # set at SIGTERM: ends the publisher's host-lock waits
 
     # -- turns, time and locks --------------------------------------------------------------------------
@@ -230,9 +231,11 @@ class Driver:
                     left = {a: t for a, t in record.gpus.items() if a in held}
                     if left != record.gpus:
                         write_dra_owned(self.host, DraOwnership(self.s.driver, self.s.node, left))
+            if offer.problems != self._said_problems:  # said once per change, not at every resync
+                self._said_problems = offer.problems
+                for problem in offer.problems:
+                    _log.warning(problem)
             self.problems = offer.problems + result.problems
-            for problem in offer.problems:
-                _log.warning(problem)
             return result
 
     def _refusals(self, inventory: Inventory, owned: DraOwnership) -> dict[str, str]:
@@ -334,10 +337,17 @@ class Driver:
         for gpu, kept in frozen.items():
             devices.extend(kept)
             if any(d.mixed for d in kept):
-                fb = next((c.framebuffer_gb for c in offer.counter_sets if c.gpu == gpu), None)
-                old = next((d for d in kept if d.mixed), kept[0])
+                # The GPU's own counters (the new offer has them unless the GPU left the config).
+                same = next((c for c in offer.counter_sets if c.gpu == gpu), None)
+                old = next(d for d in kept if d.mixed)
                 counter_sets.append(
-                    CounterSetSpec(gpu, old.gpu_index, fb or sum(d.framebuffer_gb for d in kept))
+                    same
+                    or CounterSetSpec(
+                        gpu,
+                        old.gpu_index,
+                        sum(d.framebuffer_gb for d in kept),
+                        sum(d.uses_vf for d in kept) or None,
+                    )
                 )
         devices.sort(key=lambda d: (d.gpu_index, d.name))
         return offer._replace(devices=tuple(devices), counter_sets=tuple(counter_sets))

@@ -65,6 +65,10 @@ def gpu_room(gpu: SimGPU, vtype: SimType, placed: list[SimType]) -> int:
         return mig.room(gpu, vtype) if vtype.mig_backed else 0
     if vtype.mig_backed:
         return 0  # no GPU instances without MIG mode
+    if gpu.mixed_enabled and gpu.mixed_rule == "placements":
+        from vgpu_dm.sim import placements
+
+        return placements.room(gpu, vtype)
     if gpu.mixed_enabled:
         # Mixed sizes: each type up to its own max, all of them within the framebuffer.
         same = sum(1 for t in placed if t.type_id == vtype.type_id)
@@ -142,6 +146,13 @@ def mdev_create(base: Path, state: SimState, parent: str, type_id: int, data: st
         try:
             mig.place(gpu, vtype, uuid)
         except mig.MigError as exc:
+            raise _fail(NO_ROOM, path, str(exc)) from None
+    elif gpu.mixed_enabled and gpu.mixed_rule == "placements":
+        from vgpu_dm.sim import placements
+
+        try:
+            placements.place(gpu, vtype, uuid)
+        except ValueError as exc:
             raise _fail(NO_ROOM, path, str(exc)) from None
     pdir = base / PCI_DIR / parent
     ddir = pdir / uuid
@@ -229,5 +240,8 @@ def mdev_remove(
             from vgpu_dm.sim import mig
 
             mig.release(gpu, uuid)
+            state.save(base)
+        if uuid in gpu.placements:
+            del gpu.placements[uuid]
             state.save(base)
         refresh_gpu(base, gpu)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.root import SIM_MARKER
 from vgpu_dm.sim.files import DRIVER_LOCK, STATE_FILE
+from vgpu_dm.sim.placements import deny_list
 
 if TYPE_CHECKING:
     from vgpu_dm import catalog
@@ -50,6 +51,11 @@ class SimGPU:
     framebuffer_gb: int = 0
     mixed_capable: bool = False
     mixed_enabled: bool = False
+    # Mixed-size mode: "framebuffer" or "placements" (the mixed_size_rule option, sim/placements.py),
+    # the placement IDs 1 GB types may not use, and vGPU (mdev UUID or VF) → [placement ID, slots].
+    mixed_rule: str = "framebuffer"
+    placement_deny: list[int] = field(default_factory=list)
+    placements: dict[str, list[int]] = field(default_factory=dict)
     # MIG (see sim/mig.py): instance profile → max count; empty = not MIG-capable in the simulator.
     mig_profiles: dict[str, int] = field(default_factory=dict)
     mig_mode: bool = False  # current MIG mode
@@ -88,6 +94,11 @@ DEFAULT_OPTIONS = {
     # lspci, reference/host-interfaces.md 3.2), so both are modelled: "fail" = an error exit, "noop" =
     # exit 0 having made no VFs.
     "sriov_manage_without_sysfs": "fail",
+    # Which vGPUs fit side by side in mixed-size (heterogeneous) mode. "placements": NVIDIA's resource
+    # manager places each at fixed slots (read in its open kernel module source, sim/placements.py; not
+    # observed on hardware); "framebuffer": each type up to its maximum, all within the framebuffer
+    # (the simpler guess). Which one a given driver release follows is unconfirmed.
+    "mixed_size_rule": "framebuffer",
 }
 
 
@@ -248,6 +259,9 @@ def create_host(
         if key not in DEFAULT_OPTIONS:
             raise ValueError(f"unknown simulator option {key!r}")
         state.options[key] = value
+    if state.options["mixed_size_rule"] not in ("framebuffer", "placements"):
+        rule = state.options["mixed_size_rule"]
+        raise ValueError(f"mixed_size_rule must be framebuffer or placements, not {rule!r}")
     domain = f"{pci_domain:04x}"
     group = 10
     for i, entry in enumerate(entries):
@@ -281,6 +295,8 @@ def create_host(
             # NVIDIA states mixed sizes for Volta and later (a V100 on driver 580 ran 1Q + 2Q);
             # --no-mixed-size models GPUs whose nvidia-smi says "Not Supported" (P40, H100 NVL captures).
             mixed_capable=mixed_size and entry.arch not in ("Maxwell", "Pascal"),
+            mixed_rule=state.options["mixed_size_rule"],
+            placement_deny=deny_list(entry.arch, entry.framebuffer_gb),
             vf_driver=vf_driver,
             # MIG is simulated on Ampere and Hopper, whose instance profiles the catalog knows.
             mig_profiles=dict(entry.mig_gi_profiles) if entry.arch in ("Ampere", "Hopper") else {},

@@ -59,6 +59,7 @@ def reboot(root: str | os.PathLike[str]) -> list[str]:
             lost.append(f"{instances} GPU instance(s)")
         gpu.gpu_instances, gpu.mig_hosts, gpu.mig_types = [], {}, {}
         gpu.mixed_enabled = False
+        gpu.placements = {}
         if gpu.mig_pending is not None:
             gpu.mig_mode, gpu.mig_pending = gpu.mig_pending, None
         if gpu.mig_mode and state.options["mig_after_reboot"] == "lose":

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from vgpu_dm.sim import mig
+from vgpu_dm.sim import mig, placements
 from vgpu_dm.sim.driver import PCI_DIR, _fail, type_by_id
 from vgpu_dm.sim.layout import SimGPU, SimState, SimType, enable_vfs
 
@@ -33,7 +33,7 @@ def creatable(gpu: SimGPU, placed: list[SimType]) -> list[SimType]:
     """Types a free VF offers next to ``placed``."""
     from vgpu_dm.sim.driver import gpu_room
 
-    if not gpu.mixed_enabled or gpu.mig_mode:
+    if not gpu.mixed_enabled or gpu.mig_mode or gpu.mixed_rule == "placements":
         return [t for t in gpu.types if gpu_room(gpu, t, placed) > 0]
     used = sum(t.framebuffer_gb or 0.5 for t in placed)
     return [
@@ -92,8 +92,11 @@ def set_vgpu_type(base: Path, state: SimState, vf: str, data: str, path: str) ->
             raise _fail(errno.EINVAL, path, f"type {type_id} is not creatable on {vf} now")
         if vtype.mig_backed:
             mig.place(gpu, vtype, vf)
+        elif gpu.mixed_enabled and gpu.mixed_rule == "placements":
+            placements.place(gpu, vtype, vf)
     if type_id == 0:
         mig.release(gpu, vf)
+        placements.release(gpu, vf)
     (base / PCI_DIR / vf / "nvidia/current_vgpu_type").write_text(f"{type_id}\n")
     state.save(base)
     refresh_vfio(base, gpu)
@@ -129,6 +132,7 @@ def disable_vfs(base: Path, gpu: SimGPU) -> None:
     (pf_dir / "sriov_numvfs").write_text("0\n")
     gpu.mixed_enabled = False
     gpu.gpu_instances, gpu.mig_hosts, gpu.mig_types = [], {}, {}
+    gpu.placements = {}
 
 
 def _result(argv: list[str], code: int, out: str = "", err: str = "") -> subprocess.CompletedProcess[str]:
