@@ -122,3 +122,68 @@ def test_placements_can_fragment_and_a_prepare_then_fails_cleanly(apiserver, mak
     K.release(apiserver, k8s_namespace, "b", "vm-b")
     retry = kubelet.prepare(K.identity(claims["e"])).claims[claims["e"]["metadata"]["uid"]]
     assert retry.error == "" and vgpus(node) == 4
+
+
+def test_a_refusal_of_the_counter_layouts_is_not_taken_for_a_gate_that_is_off(apiserver, make):
+    """An admission policy refuses this node's slices with counters (HTTP 422, as for any invalid
+    slice): the mixed-size GPU is held back with the server's reason — not 'partitionable devices are
+    off' — and offered as soon as the policy goes."""
+    import json
+    import time
+
+    name = f"no-counters-{uuid.uuid4().hex[:8]}"
+    node = make(("T4", "L40S"), "two-kinds", start=False)
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["resource.k8s.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["resourceslices"],
+                    }
+                ]
+            },
+            "matchConditions": [
+                {"name": "this-node", "expression": f'object.spec.nodeName == "{node.name}"'}
+            ],
+            "validations": [
+                {
+                    "expression": "!has(object.spec.sharedCounters) && !(has(object.spec.devices) && "
+                    "object.spec.devices.exists(d, has(d.consumesCounters)))",
+                    "message": "counters are not allowed here",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    }
+    base = "/apis/admissionregistration.k8s.io/v1"
+    for kind, body in (
+        ("validatingadmissionpolicies", policy),
+        ("validatingadmissionpolicybindings", binding),
+    ):
+        status, text = apiserver.request("POST", f"{base}/{kind}", body=json.dumps(body).encode())
+        assert status == 201, text
+    try:
+        time.sleep(2)  # the API server's policy cache
+        node.start()
+        devices = published(apiserver, node, 4)
+        assert sorted(devices) == [f"gpu0-t4-4q-{n}" for n in range(4)]
+        wait_for(lambda: "counters are not allowed here" in node.tail(200), what="the refusal reported")
+        assert "DRAPartitionableDevices" not in node.log.read_text()
+    finally:
+        for kind in ("validatingadmissionpolicybindings", "validatingadmissionpolicies"):
+            apiserver.request("DELETE", f"{base}/{kind}/{name}")
+    # Tried again at every publish: offered once the server takes the counters.
+    devices = published(apiserver, node, 10)
+    assert sum(1 for d in devices if d.startswith("gpu1-l40s-")) == 6

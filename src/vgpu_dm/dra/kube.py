@@ -20,6 +20,7 @@ from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
 
 from vgpu_dm import log
 from vgpu_dm.dra.allocations import Allocations
+from vgpu_dm.dra.slices import SliceInvalid
 from vgpu_dm.kubeapi import ListWatch, WatchStreams, call_with_retries, describe, status_code
 from vgpu_dm.nodeconfig import load_kubeconfig
 
@@ -102,10 +103,16 @@ class DraApi:
         return self.call("list ResourceSlices", once)
 
     def put_slice(
-        self, name: str, spec: dict[str, Any], annotations: dict[str, str], existing: dict[str, Any] | None
-    ) -> dict[str, Any] | None:
-        """Create or replace the slice ``name``; returns it as stored, or None if the server finds it
-        invalid (422: e.g. a layout this Kubernetes version does not accept)."""
+        self,
+        name: str,
+        spec: dict[str, Any],
+        annotations: dict[str, str],
+        existing: dict[str, Any] | None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Create or replace the slice ``name``; returns it as stored (with ``dry_run``: as it would be
+        stored, nothing written). Raises SliceInvalid when the server refuses it (422: e.g. a layout this
+        Kubernetes version does not accept, or an admission policy)."""
         if self.node_uid is None:
             self.node_labels()
         body = {
@@ -133,15 +140,14 @@ class DraApi:
 
         def once() -> dict[str, Any]:
             if existing is None:
-                return self.client.create(obj).to_dict()
-            return self.client.replace(obj).to_dict()
+                return self.client.create(obj, dry_run=dry_run).to_dict()
+            return self.client.replace(obj, dry_run=dry_run).to_dict()
 
         try:
-            return self.call(f"write ResourceSlice {name}", once)
+            return self.call(f"{'dry-run ' if dry_run else ''}write ResourceSlice {name}", once)
         except ApiError as exc:
             if status_code(exc) == 422:
-                _log.warning(f"ResourceSlice {name}: {describe(exc)}")
-                return None
+                raise SliceInvalid(describe(exc)) from None
             raise
 
     def delete_slice(self, name: str) -> None:

@@ -5,15 +5,20 @@ server drops (a feature gate off) detected and reported rather than published wr
 
 Counter sets (mixed-size GPUs, KEP-4815 partitionable devices) have two layouts: Kubernetes 1.34 keeps
 them in the slice of the devices that consume them ("combined"); 1.35+ wants them in slices of their own
-in the same pool ("split") and rejects the combined form. Which one a server takes is found out by
-publishing: split first; if the server rejects it or drops the counters, combined; if that fails too,
-partitionable devices are off and the mixed-size GPUs are withdrawn with a reported problem.
+in the same pool ("split") and rejects the combined form. Which one a server takes is found out with
+dry runs (``dryRun=All``: the server validates and returns the object as it would store it, and stores
+nothing), so devices whose counters the server would drop are never published, not even briefly:
+split first, then combined. If the server drops the counters of both, partitionable devices are off
+(a feature gate): the mixed-size GPUs are withdrawn with a reported problem, and the layouts are tried
+again every ``REPROBE`` seconds. If it refuses them (422) for another reason, that reason is reported
+and nothing is concluded about the gate.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any, NamedTuple
 
 from vgpu_dm import log
@@ -27,6 +32,7 @@ MAX_DEVICES_WITH_COUNTERS = 64  # when any device of the slice consumes counters
 MAX_COUNTER_SETS = 8
 SPLIT, COMBINED, PLAIN = "split", "combined", "plain"
 FINGERPRINT = "vgpu.nvidia.com/slice-content"  # annotation: hash of what this generation publishes
+REPROBE = 600.0  # seconds before the counter layouts are tried again once the server dropped them
 
 
 def _chunks(devices: list[DeviceSpec]) -> list[list[DeviceSpec]]:
@@ -130,6 +136,10 @@ class Rejected(Exception):
     """The server refused or mangled a layout: try the next one."""
 
 
+class SliceInvalid(Exception):
+    """The API server refused a slice as invalid (HTTP 422); the message is the server's."""
+
+
 class SlicePublisher:
     """Publishes one node's pool. ``api`` is a DraApi; the counter-set layout found to work is kept."""
 
@@ -140,6 +150,8 @@ class SlicePublisher:
         self.pool = node
         self.mode: str | None = None  # the counter layout this server takes, once known (PLAIN: none)
         self.why = ""  # why no counter layout was kept
+        self._reprobe_at = 0.0  # with PLAIN: when to try the counter layouts again
+        self._refused_said = ""
 
     def slice_name(self, index: int) -> str:
         return f"{self.node}-{self.driver.split('.')[0]}-{index}"
@@ -166,36 +178,82 @@ class SlicePublisher:
         return newest_found, every
 
     def publish(self, offer: NodeOffer) -> Published:
-        mixed = bool(offer.counter_sets)
-        modes = [PLAIN] if not mixed else ([self.mode] if self.mode else [SPLIT, COMBINED])
-        why: list[str] = []
-        if mixed and self.mode == PLAIN:
-            modes, why = [], [self.why]  # found out before: not tried again until the driver restarts
-        for mode in modes:
+        if not offer.counter_sets:
+            return self._publish(offer, PLAIN)
+        if self.mode in (SPLIT, COMBINED):
             try:
-                result = self._publish(offer, mode)
+                return self._publish(offer, self.mode)
             except Rejected as exc:
-                why.append(f"{mode} layout: {exc}")
-                _log.warning(f"ResourceSlices, {mode} layout of counter sets not accepted: {exc}")
+                # Dry runs approved it: the server changed under us (restarted with other gates?).
+                _log.warning(f"ResourceSlices, {self.mode} layout no longer accepted: {exc}")
+                self.mode = None
+                result = self._without_counters(offer, f"{exc}", gate=False)
+                _log.error(result.problems[-1])
+                return result
+        if self.mode == PLAIN and time.monotonic() < self._reprobe_at:
+            return self._without_counters(offer, self.why, gate=True)
+        why: list[str] = []
+        dropped = False
+        for mode in (SPLIT, COMBINED):
+            try:
+                self._dry_run(offer, mode)
+            except Rejected as exc:
+                dropped = dropped or exc.args[1]
+                why.append(f"{mode} layout: {exc.args[0]}")
                 continue
-            if mixed:
-                self.mode = mode
+            self.mode = mode
+            return self._publish(offer, mode)
+        if dropped:
+            # The fields are dropped, not refused: partitionable devices are off on this cluster.
+            first = self.mode != PLAIN
+            self.mode, self.why = PLAIN, "; ".join(why)
+            self._reprobe_at = time.monotonic() + REPROBE
+            result = self._without_counters(offer, self.why, gate=True)
+            if first:
+                _log.error(result.problems[-1])
             return result
-        # No layout keeps the counters: partitionable devices are off on this cluster. Publishing the
-        # mixed-size GPUs' devices without their counters would let the scheduler overfill them.
-        first = self.mode != PLAIN
-        self.mode, self.why = PLAIN, "; ".join(why)
+        self.mode = None
+        result = self._without_counters(offer, "; ".join(why), gate=False)
+        if result.problems[-1] != self._refused_said:  # said once per change; tried at every publish
+            self._refused_said = result.problems[-1]
+            _log.error(self._refused_said)
+        return result
+
+    def _without_counters(self, offer: NodeOffer, why: str, gate: bool) -> Published:
+        """Publish the GPUs without counters alone; a problem names the mixed-size GPUs left out."""
         gpus = sorted({f"GPU {c.gpu_index} ({c.gpu})" for c in offer.counter_sets})
-        problem = (
-            f"{', '.join(gpus)} not offered: they mix framebuffer sizes, which needs partitionable devices "
-            f"(feature gate DRAPartitionableDevices, on by default from Kubernetes 1.36, in the API server "
-            f"and the scheduler), and the API server did not keep their counters ({'; '.join(why)})"
-        )
-        if first:
-            _log.error(problem)
+        if gate:
+            problem = (
+                f"{', '.join(gpus)} not offered: they mix framebuffer sizes, which needs partitionable "
+                f"devices (feature gate DRAPartitionableDevices, on by default from Kubernetes 1.36, in the "
+                f"API server and the scheduler), and the API server did not keep their counters ({why})"
+            )
+        else:
+            problem = (
+                f"{', '.join(gpus)} not offered for now: the API server refused their ResourceSlices ({why})"
+            )
         plain = NodeOffer(tuple(d for d in offer.devices if not d.mixed), (), offer.problems)
         result = self._publish(plain, PLAIN)
         return result._replace(problems=(*result.problems, problem))
+
+    def _dry_run(self, offer: NodeOffer, mode: str) -> None:
+        """Raise Rejected(why, dropped) unless the server would store every slice of ``mode`` as sent."""
+        specs, _ = layout(offer, mode)
+        for i, body in enumerate(specs):
+            spec = {
+                "driver": self.driver,
+                "pool": {"name": self.pool, "generation": 1, "resourceSliceCount": len(specs)},
+                "nodeName": self.node,
+                **body,
+            }
+            try:
+                stored = self.api.put_slice(f"{self.slice_name(i)}-probe", spec, {}, None, dry_run=True)
+            except SliceInvalid as exc:
+                raise Rejected(f"the API server refused it: {exc}", False) from None
+            lost = missing_fields(body, stored.get("spec") or {})
+            if lost:
+                more = " …" if len(lost) > 4 else ""
+                raise Rejected(f"the API server would drop {', '.join(lost[:4])}{more}", True)
 
     def _publish(self, offer: NodeOffer, mode: str) -> Published:
         specs, problems = layout(offer, mode)
@@ -221,9 +279,12 @@ class SlicePublisher:
                 "nodeName": self.node,
                 **body,
             }
-            stored = self.api.put_slice(name, spec, {FINGERPRINT: digest}, existing.get(name))
-            if stored is None:
-                raise Rejected("the API server refused the slice (invalid)")
+            try:
+                stored = self.api.put_slice(name, spec, {FINGERPRINT: digest}, existing.get(name))
+            except SliceInvalid as exc:
+                if mode == PLAIN:
+                    raise  # nothing to do with counters: the caller reports it
+                raise Rejected(f"the API server refused it: {exc}") from None
             lost = missing_fields(body, stored.get("spec") or {})
             if lost:
                 raise Rejected(
