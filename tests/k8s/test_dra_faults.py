@@ -364,3 +364,30 @@ def test_files_left_by_a_prepare_killed_before_its_checkpoint_are_removed_at_sta
     assert not (node.plugin_dir / "dra-device-metadata" / f"{k8s_namespace}_ghost").exists()
     assert sorted(p.name for p in node.cdi.iterdir()) == sorted([*kept, "other.example.com_gpu.json"])
     assert K.kubevirt_read_metadata(node, "c1", "vgpu")["mdev"] == mdevs(node)[0]
+
+
+def test_the_plugin_answers_a_request_made_of_bytes_built_by_hand(apiserver, node, k8s_namespace):
+    """The kubelet's side without our generated messages: the request encoded by hand from Kubernetes'
+    field numbers, sent as raw bytes over the DRA socket, the answer decoded by hand."""
+    from tests.unit.test_dra_wire import claim as wire_claim
+    from tests.unit.test_dra_wire import field, parse, strings
+
+    node.start()
+    published(apiserver, node, 16)
+    claim = allocate(apiserver, node, k8s_namespace)
+    uid = claim["metadata"]["uid"]
+    endpoint = node.kubelet().endpoint
+    request = field(1, wire_claim(k8s_namespace, uid, "c1"))
+    with grpc.insecure_channel(f"unix://{endpoint}") as channel:
+        raw = channel.unary_unary("/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources")(
+            request, timeout=45
+        )
+    ((number, entry),) = parse(raw)
+    pair = parse(entry)
+    assert number == 1 and strings(pair, 1) == [uid]
+    response = parse(next(v for n, v in pair if n == 2))
+    assert strings(response, 2) in ([], [""])  # no error
+    (device,) = [parse(v) for n, v in response if n == 1]
+    assert strings(device, 1) == ["vgpu"] and strings(device, 2) == [node.name]
+    assert strings(device, 3)[0].startswith("gpu") and len(strings(device, 4)) == 2
+    assert len(mdevs(node)) == 1
