@@ -6,6 +6,8 @@ config allows; a ResourceClaim with a CEL selector is allocated by the scheduler
 here by the tests' fake kubelet, over the driver's real Unix sockets) prepares it, which creates the
 vGPU in the simulated sysfs and writes the CDI spec and the device metadata KubeVirt reads; the pod
 goes away, the claim is unprepared and the vGPU removed.
+
+KEEP=1 keeps the demo's directory (simulated host, driver log, CDI specs) and says where it is.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.k8s import drakit as K  # noqa: E402
-from tests.k8s.envtest import APIServer, Scheduler  # noqa: E402
+from tests.k8s.envtest import APIServer, EnvtestError, Scheduler  # noqa: E402
 
 
 def step(text: str) -> None:
@@ -37,9 +39,12 @@ def main() -> int:
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if not assets:
         print(
-            "KUBEBUILDER_ASSETS is unset: run `make dra-demo` (it unpacks ../shared/envtest)", file=sys.stderr
+            "KUBEBUILDER_ASSETS is unset: run `make dra-demo` (it unpacks ../shared/envtest), or point "
+            "KUBEBUILDER_ASSETS at a directory with kube-apiserver, etcd and kube-scheduler",
+            file=sys.stderr,
         )
         return 1
+    keep = bool(os.environ.get("KEEP"))
     work = Path(tempfile.mkdtemp(prefix="vgpu-dra-demo-"))
     server = APIServer(assets)
     scheduler = None
@@ -47,7 +52,16 @@ def main() -> int:
     try:
         step("a real etcd + kube-apiserver + kube-scheduler (v1.36)")
         server.setup()
-        scheduler = Scheduler(server)
+        try:
+            scheduler = Scheduler(server)
+        except EnvtestError as exc:
+            print(
+                f"{exc}: the DRA demo needs a kube-scheduler beside kube-apiserver and etcd "
+                f"(setup-envtest's assets have none: add the kube-scheduler binary of the same Kubernetes "
+                f"version, from its server release, to that directory)",
+                file=sys.stderr,
+            )
+            return 1
         scheduler.start()
         print(f"API server at {server.url}")
         name = "gpu-node-1"
@@ -104,8 +118,11 @@ def main() -> int:
             "\n".join(os.listdir(node.sim / "sys/bus/mdev/devices")) or "(empty)",
         )
         print(f"CDI specs left: {sorted(p.name for p in node.cdi.glob('*.json')) or 'none'}")
-        print(f"\ndriver log: {node.log} (kept until the demo ends)")
         print("\nthe driver's last log lines:\n" + node.tail(8))
+        if keep:
+            print(f"\nkept (KEEP=1): the simulated host {node.sim}, the driver log {node.log}")
+        else:
+            print("\n(KEEP=1 make dra-demo keeps the simulated host and the driver's whole log)")
         return 0
     finally:
         if node is not None:
@@ -113,7 +130,8 @@ def main() -> int:
         if scheduler is not None:
             scheduler.stop()
         server.teardown()
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
