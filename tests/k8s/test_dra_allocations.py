@@ -231,3 +231,18 @@ def test_an_admin_access_allocation_creates_no_vgpu(apiserver, node, k8s_namespa
     assert "allocated with admin access, which a vGPU does not support" in error
     assert not list((node.sim / "sys/bus/mdev/devices").iterdir())
     assert not (node.plugin_dir / "checkpoint.json").exists() or node.checkpoint["claims"] == {}
+
+
+def test_a_restart_after_a_relabel_follows_the_new_label_without_waiting_for_a_resync(apiserver, node):
+    """Relabelled while the driver was down: at start it does not know yet what is allocated, so the
+    first publish keeps the old devices; the claim watch's first list must wake the publisher at once,
+    not at the next resync (30 s here)."""
+    node.extra_args = ("--resync-interval", "30")
+    node.start()
+    published(apiserver, node, 16)
+    node.stop()
+    K.set_label(apiserver, node.name, "T4-4Q")
+    node.start()
+    began = time.monotonic()
+    published(apiserver, node, 8, timeout=20)
+    assert time.monotonic() - began < 15
