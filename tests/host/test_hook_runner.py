@@ -273,3 +273,18 @@ def test_under_a_host_root_hooks_get_the_config_file_as_the_host_sees_it(tmp_pat
     # On a host root of "/", the path is this machine's own.
     told = HookSession(hooks, HostRoot("/"), str(outside), "x").environment("apply-start", hook, {})
     assert told["VGPU_DM_CONFIG_FILE"] == str(outside)
+
+
+def test_a_silent_long_hook_is_reported_while_it_runs(tmp_path, logged, monkeypatch):
+    """Issue 18.13: a wait says how it is going at least every 5 s (0.2 s here), hooks included."""
+    from vgpu_dm import waiting
+
+    assert waiting.PROGRESS_EVERY == 5.0
+    monkeypatch.setattr(waiting, "PROGRESS_EVERY", 0.2)
+    s = session(tmp_path, "  pre-change:\n    - command: /bin/sleep\n      args: [1]\n      timeout: 30\n")
+    s.before_change([GPU0])
+    said = [line.split("msg=", 1)[1] for line in logged.getvalue().splitlines()]
+    waits = [x for x in said if "still waiting for hook pre-change" in x]
+    assert len(waits) >= 3, said
+    assert f"({tmp_path}/hooks.yaml:4)" in waits[0] and "it is killed after 30 s" in waits[0]
+    assert said[-1].startswith('"hook pre-change: done (exit 0')

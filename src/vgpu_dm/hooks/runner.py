@@ -30,6 +30,7 @@ from vgpu_dm.errors import ApplyError, ApplyInterrupted
 from vgpu_dm.hooks.spec import APPLY_EXIT, APPLY_START, POST_CHANGE, PRE_CHANGE, Hook, HooksFile
 from vgpu_dm.host.pci import GPU
 from vgpu_dm.host.root import HostRoot, WorkdirError
+from vgpu_dm.waiting import Progress
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SUCCESS, UNCHANGED, FAILED, INTERRUPTED = "success", "unchanged", "failed", "interrupted"
@@ -151,6 +152,14 @@ class HookSession:
         reader.start()
         deadline = started + hook.timeout
         stopped = timed_out = False
+        # A hook may run for minutes without a word (its timeout defaults to 300 s): say how the
+        # wait is going, as every other long wait does (waiting.PROGRESS_EVERY).
+        progress = Progress(
+            lambda waited: _log.info(
+                f"still waiting for {label} ({hook.where}) after {waited:.0f} s "
+                f"(it is killed after {hook.timeout:g} s)"
+            )
+        )
         while proc.poll() is None:
             if stoppable and self.stop is not None and self.stop.is_set():
                 stopped = True
@@ -160,6 +169,7 @@ class HookSession:
                 break
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(POLL)
+            progress.tick()
         if stopped or timed_out:
             _kill_group(proc)
         reader.join(2.0)
