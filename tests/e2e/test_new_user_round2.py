@@ -651,20 +651,7 @@ def test_pyproject_license_is_an_spdx_string_and_setuptools_accepts_it():
     assert requirement == "setuptools>=77.0.3"
 
 
-# -- examples/config-t4.yaml on a host that also has other GPUs -----------------------------------
-def test_every_example_t4_config_touches_only_the_t4s(cli, sim_host):
-    from tests.simstate import layouts
-    from vgpu_dm.spec.loader import load_spec_file
-
-    root = sim_host("T4", "L40S", "T4")
-    names = list(load_spec_file(T4_CONFIG).configs)
-    assert all(e.device_filter for n in names for e in load_spec_file(T4_CONFIG).configs[n])
-    for name in names:
-        result = cli("apply", "--sim", str(root), "-f", T4_CONFIG, "-c", name)
-        assert result.code == 0, (name, result.err)
-        assert layouts(root)[1] == {}, name  # the L40S is left alone (its VFs stay off)
-        assert cli("assert", "--sim", str(root), "-f", T4_CONFIG, "-c", name).code == 0
-    assert not any("0000:5e:00.0" in w for w in writes(root))
+# -- examples/ on a host that also has other GPUs: tests/e2e/test_examples.py --------------------
 
 
 # -- layering: the host layer never knows the simulator ---------------------------------------------
