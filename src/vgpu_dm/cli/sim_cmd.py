@@ -48,7 +48,8 @@ def _latency_options(func):
         click.option(
             "--serial-writes/--parallel-writes",
             default=None,
-            help="Whether a slow write blocks writes to other GPUs (default: parallel, they overlap).",
+            help="Whether a slow write's latency blocks writes to other GPUs (default: parallel, they "
+            "overlap). A remove that waits for a VM is --held-remove-blocks of 'sim create'.",
         ),
     ]
     for option in reversed(options):
@@ -161,6 +162,15 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     "framebuffer, or at fixed placements as NVIDIA's resource manager source places them (fewer, and "
     "they can fragment). Which one a driver release follows is unconfirmed.",
 )
+@click.option(
+    "--held-remove-blocks",
+    type=click.Choice(["device", "host"]),
+    default="device",
+    show_default=True,
+    help="While a remove of an mdev waits for the VM holding it (--force): device = only that remove "
+    "waits, as the kernel's own code does; host = the driver keeps a host-wide lock across the wait, so "
+    "every other create and remove waits too (whether NVIDIA's driver does is unknown).",
+)
 @_latency_options
 def create_cmd(
     directory: str,
@@ -175,6 +185,7 @@ def create_cmd(
     driver: str,
     sriov_manage_without_sysfs: str,
     mixed_size_rule: str,
+    held_remove_blocks: str,
     write_latency_ms: float | None,
     create_latency_ms: float | None,
     remove_latency_ms: float | None,
@@ -202,6 +213,7 @@ def create_cmd(
                 "mdevctl_on_vfs": mdevctl_on_vfs,
                 "sriov_manage_without_sysfs": sriov_manage_without_sysfs,
                 "mixed_size_rule": mixed_size_rule,
+                "held_remove_blocks": held_remove_blocks,
             },
             driver_root=DRIVER_CONTAINER_ROOT if driver == "container" else "",
         )
@@ -474,6 +486,9 @@ def release_cmd(directory: str, pid: int) -> None:
         release_holder(Path(directory), pid)
     except LookupError as exc:
         raise click.UsageError(str(exc)) from None
+    from vgpu_dm.sim.host import SimHostRoot
+
+    SimHostRoot(directory).finish_released_removes()  # a remove that waited for it can complete
     click.echo(f"pid {pid} released")
 
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from vgpu_dm.host.model import UUID_PATTERN
 from vgpu_dm.sim.layout import SimGPU, SimState, SimType, add_vfio_nodes
@@ -43,7 +44,7 @@ def mdev_devices(base: Path, gpu: SimGPU) -> list[tuple[str, str, SimType]]:
         if not pdir.is_dir():
             continue
         for entry in sorted(os.listdir(pdir)):
-            if UUID_RE.fullmatch(entry):
+            if UUID_RE.fullmatch(entry) and os.path.islink(pdir / entry / "mdev_type"):
                 type_dir = os.path.basename(os.readlink(pdir / entry / "mdev_type"))
                 vtype = type_by_id(gpu, type_id_of_dir(type_dir))
                 if vtype:
@@ -95,9 +96,9 @@ def refresh_gpu(base: Path, gpu: SimGPU) -> None:
 
         refresh_vfio(base, gpu)
         return
-    devices = mdev_devices(base, gpu)
-    placed = [t for _, _, t in devices]
-    busy_parents = {p for p, _, _ in devices}
+    devices = [(p, t) for p, _, t in mdev_devices(base, gpu)] + removing_types(gpu)
+    placed = [t for _, t in devices]
+    busy_parents = {p for p, _ in devices}
     for parent in parents_of(gpu):
         types_dir = base / PCI_DIR / parent / "mdev_supported_types"
         for vtype in gpu.types:
@@ -182,25 +183,23 @@ def vfio_nodes(dev_dir: Path) -> list[str]:
 
 # How often a blocked remove looks whether the VM has let go (the kernel sleeps on a completion).
 RELEASE_POLL = 0.02
+# What /proc/<pid>/fd/<n> reads for a device node that was unlinked while the file is open
+# (fs/d_path.c appends it to the path of an unlinked dentry).
+DELETED = " (deleted)"
 
 
-class StillHeld(Exception):
-    """An mdev remove found its device held: the caller waits (outside its lock) and tries again."""
+class PendingRemove(NamedTuple):
+    """An mdev remove that waits for a VM: what begin_mdev_remove did not finish yet."""
 
-    def __init__(self, uuid: str, nodes: list[str]):
-        super().__init__(uuid)
-        self.nodes = nodes
+    uuid: str
+    gpu: str  # the GPU's address
+    nodes: list[str]  # the /proc fd targets that keep the wait going
+    host_wide: bool  # the simulated driver waits holding its host-wide lock (held_remove_blocks=host)
 
 
 def wait_released(base: Path, nodes: list[str]) -> None:
-    """Block while a process holds any of ``nodes``.
-
-    The kernel does not refuse to remove a held mdev: vfio_unregister_group_dev()
-    (drivers/vfio/vfio_main.c) waits until every user has closed the device ("Device is currently in
-    use, task ... blocked until device is released"), uninterruptibly after the first signal. The wait
-    is the device's own: mdev_device_remove() (drivers/vfio/mdev/mdev_core.c) holds only the parent's
-    unreg_sem, and only for reading, so removes and creates of other devices and other GPUs go on.
-    """
+    """Block while a process holds any of ``nodes`` (vfio_unregister_group_dev()'s wait for the
+    device's completion; uninterruptible after the first signal in the kernel)."""
     from vgpu_dm.sim.processes import holders_of
 
     while holders_of(base, nodes):
@@ -208,40 +207,138 @@ def wait_released(base: Path, nodes: list[str]) -> None:
 
 
 def mdev_remove(
-    base: Path, state: SimState, parent: str, uuid: str, data: str, path: str, wait: bool = True
-) -> None:
-    """Remove an mdev; a held one blocks until released, or (``wait=False``: the caller waits outside
-    the simulator's lock) raises StillHeld."""
+    base: Path, state: SimState, parent: str, uuid: str, data: str, path: str
+) -> PendingRemove | None:
+    """Write ``1`` to an mdev's ``remove``: the device is removed at once when no VM holds it;
+    otherwise it is taken out of sight as the kernel does before waiting, and the caller waits for the
+    returned PendingRemove (wait_released) and then calls finish_mdev_remove."""
+    pending = begin_mdev_remove(base, state, parent, uuid, data, path)
+    if pending is None:
+        return None
     from vgpu_dm.sim.processes import holders_of
 
-    if data.strip() != "1":
-        raise _fail(errno.EINVAL, path, "write 1 to remove")
+    if holders_of(base, pending.nodes):
+        return pending
+    finish_mdev_remove(base, state, pending.uuid)
+    return None
+
+
+def begin_mdev_remove(
+    base: Path, state: SimState, parent: str, uuid: str, data: str, path: str
+) -> PendingRemove | None:
+    """What the kernel does before it waits for a VM, in its order (Linux 6.6+):
+
+    1. remove_store() (drivers/vfio/mdev/mdev_sysfs.c) removes the ``remove`` attribute itself
+       (device_remove_file_self): a second remove cannot open it any more (ENOENT; one that had it
+       open gets ENODEV from kernfs), so a second remove never blocks.
+    2. mdev_device_remove() (drivers/vfio/mdev/mdev_core.c) marks the device inactive, then
+       mdev_device_remove_common() drops the ``mdev_type`` link and the type's ``devices/<uuid>``
+       link (mdev_remove_sysfs_files) and calls device_del(), whose bus_remove_device()
+       (drivers/base/bus.c) removes ``/sys/bus/mdev/devices/<uuid>`` and then releases the driver.
+    3. The vendor driver's remove calls vfio_unregister_group_dev() (drivers/vfio/vfio_main.c), which
+       first unregisters the device from its group (no new VFIO_GROUP_GET_DEVICE_FD) and deletes its
+       cdev (``vfio-dev/vfioN`` and ``/dev/vfio/devices/vfioN``; no new open there either), and only
+       then waits until every user has closed it. Kernels before the vfio cdev series did these two
+       after the wait, so a VM could still open the device while the remove waited.
+    4. After the wait: vfio_device_remove_group() (the IOMMU group and its node) and the end of
+       device_del() (the device's directory). The device's capacity is the vendor driver's to free
+       when its remove returns; the simulator frees it then (finish_mdev_remove).
+
+    The wait itself holds only the parent's unreg_sem for reading (mdev_device_remove), so removes
+    and creates of other devices and GPUs proceed. Returns None when ``remove`` was written 0.
+    """
+    try:
+        value = int(data.strip(), 0)  # kstrtoul(buf, 0, ...) in remove_store
+    except ValueError:
+        raise _fail(errno.EINVAL, path, "write 1 to remove") from None
+    if value == 0:
+        return None  # accepted, and nothing happens
+    gpu = state.gpu_of(parent)
     ddir = base / PCI_DIR / parent / uuid
     group = os.path.basename(os.readlink(ddir / "iommu_group"))
     nodes = vfio_nodes(ddir)
-    if wait:
-        wait_released(base, nodes)
-    elif holders_of(base, nodes):
-        raise StillHeld(uuid, nodes)
     type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
+    (ddir / "remove").unlink()
     (ddir / "mdev_type").unlink()
-    shutil.rmtree(ddir)
     for link in (
-        base / "sys/bus/mdev/devices" / uuid,
         base / PCI_DIR / parent / "mdev_supported_types" / type_dir / "devices" / uuid,
-        base / "dev/vfio" / group,
-        *(base / node.lstrip("/") for node in nodes[1:]),
+        base / "sys/bus/mdev/devices" / uuid,
     ):
         if os.path.lexists(link):
             link.unlink()
-    gpu = state.gpu_of(parent)
-    if gpu:
-        if uuid in gpu.mig_hosts:
-            from vgpu_dm.sim import mig
+    cdevs = nodes[1:]
+    if (ddir / "vfio-dev").is_dir():
+        shutil.rmtree(ddir / "vfio-dev")
+    for node in cdevs:
+        (base / node.lstrip("/")).unlink(missing_ok=True)
+    _mark_deleted(base, cdevs)
+    wait_for = [nodes[0], *(n + DELETED for n in cdevs)]
+    if gpu is not None:
+        info = {"parent": parent, "type_id": type_id_of_dir(type_dir), "group": group, "nodes": wait_for}
+        gpu.removing[uuid] = info
+        state.save(base)
+    host_wide = state.options.get("held_remove_blocks") == "host"
+    return PendingRemove(uuid, gpu.address if gpu else "", wait_for, host_wide)
 
-            mig.release(gpu, uuid)
-            state.save(base)
-        if uuid in gpu.placements:
-            del gpu.placements[uuid]
-            state.save(base)
-        refresh_gpu(base, gpu)
+
+def _mark_deleted(base: Path, nodes: list[str]) -> None:
+    """Open files of unlinked device nodes now read ``<path> (deleted)`` in /proc/<pid>/fd."""
+    if not nodes:
+        return
+    wanted = set(nodes)
+    proc = base / "proc"
+    for pid in os.listdir(proc) if proc.is_dir() else ():
+        fd_dir = proc / pid / "fd"
+        if not pid.isdigit() or not fd_dir.is_dir():
+            continue
+        for fd in os.listdir(fd_dir):
+            link = fd_dir / fd
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target in wanted:
+                link.unlink()
+                os.symlink(target + DELETED, link)
+
+
+def finish_mdev_remove(base: Path, state: SimState, uuid: str) -> None:
+    """The rest of an mdev remove once no VM holds it (idempotent: a stranded removal may have been
+    finished by finish_released already)."""
+    gpu = next((g for g in state.gpus if uuid in g.removing), None)
+    if gpu is None:
+        return
+    info = gpu.removing.pop(uuid)
+    parent, group = info["parent"], info["group"]
+    ddir = base / PCI_DIR / parent / uuid
+    if ddir.is_dir():
+        shutil.rmtree(ddir)
+    (base / "dev/vfio" / group).unlink(missing_ok=True)
+    if uuid in gpu.mig_hosts:
+        from vgpu_dm.sim import mig
+
+        mig.release(gpu, uuid)
+    gpu.placements.pop(uuid, None)  # its mixed-size placement is free again
+    state.save(base)
+    refresh_gpu(base, gpu)
+
+
+def finish_released(base: Path, state: SimState) -> None:
+    """Finish removals whose VMs are gone but whose remover is not waiting any more (a simulated
+    process killed in the wait, which a real one in D state cannot be)."""
+    from vgpu_dm.sim.processes import holders_of
+
+    for gpu in state.gpus:
+        for uuid, info in list(gpu.removing.items()):
+            if not holders_of(base, info["nodes"]):
+                finish_mdev_remove(base, state, uuid)
+
+
+def removing_types(gpu: SimGPU) -> list[tuple[str, SimType]]:
+    """(parent, type) of the GPU's mdevs whose remove waits for a VM: they keep their capacity."""
+    found = []
+    for info in gpu.removing.values():
+        vtype = type_by_id(gpu, int(info["type_id"]))
+        if vtype:
+            found.append((info["parent"], vtype))
+    return found

@@ -132,22 +132,29 @@ class SimHostRoot(HostRoot):
         delay = latency.seconds_for(rel, data) if latency else 0.0
         if delay and not serial:
             time.sleep(delay)  # the driver's work, outside the simulator's lock: other GPUs proceed
-        while True:
+        lock = self._locked()
+        try:
+            if delay and serial:
+                time.sleep(delay)
+            self._udev_catches_up()
+            pending = self._emulate(rel, data)
+            if pending is not None and pending.host_wide:
+                # held_remove_blocks=host: a driver that keeps its host-wide lock across the wait, so
+                # every other write waits as well.
+                driver.wait_released(self.base, pending.nodes)
+                self._finish_remove(pending)
+        finally:
+            lock.close()
+        if pending is not None and not pending.host_wide:
+            # The kernel's wait blocks this device only (mdev_device_remove holds its parent's
+            # unreg_sem for reading): wait outside the simulator's lock, then finish under it. No new
+            # open can start meanwhile (vfio_unregister_group_dev), so the holders only go away.
+            driver.wait_released(self.base, pending.nodes)
             lock = self._locked()
             try:
-                if delay and serial:
-                    time.sleep(delay)
-                self._udev_catches_up()
-                # A held mdev's remove waits for its VM outside the simulator's lock: the kernel's
-                # wait blocks that device only (driver.wait_released). A driver that takes one write
-                # at a time host-wide (serial) waits with its lock held, so every GPU waits too.
-                self._emulate(rel, data, wait=serial)
-                break
-            except driver.StillHeld as held:
-                nodes = held.nodes
+                self._finish_remove(pending)
             finally:
                 lock.close()
-            driver.wait_released(self.base, nodes)  # then try again: a VM may have opened it since
         if self._faults is not None:
             self._faults.after_write(position)
 
@@ -160,7 +167,29 @@ class SimHostRoot(HostRoot):
             for line in handle_udev_queue(self.base):
                 _log.debug(f"udev (simulated): {line}")
 
-    def _emulate(self, rel: str, data: str, wait: bool = True) -> None:
+    def _finish_remove(self, pending) -> None:
+        from vgpu_dm.sim import driver
+        from vgpu_dm.sim.layout import SimState
+
+        driver.finish_mdev_remove(self.base, SimState.load(self.base), pending.uuid)
+
+    def finish_released_removes(self) -> None:
+        """Finish held removes whose VMs are gone but whose remover died waiting (a simulated process
+        can be killed there; a real one sleeps in the kernel until the VM lets go)."""
+        from vgpu_dm.sim import driver
+        from vgpu_dm.sim.layout import SimState
+
+        lock = self._locked()
+        try:
+            state = SimState.load(self.base)
+            if any(g.removing for g in state.gpus):
+                driver.finish_released(self.base, state)
+        finally:
+            lock.close()
+
+    def _emulate(self, rel: str, data: str):
+        """Carry out one control-file write; returns the PendingRemove of an mdev remove that must
+        wait for a VM, else None."""
         from pathlib import Path
 
         from vgpu_dm.sim import driver
@@ -172,11 +201,13 @@ class SimHostRoot(HostRoot):
         real = Path(os.path.realpath(full))
         parts = real.relative_to(self.base).parts
         state = SimState.load(self.base)
+        if any(g.removing for g in state.gpus):
+            driver.finish_released(self.base, state)
         if len(parts) >= 4 and parts[-1] == "create" and parts[-3] == "mdev_supported_types":
             type_id = driver.type_id_of_dir(parts[-2])
             driver.mdev_create(self.base, state, parts[-4], type_id, data, full)
         elif len(parts) >= 3 and parts[-1] == "remove" and driver.UUID_RE.fullmatch(parts[-2]):
-            driver.mdev_remove(self.base, state, parts[-3], parts[-2], data, full, wait=wait)
+            return driver.mdev_remove(self.base, state, parts[-3], parts[-2], data, full)
         elif len(parts) >= 3 and parts[-1] == "current_vgpu_type" and parts[-2] == "nvidia":
             from vgpu_dm.sim.vfio_driver import set_vgpu_type
 

@@ -3,7 +3,9 @@
 Real drivers take milliseconds to seconds per vGPU create; how long exactly, and whether the NVIDIA
 driver lets writes to different GPUs overlap, is not documented (host-interfaces.md has no figure), so
 both are settings: ``serial`` makes every write wait for the previous one host-wide, otherwise writes
-to different GPUs overlap and only the simulator's own bookkeeping is serialised.
+to different GPUs overlap and only the simulator's own bookkeeping is serialised. It covers the
+latency only: whether a remove that waits for a VM holds up other writes is the host option
+``held_remove_blocks`` (sim/layout.py).
 
 Settings live in ``.vgpu-dm-sim/latency.json``, separate from the faults, so clearing faults keeps them.
 """

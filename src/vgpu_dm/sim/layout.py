@@ -63,6 +63,9 @@ class SimGPU:
     gpu_instances: list[dict] = field(default_factory=list)  # {"id", "profile", "start"}
     mig_hosts: dict[str, int] = field(default_factory=dict)  # vGPU (mdev UUID or VF) → GPU instance id
     mig_types: dict[str, int] = field(default_factory=dict)  # vGPU (mdev UUID or VF) → type id
+    # mdevs whose remove waits for a VM (sim/driver.py, begin_mdev_remove): UUID → parent, type id,
+    # IOMMU group and the nodes the wait is for. Gone from sysfs, they still hold their capacity.
+    removing: dict[str, dict] = field(default_factory=dict)
     # Driver of the VFs on mdev-vf GPUs. The kernel names mdev type directories <parent driver>-<id>, so
     # VFs bound to vfio-pci offer vfio-pci-<id> (seen on a real A40 host: vfio-pci-575 "NVIDIA A40-24A").
     vf_driver: str = "nvidia"
@@ -99,6 +102,13 @@ DEFAULT_OPTIONS = {
     # observed on hardware); "framebuffer": each type up to its maximum, all within the framebuffer
     # (the simpler guess). Which one a given driver release follows is unconfirmed.
     "mixed_size_rule": "framebuffer",
+    # What a remove of an mdev that a VM holds blocks besides itself. The kernel's part is known:
+    # mdev_device_remove() (drivers/vfio/mdev/mdev_core.c) holds only its parent's unreg_sem, for
+    # reading, while vfio_unregister_group_dev() waits for the VM, so other devices and GPUs go on
+    # ("device"). Whether NVIDIA's remove callback holds a driver-wide lock across that wait is not
+    # known (host-interfaces.md §10: "mdev removal of an in-use device"), so "host" models a driver
+    # that does: every other create or remove on the host waits too.
+    "held_remove_blocks": "device",
 }
 
 

@@ -89,4 +89,13 @@ def device_node(root: str | os.PathLike[str], device: str, cdev: bool | None = N
         if use_cdev:
             raise LookupError(f"{device} has no vfio-dev cdev on the simulated host")
         return f"/dev/vfio/{os.path.basename(os.readlink(dev_dir / 'iommu_group'))}"
+    from vgpu_dm.sim.layout import SimState
+
+    if any(device.lower() in gpu.removing for gpu in SimState.load(base).gpus):
+        # vfio_unregister_group_dev() unregisters the device from its group and deletes its cdev
+        # before it waits for the VM, so nothing can open it any more.
+        raise LookupError(
+            f"mdev {device} is being removed (the remove waits for the VM holding it); the kernel "
+            f"refuses new opens of it"
+        )
     raise LookupError(f"no mdev or vendor-VFIO VF called {device!r} on the simulated host")

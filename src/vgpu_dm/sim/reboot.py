@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from vgpu_dm.host.root import SIM_MARKER
-from vgpu_dm.sim.driver import PCI_DIR, mdev_devices, refresh_all
+from vgpu_dm.sim.driver import PCI_DIR, finish_released, mdev_devices, refresh_all
 from vgpu_dm.sim.files import UDEV_QUEUE_FILE
 from vgpu_dm.sim.layout import SimState
 from vgpu_dm.sim.vfio_driver import disable_vfs
@@ -32,6 +32,7 @@ def reboot(root: str | os.PathLike[str]) -> list[str]:
         path = run / entry
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     state = SimState.load(base)
+    finish_released(base, state)  # the VMs are gone: removes that waited for them complete
     lines = []
     for gpu in state.gpus:
         lost = []

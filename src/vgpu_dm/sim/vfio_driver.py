@@ -200,11 +200,12 @@ def _find(state: SimState, text: str) -> SimGPU | None:
 
 
 def _all_placed(base: Path, gpu: SimGPU) -> list[SimType]:
-    from vgpu_dm.sim.driver import mdev_devices
+    from vgpu_dm.sim.driver import mdev_devices, removing_types
 
     if gpu.framework == "vendor-vfio":
         return placed_types(base, gpu)
-    return [t for _, _, t in mdev_devices(base, gpu)]
+    # An mdev whose remove waits for its VM still exists for the driver.
+    return [t for _, _, t in mdev_devices(base, gpu)] + [t for _, t in removing_types(gpu)]
 
 
 def _gpu_block(gpu: SimGPU) -> str:
