@@ -585,12 +585,15 @@ def remove_watched(backend, device: VGPUDevice, host: HostRoot, interval: float 
         backend.remove(device)
         return
     finished = threading.Event()
+    # Read now: once the remove has begun, the kernel has taken the device out of sysfs and deleted
+    # its cdev (vfio_unregister_group_dev) while the VM still holds it.
+    nodes = HolderIndex(host).nodes(device)
 
     def watch() -> None:
         waited = 0.0
         while not finished.wait(interval):
             waited += interval
-            holders = HolderIndex(host).holders(device, required=False)
+            holders = HolderIndex(host).holders(device, required=False, nodes=nodes)
             who = ", ".join(map(str, holders)) or "its VM"
             _log.warning(
                 f"still waiting after {waited:g} s for {who} to release {device.type_name} {device.key}: "

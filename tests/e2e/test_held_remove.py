@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.simstate import snapshot
+from tests.simstate import layouts, snapshot
 from vgpu_dm.sim.driver import PCI_DIR, mdev_devices
 from vgpu_dm.sim.host import SimHostRoot
 from vgpu_dm.sim.layout import SimState, create_host
@@ -167,6 +167,25 @@ def release_later(root: Path, pid: int, after: float) -> threading.Timer:
     timer = threading.Timer(after, lambda: shutil.rmtree(root / "proc" / str(pid)))
     timer.start()
     return timer
+
+
+def test_the_watchdog_names_a_vm_that_holds_the_device_through_its_cdev(cli, host):
+    """Once the remove has begun, the device's cdev is deleted and its sysfs entries are gone: the
+    watchdog must still say which process the kernel waits for."""
+    root, config = host
+    uuid = uuids(root)[0]
+    pid = hold(cli, root, uuid, "--cdev")
+    timer = release_later(root, pid, 0.8)
+    result = cli(
+        "apply", "--sim", str(root), "-f", str(config), "-c", "two", "--force", "--watchdog-interval", "0.1"
+    )
+    timer.join()
+    assert result.code == 0, result.err
+    waiting = [x for x in result.err.splitlines() if "still waiting after" in x]
+    assert waiting, result.err
+    # (The last line may come after the VM exited and before the kernel's wait noticed.)
+    assert f"pid {pid} (qemu-system-x86_64)" in waiting[0] and uuid in waiting[0], waiting
+    assert layouts(root) == [{"T4-8Q": 2}, {"T4-8Q": 2}]
 
 
 def test_a_rollback_brings_back_a_device_removed_while_held(cli, host):

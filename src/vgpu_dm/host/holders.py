@@ -15,6 +15,9 @@ from vgpu_dm.host.model import MDEV, VGPUDevice
 from vgpu_dm.host.pci import PCI_DEVICES, link_name
 from vgpu_dm.host.root import HostRoot
 
+# What /proc/<pid>/fd/<n> reads for a file whose node was unlinked while open (fs/d_path.c).
+DELETED = " (deleted)"
+
 
 # NamedTuple rather than a frozen dataclass: far cheaper to define at import (README, Performance).
 class Holder(NamedTuple):
@@ -56,6 +59,10 @@ class HolderIndex:
                     continue
                 for fd in self.host.listdir(f"proc/{pid}/fd"):
                     target = self.host.readlink(f"proc/{pid}/fd/{fd}")
+                    if target and target.endswith(DELETED):
+                        # The node was unlinked while open: an mdev whose remove has begun loses its
+                        # cdev before the kernel waits for the VM (vfio_unregister_group_dev).
+                        target = target[: -len(DELETED)]
                     if target and target.startswith("/dev/vfio/"):
                         pids = by_node.setdefault(target, [])
                         if int(pid) not in pids:
@@ -79,8 +86,11 @@ class HolderIndex:
             nodes.append(f"/dev/vfio/{group}")
         return nodes
 
-    def holders(self, device: VGPUDevice, required: bool = True) -> list[Holder]:
-        """Processes holding ``device``; with ``required=False`` an unreadable proc means "none known"."""
+    def holders(
+        self, device: VGPUDevice, required: bool = True, nodes: list[str] | None = None
+    ) -> list[Holder]:
+        """Processes holding ``device`` (through ``nodes``, default: what sysfs says now); with
+        ``required=False`` an unreadable proc means "none known"."""
         try:
             by_node = self._scan()
         except HostError:
@@ -89,7 +99,8 @@ class HolderIndex:
             return []
         if not by_node:
             return []  # nothing has any VFIO device open
-        pids = sorted({pid for node in self.nodes(device) for pid in by_node.get(node, [])})
+        nodes = self.nodes(device) if nodes is None else nodes
+        pids = sorted({pid for node in nodes for pid in by_node.get(node, [])})
         return [Holder(pid, self._name(pid)) for pid in pids]
 
     def _name(self, pid: int) -> str:
