@@ -195,6 +195,8 @@ class PendingRemove(NamedTuple):
     gpu: str  # the GPU's address
     nodes: list[str]  # the /proc fd targets that keep the wait going
     host_wide: bool  # the simulated driver waits holding its host-wide lock (held_remove_blocks=host)
+    held: bool  # a VM held the device when the remove began (else it completes at once)
+    group: str  # its IOMMU group
 
 
 def wait_released(base: Path, nodes: list[str]) -> None:
@@ -213,13 +215,10 @@ def mdev_remove(
     otherwise it is taken out of sight as the kernel does before waiting, and the caller waits for the
     returned PendingRemove (wait_released) and then calls finish_mdev_remove."""
     pending = begin_mdev_remove(base, state, parent, uuid, data, path)
-    if pending is None:
-        return None
-    from vgpu_dm.sim.processes import holders_of
-
-    if holders_of(base, pending.nodes):
+    if pending is None or pending.held:
         return pending
-    finish_mdev_remove(base, state, pending.uuid)
+    gpu = state.gpu_of(parent)
+    _complete(base, state, gpu, uuid, parent, pending.group)
     return None
 
 
@@ -271,14 +270,18 @@ def begin_mdev_remove(
         shutil.rmtree(ddir / "vfio-dev")
     for node in cdevs:
         (base / node.lstrip("/")).unlink(missing_ok=True)
-    _mark_deleted(base, cdevs)
+    from vgpu_dm.sim.processes import holders_of
+
+    held = bool(holders_of(base, nodes))
     wait_for = [nodes[0], *(n + DELETED for n in cdevs)]
-    if gpu is not None:
-        info = {"parent": parent, "type_id": type_id_of_dir(type_dir), "group": group, "nodes": wait_for}
-        gpu.removing[uuid] = info
-        state.save(base)
+    if held:
+        _mark_deleted(base, cdevs)
+        if gpu is not None:
+            info = {"parent": parent, "type_id": type_id_of_dir(type_dir), "group": group, "nodes": wait_for}
+            gpu.removing[uuid] = info
+            state.save(base)
     host_wide = state.options.get("held_remove_blocks") == "host"
-    return PendingRemove(uuid, gpu.address if gpu else "", wait_for, host_wide)
+    return PendingRemove(uuid, gpu.address if gpu else "", wait_for, host_wide, held, group)
 
 
 def _mark_deleted(base: Path, nodes: list[str]) -> None:
@@ -309,17 +312,28 @@ def finish_mdev_remove(base: Path, state: SimState, uuid: str) -> None:
     if gpu is None:
         return
     info = gpu.removing.pop(uuid)
-    parent, group = info["parent"], info["group"]
+    _complete(base, state, gpu, uuid, info["parent"], info["group"], save=True)
+
+
+def _complete(
+    base: Path, state: SimState, gpu: SimGPU | None, uuid: str, parent: str, group: str, save: bool = False
+) -> None:
+    """What follows the wait: the IOMMU group, the device's directory, its capacity."""
     ddir = base / PCI_DIR / parent / uuid
     if ddir.is_dir():
         shutil.rmtree(ddir)
     (base / "dev/vfio" / group).unlink(missing_ok=True)
+    if gpu is None:
+        return
     if uuid in gpu.mig_hosts:
         from vgpu_dm.sim import mig
 
         mig.release(gpu, uuid)
-    gpu.placements.pop(uuid, None)  # its mixed-size placement is free again
-    state.save(base)
+        save = True
+    if gpu.placements.pop(uuid, None) is not None:  # its mixed-size placement is free again
+        save = True
+    if save:
+        state.save(base)
     refresh_gpu(base, gpu)
 
 
