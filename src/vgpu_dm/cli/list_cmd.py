@@ -23,9 +23,13 @@ def mixed_size_modes(inventory, frameworks: dict[str, str]) -> dict[str, str | N
     """GPU address → "on" / "off" / "unsupported" / "unknown" (nvidia-smi failed), or None where the
     mode does not apply (no vGPU framework).
 
-    One ``nvidia-smi -q`` answers for every GPU (on a real host each run takes a while): each GPU's
-    own block says whether it supports mixed sizes and whether the mode is on, on mdev and
-    vendor-VFIO GPUs alike (apply switches it on both).
+    Only GPUs in vGPU mode are asked about: NVIDIA supports the mode from Volta on, on mdev and
+    vendor-VFIO GPUs alike (host-interfaces.md §2.5; every GPU the catalog knows is Volta or later, and
+    apply switches the mode on both frameworks). The answer is in each GPU's own block of
+    ``nvidia-smi -q`` (``Heterogeneous Time-Slice Sizes``, ``vGPU Heterogeneous Mode``; the captures
+    of §2.5 and §11); no narrower ``-d`` section is known to print those lines, so none is guessed.
+    One GPU to ask: ``-q -i <address>``, that GPU's block only (what apply asks too). Several: one
+    ``-q`` for all, since every nvidia-smi run pays its own start-up and NVML initialisation.
     """
     from vgpu_dm.errors import HostError
 
@@ -35,8 +39,9 @@ def mixed_size_modes(inventory, frameworks: dict[str, str]) -> dict[str, str | N
         return modes
     from vgpu_dm.host.smi import parse_mixed_size
 
+    argv = [inventory.tools.nvidia_smi, "-q", *(["-i", vgpu[0]] if len(vgpu) == 1 else [])]
     try:
-        proc = inventory.programs.run([inventory.tools.nvidia_smi, "-q"], "nvidia-smi")
+        proc = inventory.programs.run(argv, "nvidia-smi")
         text = proc.stdout if proc.returncode == 0 else ""
     except HostError:
         text = ""
