@@ -643,3 +643,19 @@ def test_assert_holds_right_after_apply_without_learned_table(cli, vhost, tmp_pa
     assert apply(cli, root, cfg, "half").code == 0
     assert layout(cli, root) == [{"L40S-24Q": 2}]
     assert check(cli, root, cfg, "half").code == 0
+
+
+def test_list_shows_the_iommu_group_of_each_vgpus_vf(cli, vhost, tmp_path):
+    """Each VF has its own IOMMU group (its iommu_group link), as an mdev does: -o wide and JSON show
+    it (they said '-' / null for every vendor-VFIO vGPU)."""
+    root = vhost("L40S")
+    cfg = write_config(tmp_path, c=[{"devices": "all", "vgpu-devices": {"L40S-24Q": 2}}])
+    assert apply(cli, root, cfg, "c").code == 0
+    (gpu,) = report(cli, root)
+    groups = {v["parent"]: v["iommu_group"] for v in gpu["vgpus"]}
+    links = {vf: os.readlink(root / "sys/bus/pci/devices" / vf / "iommu_group") for vf in groups}
+    assert groups == {vf: int(os.path.basename(link)) for vf, link in links.items()}
+    wide = cli("list", "--sim", str(root), "-o", "wide").out.splitlines()
+    header = wide[0]
+    column = header.index("IOMMU GROUP")
+    assert [line[column:].split()[0] for line in wide[1:]] == [str(groups[vf]) for vf in groups]

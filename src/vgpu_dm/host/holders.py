@@ -76,10 +76,9 @@ class HolderIndex:
         # device's cdev /dev/vfio/devices/vfioN (kernel ABI sysfs-devices-vfio-dev, Linux >= 6.2).
         if device.framework == MDEV:
             where = f"{MDEV_DEVICES}/{device.uuid}"
-            group = str(device.iommu_group) if device.iommu_group is not None else None
         else:
             where = f"{PCI_DEVICES}/{device.parent}"
-            group = None
+        group = str(device.iommu_group) if device.iommu_group is not None else None
         nodes = [f"/dev/vfio/devices/{name}" for name in self.host.listdir(f"{where}/vfio-dev")]
         group = group or link_name(self.host, f"{where}/iommu_group")
         if group and group.isdigit():

@@ -10,7 +10,7 @@ import time
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
 from vgpu_dm.host.model import UNRESOLVED, VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of
-from vgpu_dm.host.pci import GPU, PCI_DEVICES, is_pci_address
+from vgpu_dm.host.pci import GPU, PCI_DEVICES, is_pci_address, link_name
 from vgpu_dm.host.programs import Programs
 from vgpu_dm.host.root import HostRoot, note_change
 from vgpu_dm.state_files import LEARNED_DIR
@@ -165,6 +165,8 @@ class VendorVfioBackend:
         for vf in gpu.vfs:
             type_id = self._vf_type(vf)
             if type_id:
+                # The VF's own IOMMU group (what /dev/vfio/<group> a VM opens), as for an mdev.
+                group = link_name(self.host, f"{PCI_DEVICES}/{vf}/iommu_group")
                 found.append(
                     VGPUDevice(
                         gpu=gpu.address,
@@ -172,6 +174,7 @@ class VendorVfioBackend:
                         type_name=self._name_of(gpu, type_id),
                         type_id=type_id,
                         framework=VENDOR_VFIO,
+                        iommu_group=int(group) if group and group.isdigit() else None,
                     )
                 )
         return found
