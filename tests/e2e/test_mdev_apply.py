@@ -548,8 +548,13 @@ def test_no_gpus_at_all(cli, sim_host):
     result = cli("apply", "--sim", str(root), "-f", str(T4_CONFIG), "-c", "T4-small")
     assert result.code == 0
     assert writes(root) == []
-    listed = cli("list", "--sim", str(root))
-    assert listed.code == 0 and listed.out.strip() == "no NVIDIA GPUs found"
+    # As kubectl's "No resources found": said on stderr, so that stdout holds only data (nothing here,
+    # also with --no-headers, and for 'types').
+    for command in ("list", "types"):
+        for extra in ((), ("--no-headers",), ("-o", "wide")):
+            listed = cli(command, "--sim", str(root), *extra)
+            assert listed.code == 0, listed.err
+            assert listed.out == "" and listed.err.strip() == "no NVIDIA GPUs found", (command, extra)
     assert report(cli, root) == []
 
 

@@ -216,8 +216,6 @@ def render_table(report: list[dict], wide: bool = False, headers: bool = True) -
             rows.append((*first, *("-" for _ in vgpu_columns)))
         for n, vgpu in enumerate(gpu["vgpus"]):
             rows.append((*(blank if n else first), *(cell(c.value(vgpu)) for c in vgpu_columns)))
-    if not rows:
-        return "no NVIDIA GPUs found"
     header = tuple(c.header for c in (*gpu_columns, *vgpu_columns))
     return table(header, rows, headers)
 
@@ -293,8 +291,11 @@ def list_cmd(
         for gpu in report:
             gpu["apply_journal"] = pending.get(gpu["address"]) or pending.get("*")
         emit(dump({"gpus": report, "journal": sorted(notes)[0] if notes else None}, fmt))
-    else:
+    elif report:
         emit(render_table(report, wide=fmt == "wide", headers=not no_headers))
+    else:
+        # Not data: on stderr, as kubectl's "No resources found", so that stdout stays empty.
+        click.echo("no NVIDIA GPUs found", err=True)
     for note in sorted(notes):
         click.echo(f"warning: {note}", err=True)
     for gpu in report:

@@ -110,8 +110,6 @@ def render_types(report: list[dict], wide: bool = False, headers: bool = True) -
                 series,
             )
             rows.append((*row, cell(t["driver_name"])) if wide else row)
-    if not rows:
-        return "no NVIDIA GPUs found"
     lines = [table(header, rows, headers)]
     catalog_gpus = [str(g["index"]) for g in report if g["source"].startswith("catalog")]
     if catalog_gpus and headers:
@@ -163,5 +161,8 @@ def types_cmd(
     report = types_report(inventory)
     if fmt in ("json", "yaml"):
         emit(dump({"gpus": report}, fmt))
-    else:
+    elif report:
         emit(render_types(report, wide=fmt == "wide", headers=not no_headers))
+    else:
+        # Not data: on stderr, as kubectl's "No resources found", so that stdout stays empty.
+        click.echo("no NVIDIA GPUs found", err=True)
