@@ -26,6 +26,8 @@ T4_CONFIG = str(EXAMPLES / "config-t4.yaml")
         ("VGPU_DM_DEBUG", "maybe", "assert", "--debug"),
         ("VGPU_DM_LOG_FORMAT", "xml", "assert", "--log-format"),
         ("VGPU_DM_SIM", "/nonexistent", "assert", "--sim"),
+        ("VGPU_DM_DRIVER_ROOT", "/nonexistent", "assert", "--driver-root"),
+        ("VGPU_DM_DRIVER_ROOT", "/nonexistent", "apply", "--driver-root"),
     ],
 )
 def test_a_bad_value_from_the_environment_names_the_variable(cli, sim_host, env, value, command, flag):

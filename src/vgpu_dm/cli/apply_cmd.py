@@ -92,15 +92,25 @@ def apply_cmd(
     spec, name, entries = load_selected(config_file, selected_config)
     hooks = None
     if hooks_file:
+        from vgpu_dm.cli.main import _from_env
+        from vgpu_dm.errors import ConfigError
         from vgpu_dm.hooks import read_hooks_file
 
-        hooks = read_hooks_file(hooks_file)  # checked before the host is looked at, as the config is
+        try:
+            hooks = read_hooks_file(hooks_file)  # checked before the host is looked at, as the config is
+        except ConfigError as exc:
+            if exc.problems:  # the file was read: its problems carry file:line
+                raise
+            ctx = click.get_current_context(silent=True)
+            raise _from_env(exc, ctx, "hooks_file", "VGPU_DM_HOOKS_FILE") from None
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
     from vgpu_dm.host.inventory import HostTools
 
-    tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
+    tools = HostTools(
+        sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root, origins=options.tool_origins()
+    )
     if dry_run:
         from vgpu_dm.cli.plan_cmd import run_plan
 

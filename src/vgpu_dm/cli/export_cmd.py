@@ -134,7 +134,9 @@ def export_cmd(
     if not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise click.BadParameter("must be a non-empty name without control characters", param_hint="--name")
     host = open_cli_host(host_root, sim)
-    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root))
+    inventory = Inventory(
+        host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root, origins=options.tool_origins())
+    )
     log_discovery(inventory)
     if output == "json":
         text = json.dumps(export_data(inventory, name), indent=2)

@@ -203,7 +203,12 @@ def generate_config_cmd(
         from vgpu_dm.host.inventory import HostTools, Inventory
 
         host = open_cli_host(host_root, sim)
-        models = host_models(Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root)))
+        models = host_models(
+            Inventory(
+                host,
+                HostTools(sriov_manage, nvidia_smi, driver_root=driver_root, origins=options.tool_origins()),
+            )
+        )
         command = "nvidia-vgpu-dm generate-config (from the host's GPUs)"
     if not models:
         from vgpu_dm.errors import HostError

@@ -19,7 +19,9 @@ def model_name(catalog_name: str) -> str:
     return _NOTE.sub("", catalog_name) or catalog_name
 
 
-def mixed_size_modes(inventory, frameworks: dict[str, str]) -> dict[str, str | None]:
+def mixed_size_modes(
+    inventory, frameworks: dict[str, str], warnings: list[str] | None = None
+) -> dict[str, str | None]:
     """GPU address → "on" / "off" / "unsupported" / "unknown" (nvidia-smi failed), or None where the
     mode does not apply (no vGPU framework).
 
@@ -40,11 +42,17 @@ def mixed_size_modes(inventory, frameworks: dict[str, str]) -> dict[str, str | N
     from vgpu_dm.host.smi import parse_mixed_size
 
     argv = [inventory.tools.nvidia_smi, "-q", *(["-i", vgpu[0]] if len(vgpu) == 1 else [])]
+    why = ""
     try:
         proc = inventory.programs.run(argv, "nvidia-smi")
         text = proc.stdout if proc.returncode == 0 else ""
-    except HostError:
-        text = ""
+        if proc.returncode != 0:
+            out = (proc.stderr or proc.stdout or "").strip()
+            why = f"'nvidia-smi {' '.join(argv[1:])}' failed (exit {proc.returncode}): {out}"
+    except HostError as exc:
+        text, why = "", str(exc)
+    if why and warnings is not None:
+        warnings.append(f"MIXED is unknown: {why}")
     for address in vgpu:
         try:
             supported, enabled = parse_mixed_size(text, address)
@@ -89,7 +97,7 @@ def inventory_report(
     inventory = Inventory(host, tools)
     log_discovery(inventory)
     frameworks = {gpu.address: inventory.framework(gpu) for gpu in inventory.gpus}
-    modes = mixed_size_modes(inventory, frameworks)
+    modes = mixed_size_modes(inventory, frameworks, warnings)
     report = []
     for gpu in inventory.gpus:
         entry = catalog.for_device(gpu.device_id)
@@ -279,7 +287,7 @@ def list_cmd(
     host = open_cli_host(host_root, sim)
     warnings: list[str] = []
     notes_of_host: list[str] = []
-    tools = HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root)
+    tools = HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root, origins=options.tool_origins())
     report = inventory_report(host, tools, warnings, notes_of_host)
     pending = journal_by_gpu(host)
     notes = {p["note"] for p in pending.values()}

@@ -173,7 +173,9 @@ def assert_cmd(
         _log.error(pending)
         _log.error("assertion failure: selected configuration not currently applied")
         raise Failure(EXIT_FAILED)
-    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root))
+    inventory = Inventory(
+        host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root, origins=options.tool_origins())
+    )
     from vgpu_dm.explain import log_discovery, log_plan
 
     log_discovery(inventory)

@@ -21,6 +21,30 @@ def given_as(ctx: click.Context | None, name: str, flag: str, envvar: str) -> st
     return f"'{flag}'"
 
 
+# The options naming the driver's programs and their root: (parameter, option, environment variable).
+_TOOL_OPTIONS = (
+    ("nvidia_smi", "--nvidia-smi", "VGPU_DM_NVIDIA_SMI"),
+    ("sriov_manage", "--sriov-manage", "VGPU_DM_SRIOV_MANAGE"),
+    ("mig_parted", "--mig-parted", "VGPU_DM_MIG_PARTED"),
+    ("driver_root", "--driver-root", "VGPU_DM_DRIVER_ROOT"),
+)
+
+
+def tool_origins() -> tuple[tuple[str, str], ...]:
+    """(value, how it was given) of each program path or driver root the operator set, for HostTools:
+    a program that is not found is then named by the option or variable its path came from."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return ()
+    found = []
+    for name, flag, envvar in _TOOL_OPTIONS:
+        if ctx.get_parameter_source(name) in (ParameterSource.ENVIRONMENT, ParameterSource.COMMANDLINE):
+            value = ctx.params.get(name)
+            if value:
+                found.append((str(value), given_as(ctx, name, flag, envvar)))
+    return tuple(found)
+
+
 class EnvOption(click.Option):
     """An option whose errors name its environment variable when the bad value came from there."""
 
@@ -72,6 +96,8 @@ driver_root = option(
     "--driver-root",
     envvar="VGPU_DM_DRIVER_ROOT",
     metavar="DIR",
+    # A directory that is not there is a usage error, not a driver root in which nothing is found.
+    type=click.Path(exists=True, file_okay=False),
     help="Where the NVIDIA driver's programs (nvidia-smi, sriov-manage, libnvidia-ml) live; they run "
     "through 'chroot DIR'. Default: the host root. With the GPU Operator's containerised driver: the "
     "host's /run/nvidia/driver (e.g. /host/run/nvidia/driver in a container).  [env: VGPU_DM_DRIVER_ROOT]",

@@ -465,7 +465,9 @@ def plan_cmd(
 
     fmt = output_format(output, as_json)
     loaded = load_selected(config_file, selected_config)
-    tools = HostTools(sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root)
+    tools = HostTools(
+        sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root, origins=options.tool_origins()
+    )
     code = run_plan(loaded, host_root, sim, tools, force, fmt, allow_assigned, persist)
     if code:
         raise Failure(code)

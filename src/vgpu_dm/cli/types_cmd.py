@@ -156,7 +156,9 @@ def types_cmd(
 
     fmt = output_format(output, as_json, no_headers)
     host = open_cli_host(host_root, sim)
-    inventory = Inventory(host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root))
+    inventory = Inventory(
+        host, HostTools(sriov_manage, nvidia_smi, driver_root=driver_root, origins=options.tool_origins())
+    )
     log_discovery(inventory)
     report = types_report(inventory)
     if fmt in ("json", "yaml"):

@@ -55,6 +55,14 @@ class HostTools(NamedTuple):
     unbind_pause: float = 2.0  # between sriov-manage retries after "Cannot obtain unbindLock"
     vf_wait: float = 30.0  # how long the VFs' nvidia/ directories may take to appear after sriov-manage
     driver_root_on_host: str | None = None
+    # (value, how the operator gave it) for the paths above that came from an option or a variable,
+    # so that messages name it ("environment variable VGPU_DM_NVIDIA_SMI (for '--nvidia-smi')").
+    origins: tuple[tuple[str, str], ...] = ()
+
+    def origin(self, value: str | None) -> str:
+        """`` (from …)`` for a value the operator gave, else ""."""
+        given = dict(self.origins).get(value or "")
+        return f" (from {given})" if given else ""
 
 
 class Programs:
@@ -124,7 +132,8 @@ class Programs:
         found = self.locate(argv[0])
         if not found.found:
             raise HostError(
-                f"{name} not found: looked for {argv[0]} in {found.places()} (GPU Operator: the driver "
+                f"{name} not found: looked for {argv[0]}{self.tools.origin(argv[0])} in "
+                f"{found.places()}{self.tools.origin(self.tools.driver_root)} (GPU Operator: the driver "
                 f"root is the host's /run/nvidia/driver; pass its path here as --driver-root, or the "
                 f"program's own path)"
             )
