@@ -442,11 +442,14 @@ def execute(
             _keep_journal_only(host, unclean)
         else:
             journal.clear(host)
-        raise ApplyInterrupted(
+        interrupted = ApplyInterrupted(
             "\n".join(
                 [f"apply interrupted before step: {stopped}", *failures, *report, *_untouched(plan, outcomes)]
             )
         )
+        if options.keep_going:
+            interrupted.logged = tuple(failures)  # each was logged when its GPU failed
+        raise interrupted
     if failures and not options.keep_going:
         report, clean = _rollback(changed, inventory, workers, plan.vfs_enabled)
         if clean:

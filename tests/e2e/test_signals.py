@@ -102,6 +102,20 @@ def test_signal_with_keep_going_rolls_back_every_gpu_of_the_run(run_cli, bench):
     _stopped(result, 143, bench, root, k, baseline)
 
 
+def test_keep_going_failures_are_not_reported_twice_when_a_signal_follows(run_cli, bench):
+    """--keep-going logs a failed GPU's lines in their place; a later stop request must not print
+    them a second time in the interruption report (ApplyInterrupted did not say they were logged)."""
+    root = bench.fresh()
+    # GPU 0's first write fails; write 3 is the second of GPU 1 (GPUs one after another).
+    arm(bench.cli, root, "--fail-write", "1", "--signal-at-write", "3")
+    result = run_cli(*bench.args(root, "target", "--keep-going"))
+    assert result.code == 143, result.err
+    failed = [x for x in result.err.splitlines() if "step failed:" in x]
+    assert len(failed) == 1, result.err
+    assert "apply interrupted before step:" in result.err
+    assert snapshot(root) == bench.before
+
+
 def _entries(bench: Bench, name: str):
     data, source = read_config_source(str(bench.config))
     spec = load_spec(data, source)

@@ -148,7 +148,8 @@ def apply_cmd(
             plan = apply_config(entries, host, tools, spec.source, opts, name)
         except ApplyInterrupted as exc:
             for line in str(exc).splitlines():
-                _log.error(line)
+                if line not in exc.logged:  # --keep-going logged a failed GPU's lines in their place
+                    _log.error(line)
             raise Failure(stopper.exit_code) from None
         finally:
             if bar is not None:
