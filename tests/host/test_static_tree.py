@@ -229,6 +229,14 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 # -- discovery -------------------------------------------------------------------------------------
+def test_a_missing_numa_node_file_is_none_not_minus_1(tmp_path):
+    root = tmp_path / "host"
+    build_host(root)
+    (root / "sys/bus/pci/devices" / T4 / "numa_node").unlink()
+    t4 = discover_gpus(HostRoot(root))[0]
+    assert t4.address == T4 and t4.numa_node is None
+
+
 def test_discover_gpus(host):
     gpus = discover_gpus(HostRoot(host))
     assert [(g.index, g.address) for g in gpus] == [(0, T4), (1, A40_VFIO), (2, A10)]
@@ -237,9 +245,10 @@ def test_discover_gpus(host):
     assert str(t4.device_id) == "0x1EB810DE:0x12A210DE"
     assert (t4.numa_node, t4.driver, t4.sriov_totalvfs, t4.vfs) == (0, "nvidia", None, ())
     assert not t4.sriov_capable
-    # Missing subsystem files read as 0 (upstream does the same); numa -1 stays -1.
+    # Missing subsystem files read as 0 (upstream does the same); numa_node -1 (the kernel's "no NUMA
+    # affinity") is None: there is no node to name.
     assert a40.device_id == DeviceID(0x2235, 0x10DE, 0, 0)
-    assert (a40.numa_node, a40.driver, a40.sriov_totalvfs, a40.vfs) == (-1, "vfio-pci", 32, ())
+    assert (a40.numa_node, a40.driver, a40.sriov_totalvfs, a40.vfs) == (None, "vfio-pci", 32, ())
     assert a10.device_id == DeviceID(0x2236, 0x10DE, 0x1482, 0x10DE)
     assert (a10.numa_node, a10.driver, a10.sriov_totalvfs) == (1, "nvidia", A10_VF_COUNT)
     # VFs in virtfnN order (numeric: virtfn10 after virtfn9, not after virtfn1).
@@ -322,7 +331,7 @@ def test_list_host_root(cli, host):
     ]
     assert [(g["driver"], g["numa_node"], g["framework"]) for g in as_json] == [
         ("nvidia", 0, "mdev"),
-        ("vfio-pci", -1, "none"),
+        ("vfio-pci", None, "none"),
         ("nvidia", 1, "mdev"),
     ]
     assert [len(g["vgpus"]) for g in as_json] == [2, 0, 2]

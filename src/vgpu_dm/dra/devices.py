@@ -181,7 +181,7 @@ def gpu_devices(offer: GPUOffer) -> tuple[list[DeviceSpec], CounterSetSpec | Non
                 PCI_BUS_ID: {"string": gpu.address},
                 "gpuIndex": {"int": gpu.index},
                 "model": {"string": model},
-                "numaNode": {"int": gpu.numa_node},
+                **({"numaNode": {"int": gpu.numa_node}} if gpu.numa_node is not None else {}),
                 "framebufferMiB": {"int": round(otype.framebuffer_gb * 1024)},
                 "mixedSize": {"bool": offer.mixed},
             }

@@ -57,7 +57,7 @@ class GPU(NamedTuple):
     index: int
     address: str
     device_id: DeviceID  # always with its subsystem pair
-    numa_node: int
+    numa_node: int | None  # None: no NUMA affinity (sysfs says -1) or not known (no numa_node file)
     driver: str | None
     sriov_totalvfs: int | None  # None: not SR-IOV capable
     vfs: tuple[str, ...]  # VF addresses in virtfnN order
@@ -110,8 +110,16 @@ def discover_gpus(host: HostRoot) -> list[GPU]:
         driver = link_name(host, f"{dev}/driver") if "driver" in entries else None
         total = _int(host.read_optional(f"{dev}/sriov_totalvfs")) if "sriov_totalvfs" in entries else None
         gpu_id = DeviceID(device, NVIDIA_VENDOR, sub_device or 0, sub_vendor or 0)
+        # The kernel writes -1 (NUMA_NO_NODE) for a device without NUMA affinity: no node to name.
         gpus.append(
-            (address, gpu_id, -1 if numa is None else numa, driver, total, _virtfns(host, dev, entries))
+            (
+                address,
+                gpu_id,
+                None if numa is None or numa < 0 else numa,
+                driver,
+                total,
+                _virtfns(host, dev, entries),
+            )
         )
 
     def order(item: tuple) -> tuple[int, ...]:
