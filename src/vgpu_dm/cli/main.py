@@ -208,25 +208,31 @@ def _count_names(names: list[str]) -> str:
     return ", ".join(f"{c} x {n}" for n, c in seen.items()) or "no vGPUs"
 
 
-# Set by a command that is about to change the host (apply): only then does an error say whether
-# anything was changed. A read-only command never changes anything, so it never says so.
-_changing = False
+class RunState:
+    """What one run of the command line tells its error reporting, handed to click as the context's
+    ``obj`` (one per run: no module state survives between in-process runs)."""
+
+    def __init__(self) -> None:
+        # Set by a command that is about to change the host (apply): only then does an error say
+        # whether anything was changed. A read-only command never changes anything, so never says so.
+        self.changing = False
 
 
 def may_change() -> None:
-    global _changing
-    _changing = True
+    """Called by a command right before it may change the host."""
+    state = click.get_current_context().find_object(RunState)
+    if state is not None:
+        state.changing = True
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of raising SystemExit (for in-process tests)."""
-    global _changing
-    _changing = False
+    state = RunState()
     root = sys.modules.get("vgpu_dm.host.root")  # not imported yet: nothing counted, keep imports light
     if root is not None:
         root.reset_changes()
     try:
-        cli.main(args=argv, prog_name="nvidia-vgpu-dm", standalone_mode=False)
+        cli.main(args=argv, prog_name="nvidia-vgpu-dm", standalone_mode=False, obj=state)
     except Failure as exc:
         return exc.code
     except click.exceptions.Exit as exc:
@@ -246,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 
         log.setup_if_needed()
         log_problems(exc.problems)
-        if _changing and changes_made():
+        if state.changing and changes_made():
             # A plan made after a preparatory step (recovery, MIG, enabling VFs) can still refuse.
             _log.error("no vGPU was changed for this config; what this run did change is said above")
-        elif _changing:
+        elif state.changing:
             _log.error("nothing was changed")
         return EXIT_FAILED
     except OSError as exc:
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             _log.error(f"host I/O error: {exc.strerror or exc}{where}")
         if changes_made():
             _log.error("the command stopped here; once the cause is fixed, run apply again to finish or undo")
-        elif _changing:
+        elif state.changing:
             _log.error("nothing was changed")
         return EXIT_FAILED
     except (ApplyError, HostError, VgpuDmError) as exc:
