@@ -64,13 +64,9 @@ def open_cli_host(host_root: str, sim: str | None):
 
     check_host_options(host_root, sim)
     flag = "--sim" if sim else "--host-root"
+    from vgpu_dm.host_choice import open_host_or_sim
+
     try:
-        if sim:
-            from vgpu_dm.sim.host import SimHostRoot
-
-            return SimHostRoot(sim)
-        from vgpu_dm.host.root import open_host
-
-        return open_host(host_root)
+        return open_host_or_sim(host_root, sim)
     except NotAHostRoot as exc:
         raise click.BadParameter(str(exc), param_hint=_hint(click.get_current_context(), flag)) from None

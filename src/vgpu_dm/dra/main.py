@@ -168,19 +168,14 @@ def run(opts: dict) -> None:
     from vgpu_dm.dra.kubelet import KubeletPlugin
     from vgpu_dm.errors import VgpuDmError
     from vgpu_dm.host.inventory import HostTools
-    from vgpu_dm.host.root import open_host
+    from vgpu_dm.host_choice import open_host_or_sim
 
     stop = threading.Event()
     wake = threading.Event()
     driver_name = opts["driver_name"]
     plugin_dir = os.path.join(opts["kubelet_plugins_dir"], driver_name)
     try:
-        if opts["sim"]:  # the front end chooses the host object: host/ never imports the simulator
-            from vgpu_dm.sim.host import SimHostRoot
-
-            host = SimHostRoot(opts["sim"])
-        else:
-            host = open_host(opts["host_root_mount"])
+        host = open_host_or_sim(opts["host_root_mount"], opts["sim"])
         api = DraApi(opts["kubeconfig"] or None, opts["node_name"], stop, deadline=10.0)
     except VgpuDmError as exc:
         _log.error(str(exc))

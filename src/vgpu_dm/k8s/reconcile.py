@@ -23,7 +23,8 @@ from vgpu_dm.apply import ApplyOptions, apply_config, summary
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, ConfigError, HostError, PlanError, VgpuDmError
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.programs import Programs
-from vgpu_dm.host.root import HostRoot, open_host
+from vgpu_dm.host.root import HostRoot
+from vgpu_dm.host_choice import open_host_or_sim
 from vgpu_dm.k8s import labels as L
 from vgpu_dm.k8s.kube import Kube, Stopped, describe
 from vgpu_dm.k8s.metrics import Metrics
@@ -33,7 +34,6 @@ from vgpu_dm.k8s.settings import Settings
 from vgpu_dm.mig import node as mig_node
 from vgpu_dm.mig.step import MigModePending
 from vgpu_dm.plan import build_plan, refuse_dra_owned
-from vgpu_dm.sim.host import SimHostRoot
 from vgpu_dm.spec import load_spec, read_config_source
 from vgpu_dm.spec.model import ConfigEntry
 
@@ -117,7 +117,7 @@ class Reconciler:
         self.pre_apply: list[PreApplyStep] = list(pre_apply or [])
 
     def host(self) -> HostRoot:
-        return SimHostRoot(self.settings.sim) if self.settings.sim else open_host(self.settings.host_root)
+        return open_host_or_sim(self.settings.host_root, self.settings.sim)
 
     def tools(self) -> HostTools:
         """The driver's files are looked for in --driver-root-ctr-path first, then in the host root,
