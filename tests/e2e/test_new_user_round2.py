@@ -648,18 +648,7 @@ def test_keep_going_reports_failures_in_gpu_order(cli, sim_host):
     ]
 
 
-# -- 18.17: pyproject's license is an SPDX expression, with a setuptools that accepts it -----------
-def test_pyproject_license_is_an_spdx_string_and_setuptools_accepts_it():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    from tests.conftest import REPO
-
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    # The table form ({text = ...}) made every install print a SetuptoolsDeprecationWarning.
-    assert data["project"]["license"] == "Apache-2.0"
-    # PEP 639 strings are accepted from setuptools 77 on; 76.1 refuses the file outright (checked
-    # with 'pip wheel --no-build-isolation' against both), so the build requirement says 77.
-    (requirement,) = data["build-system"]["requires"]
-    assert requirement == "setuptools>=77.0.3"
+# -- 18.17: packaging metadata: tests/e2e/test_packaging.py ----------------------------------------
 
 
 # -- examples/ on a host that also has other GPUs: tests/e2e/test_examples.py --------------------
