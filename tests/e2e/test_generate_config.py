@@ -83,3 +83,43 @@ def test_generate_refuses_unknown_gpus_and_hosts_without_vgpu_gpus(cli, tmp_path
         gpu.unlink()  # the vGPU manager is not loaded: no mdev parents
     none = cli("generate-config", "--sim", str(empty))
     assert none.code == 1 and "no GPUs in vGPU mode" in none.err
+
+
+def test_generate_config_as_json_is_the_same_config_file(cli, tmp_path):
+    """-o json, as export has: the same configs as the YAML (without its comments), a file -f reads."""
+    import json
+
+    import yaml
+
+    text = cli("generate-config", "--gpu", "T4", "--gpu", "L40S", "--gpu", "RTX6000P", "--gpu", "RTX8000P")
+    as_json = cli("generate-config", "--gpu", "T4", "--gpu", "L40S", "--gpu", "RTX6000P", "--gpu", "RTX8000P",
+                  "-o", "json")  # fmt: skip
+    assert text.code == as_json.code == 0, as_json.err
+    assert json.loads(as_json.out) == yaml.safe_load(text.out)
+    saved = tmp_path / "generated.json"
+    saved.write_text(as_json.out)
+    assert cli("assert", "--valid-config", "-f", str(saved), "-c", "default").code == 0
+    none = cli("generate-config", "--gpu", "RTX6000P", "--gpu", "RTX8000P", "-o", "json")
+    assert json.loads(none.out)["vgpu-configs"]["default"] == [{"devices": "all", "vgpu-devices": {}}]
+
+
+def test_sim_gpus_as_json_and_yaml(cli):
+    import json
+
+    import yaml
+
+    names = [line.split()[0] for line in cli("sim", "gpus").out.splitlines()]
+    as_json = json.loads(cli("sim", "gpus", "-o", "json").out)
+    assert [g["name"] for g in as_json["gpus"]] == names
+    assert yaml.safe_load(cli("sim", "gpus", "-o", "yaml").out) == as_json
+    t4 = as_json["gpus"][0]
+    assert t4 == {
+        "name": "T4",
+        "model": "Tesla T4",
+        "device_ids": ["0x1EB810DE"],
+        "architecture": "Turing",
+        "frameworks": ["mdev-pf"],
+        "framebuffer_gb": 16,
+        "mig_capable": False,
+    }
+    assert cli("sim", "gpus", "--json").out == cli("sim", "gpus", "-o", "json").out

@@ -6,6 +6,8 @@ import os
 
 import click
 
+from vgpu_dm.cli.output import output_options
+
 # Where 'sim create --driver container' puts the driver: the GPU Operator's driver root on the host.
 DRIVER_CONTAINER_ROOT = "run/nvidia/driver"
 
@@ -248,11 +250,30 @@ def create_cmd(
 
 
 @sim_group.command("gpus")
-def gpus_cmd() -> None:
-    """List the GPU names 'sim create --gpu' accepts."""
+@output_options(formats=("json", "yaml"), headers=False)
+def gpus_cmd(output: str | None, as_json: bool) -> None:
+    """List the GPU names 'sim create --gpu' accepts (-o json|yaml: with the catalog's device ids,
+    architecture, framework and framebuffer)."""
     from vgpu_dm import catalog
+    from vgpu_dm.cli.output import dump, emit, output_format
 
+    fmt = output_format(output, as_json)
     entries = catalog.load()
+    if fmt in ("json", "yaml"):
+        gpus = [
+            {
+                "name": e.sim_name,
+                "model": e.name,
+                "device_ids": [str(d) for d in e.device_ids],
+                "architecture": e.arch,
+                "frameworks": e.framework.split("|"),  # mdev-pf, or mdev-vf / vendor-vfio by host stack
+                "framebuffer_gb": e.framebuffer_gb,
+                "mig_capable": bool(e.mig_gi_profiles),
+            }
+            for e in entries
+        ]
+        emit(dump({"gpus": gpus}, fmt))
+        return
     width = max(len(e.sim_name) for e in entries)
     for entry in entries:
         click.echo(f"{entry.sim_name:{width}}  {entry.name}")
