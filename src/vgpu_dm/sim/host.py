@@ -93,17 +93,23 @@ class SimHostRoot(HostRoot):
         """The simulated driver's lock (one change of its state at a time, across processes; ``shared``
         for a query, which many may run at once).
 
-        Opened read-only (flock needs no write access), so a read-only simulated host can still be
-        read: a real host's nvidia-smi queries need no write access to anything either.
+        Opened read-write where it can be: on NFS, flock is done as a POSIX byte-range lock, and an
+        exclusive one on a file opened read-only fails with EBADF. Read-only only where the host is (a
+        read-only mount or no write permission), so that it can still be read: a real host's
+        nvidia-smi queries need no write access to anything either.
         """
         import fcntl
 
         path = os.path.join(self.root, SIM_MARKER, DRIVER_LOCK)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             # A host made before the lock file was: make it (this is a write, so the host is writable).
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            fd = os.open(path, os.O_RDONLY)
         fh = os.fdopen(fd, "rb")
         fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         return fh
