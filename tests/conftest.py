@@ -19,6 +19,50 @@ from vgpu_dm.sim.layout import create_host
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 ENTRY_POINT = Path(sys.executable).parent / "nvidia-vgpu-dm"
+# Names the real nvidia-mig-parted (shared/mig-parted-mock) that simulated hosts delegate to; `make test`
+# sets it. It is the test machine's, not a setting of the command under test, so the CLI fixtures keep it.
+MIG_PARTED_ENV = "VGPU_DM_SIM_MIG_PARTED"
+
+
+def _ours(key: str) -> bool:
+    """An environment variable of the command under test (cleared before each run)."""
+    return key.startswith("VGPU_DM_") and key != MIG_PARTED_ENV
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_mig_parted() -> str:
+    """The real nvidia-mig-parted binary, or skip (fail under CI=true) saying how to get it."""
+    path = os.environ.get(MIG_PARTED_ENV, "")
+    if path and os.access(path, os.X_OK):
+        return path
+    reason = (
+        f"{MIG_PARTED_ENV} does not name an executable nvidia-mig-parted ({path or 'unset'}): `make test` "
+        f"unpacks ../shared/mig-parted-mock/nvidia-mig-parted.xz into .mig-parted/ and sets it"
+    )
+    if in_ci():
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def real_mig_parted(monkeypatch) -> str:
+    """Simulated hosts answer nvidia-mig-parted calls with the real binary (skip/fail without it)."""
+    path = require_mig_parted()
+    monkeypatch.setenv(MIG_PARTED_ENV, path)
+    return path
+
+
+@pytest.fixture(params=["real", "simulated"])
+def mig_parted(request, monkeypatch) -> str:
+    """Run the test against the real nvidia-mig-parted and against the simulated one."""
+    if request.param == "real":
+        monkeypatch.setenv(MIG_PARTED_ENV, require_mig_parted())
+    else:
+        monkeypatch.delenv(MIG_PARTED_ENV, raising=False)
+    return request.param
 
 
 @dataclass
@@ -33,7 +77,7 @@ def cli(capsys, monkeypatch):
     """Run ``nvidia-vgpu-dm ARGS`` in this process; optional ``stdin`` text."""
 
     def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Result:
-        for key in [k for k in os.environ if k.startswith("VGPU_DM_")]:
+        for key in [k for k in os.environ if _ours(k)]:
             monkeypatch.delenv(key)
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
@@ -54,7 +98,7 @@ def run_cli():
     """Run the installed ``nvidia-vgpu-dm`` entry point as a separate process."""
 
     def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Result:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("VGPU_DM_")}
+        base = {k: v for k, v in os.environ.items() if not _ours(k)}
         base.update(env or {})
         proc = subprocess.run(
             [str(ENTRY_POINT), *args], input=stdin, capture_output=True, text=True, env=base, timeout=120

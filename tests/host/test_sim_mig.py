@@ -1,4 +1,7 @@
-"""The simulated driver's MIG model and the simulated nvidia-mig-parted, read back from the tree."""
+"""The simulated driver's MIG model and the simulated nvidia-mig-parted, read back from the tree.
+
+The hosts here let MIG mode change while VFs are on (``mig_on_with_vfs: allow``) unless a test says
+otherwise: what is tested is the driver model, not the order apply chooses (tests/e2e/test_mig_apply.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,21 @@ MIG_ON = (
     "version: v1\nmig-configs:\n  c:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {%s}\n"
 )
 MIG_OFF = "version: v1\nmig-configs:\n  c:\n    - devices: all\n      mig-enabled: false\n"
+
+
+@pytest.fixture
+def sim_host(tmp_path):
+    """Factory: a simulated host whose MIG mode may change with VFs on."""
+    counter = iter(range(1000))
+
+    def make(*gpus: str, **options: str) -> Path:
+        from vgpu_dm.sim.layout import create_host
+
+        root = tmp_path / f"host{next(counter)}"
+        create_host(root, list(gpus), options={"mig_on_with_vfs": "allow", **options})
+        return root
+
+    return make
 
 
 def parted(root: Path, *args: str, config: str | None = None):
@@ -100,7 +118,7 @@ def test_placements_follow_the_h200_capture(sim_host) -> None:
     assert parted(root, "apply", config=ok % '"2g.10gb": 3, "1g.5gb": 1').returncode == 0
     assert parted(root, "apply", config=ok % '"1g.5gb": 6, "1g.5gb+me": 1').returncode == 0
     full = parted(root, "apply", config=ok % '"2g.10gb": 4')
-    assert full.returncode == 1 and "Insufficient Resources" in full.stderr
+    assert full.returncode == 1 and "all orderings failed" in full.stderr
     # 1g.10gb takes two memory slices: four fit, a fifth does not.
     assert parted(root, "apply", config=ok % '"1g.10gb": 5').returncode == 1
     assert parted(root, "apply", config=ok % '"1g.5gb+me": 2').returncode == 1
@@ -139,7 +157,7 @@ def test_vendor_vfio_order_rebind_and_eio(sim_host) -> None:
     assert SimState.load(root).gpus[0].mig_hosts == {}
     # MIG off is refused while VFs are enabled ...
     refused = parted(root, "apply", config=MIG_OFF)
-    assert refused.returncode == 1 and "virtual functions" in refused.stderr
+    assert refused.returncode == 1 and "error setting MIG mode: ERROR_NOT_SUPPORTED" in refused.stderr
     assert host.run(["sriov-manage", "-d", address]).returncode == 0
     # ... and works without them.
     assert parted(root, "apply", config=MIG_OFF).returncode == 0
@@ -151,7 +169,7 @@ def test_mig_off_with_vfs_is_a_host_option(sim_host, tmp_path, off_with_vfs) -> 
     from vgpu_dm.sim.layout import create_host
 
     root = tmp_path / "h"
-    create_host(root, ["A100"], options={"mig_off_with_vfs": off_with_vfs})
+    create_host(root, ["A100"], options={"mig_off_with_vfs": off_with_vfs, "mig_on_with_vfs": "allow"})
     assert parted(root, "apply", config=MIG_ON % '"7g.40gb": 1').returncode == 0
     result = parted(root, "apply", config=MIG_OFF)
     assert (result.returncode == 0) == (off_with_vfs == "allow"), result.stderr
@@ -179,12 +197,15 @@ def test_reset_fault_leaves_the_mode_change_pending(tmp_path, reset) -> None:
     assert parted(root, "apply", config=MIG_ON % '"1g.10gb": 7').returncode == 0
 
 
-def test_fail_fault_changes_nothing(sim_host) -> None:
+def test_nvml_fault_changes_nothing(sim_host) -> None:
     root = sim_host("A100")
-    Faults(mig_parted="fail").save(root)
+    Faults(mig_parted="nvml").save(root)
     result = parted(root, "apply", config=MIG_ON % '"1g.5gb": 7')
-    assert result.returncode == 1 and "injected fault" in result.stderr
+    assert result.returncode == 1 and "error initializing NVML: ERROR_UNKNOWN" in result.stderr
     assert not SimState.load(root).gpus[0].mig_mode
+    # assert says "Assertion failure" for it, as the real one does; export says what it is.
+    assert "Assertion failure" in parted(root, "assert", config=MIG_OFF).stderr
+    assert "Error initializing NVML" in parted(root, "export").stderr
 
 
 def test_flags_errors_and_export(sim_host, tmp_path) -> None:
@@ -204,8 +225,14 @@ def test_flags_errors_and_export(sim_host, tmp_path) -> None:
     # As upstream: apply skips a non-MIG GPU that "devices: all" selects, but assert fails on it.
     assert mig_parted.run(root, ["nvidia-mig-parted", "assert", "-f", str(path)], env={}).returncode == 1
     path.write_text((MIG_ON % '"1g.5gb": 1').replace("devices: all", "devices: [0]"))
+    # A config for GPU 0 alone never asserts on a 2-GPU host: every GPU must match (smoke A5) ...
     assert (
-        mig_parted.run(root, ["nvidia-mig-parted", "assert", f"--config-file={path}"], env={}).returncode == 0
+        mig_parted.run(root, ["nvidia-mig-parted", "assert", f"--config-file={path}"], env={}).returncode == 1
+    )
+    # ... while the mode assertion walks only the GPUs it lists (A5b).
+    assert (
+        mig_parted.run(root, ["nvidia-mig-parted", "assert", "-m", f"--config-file={path}"], env={}).returncode
+        == 0
     )
     exported = parted(root, "export").stdout
     assert "1g.5gb: 1" in exported and "mig-enabled: false" in exported

@@ -102,11 +102,11 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
 )
 @click.option(
     "--mig-reset",
-    type=click.Choice(["required", "immediate"]),
-    default="required",
+    type=click.Choice(["auto", "required", "immediate"]),
+    default="auto",
     show_default=True,
-    help="Whether a MIG mode change waits for a GPU reset (nvidia-mig-parted resets the GPUs) or takes "
-    "effect at once.",
+    help="Whether a MIG mode change waits for a GPU reset (nvidia-mig-parted then resets every GPU) or "
+    "takes effect at once; auto = waits on Ampere, at once on Hopper and Blackwell (reported, unconfirmed).",
 )
 @click.option(
     "--mig-off-with-vfs",
@@ -115,6 +115,35 @@ def _latency(base, write_ms, create_ms, remove_ms, serial):
     show_default=True,
     help="Whether MIG mode can be switched off while SR-IOV VFs are enabled (refused on vendor-VFIO hosts; "
     "unknown on mdev hosts).",
+)
+@click.option(
+    "--mig-on-with-vfs",
+    type=click.Choice(["refuse", "allow"]),
+    default="refuse",
+    show_default=True,
+    help="Whether MIG mode can be switched on while SR-IOV VFs are enabled (not known).",
+)
+@click.option(
+    "--reset-with-vgpus",
+    type=click.Choice(["refuse", "destroy"]),
+    default="refuse",
+    show_default=True,
+    help="What a GPU reset does to a GPU with vGPUs no VM holds: fail as if in use, or destroy them "
+    "(not known; a vGPU a VM holds always makes the reset fail).",
+)
+@click.option(
+    "--passthrough",
+    "passthrough",
+    multiple=True,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Bind the Nth --gpu (0-based) to vfio-pci, as for PCI pass-through: NVML (nvidia-smi, "
+    "nvidia-mig-parted) does not see it; repeatable.",
+)
+@click.option(
+    "--no-mig-parted",
+    is_flag=True,
+    help="The host has no nvidia-mig-parted (by default the simulator answers for one in /usr/bin).",
 )
 @click.option(
     "--mig-after-reboot",
@@ -181,6 +210,10 @@ def create_cmd(
     mixed_size: bool,
     mig_reset: str,
     mig_off_with_vfs: str,
+    mig_on_with_vfs: str,
+    reset_with_vgpus: str,
+    passthrough: tuple[int, ...],
+    no_mig_parted: bool,
     mig_after_reboot: str,
     mdevctl: bool,
     mdevctl_on_vfs: str,
@@ -196,7 +229,9 @@ def create_cmd(
     """Create a simulated host in DIRECTORY (new or empty) with the given GPUs.
 
     Vendor-VFIO GPUs start with their SR-IOV VFs disabled, as after a reboot: apply enables them.
-    The latency options make the simulated driver slow, as a real one is (see 'sim latency').
+    The latency options make the simulated driver slow, as a real one is (see 'sim latency'). The MIG
+    options choose behaviours that are not known for sure (docs/mig.md). With VGPU_DM_SIM_MIG_PARTED
+    naming the nvidia-mig-parted binary of shared/mig-parted-mock, the real program answers for it.
     """
     from vgpu_dm.sim.latency import WriteLatency
     from vgpu_dm.sim.layout import create_host
@@ -211,6 +246,8 @@ def create_cmd(
             options={
                 "mig_reset": mig_reset,
                 "mig_off_with_vfs": mig_off_with_vfs,
+                "mig_on_with_vfs": mig_on_with_vfs,
+                "reset_with_vgpus": reset_with_vgpus,
                 "mig_after_reboot": mig_after_reboot,
                 "mdevctl_on_vfs": mdevctl_on_vfs,
                 "sriov_manage_without_sysfs": sriov_manage_without_sysfs,
@@ -218,6 +255,8 @@ def create_cmd(
                 "held_remove_blocks": held_remove_blocks,
             },
             driver_root=DRIVER_CONTAINER_ROOT if driver == "container" else "",
+            passthrough=passthrough,
+            mig_parted=not no_mig_parted,
         )
     except (KeyError, ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
@@ -236,6 +275,7 @@ def create_cmd(
             else (f", {gpu.total_vfs} VFs not enabled" if gpu.total_vfs else "")
         )
         mig = ", MIG-capable" if gpu.mig_profiles else ""
+        mig += ", bound to vfio-pci (pass-through)" if gpu.pf_driver != "nvidia" else ""
         click.echo(f"GPU {i}: {gpu.address} {model_name(gpu.model)} ({gpu.framework}{vfs}{mig})")
     if driver == "container":
         click.echo(
@@ -334,7 +374,7 @@ def writes_cmd(directory: str) -> None:
     "--hang",
     "hang",
     multiple=True,
-    type=click.Choice(["nvidia-smi", "sriov-manage"]),
+    type=click.Choice(["nvidia-smi", "sriov-manage", "nvidia-mig-parted", "systemctl", "reboot"]),
     help="This program never returns (the tool's timeout kills it); repeatable.",
 )
 @click.option(
@@ -359,9 +399,10 @@ def writes_cmd(directory: str) -> None:
 @click.option(
     "--mig-parted",
     "mig_parted",
-    type=click.Choice(["reset", "fail"]),
-    help="Make the simulated nvidia-mig-parted apply fail: reset = its GPU reset fails (a client holds "
-    "the GPU) so a MIG mode change stays pending; fail = an error before it changes anything.",
+    type=click.Choice(["nvml", "reset", "apply"]),
+    help="Make nvidia-mig-parted fail (the real binary too): nvml = NVML cannot be initialised, so every "
+    "call fails; reset = its GPU reset fails, so a MIG mode change stays pending; apply = apply fails "
+    "after its mode step, before it makes GPU instances.",
 )
 def fault_cmd(
     directory: str,
@@ -418,7 +459,7 @@ def fault_cmd(
     )
     armed += ["sriov-manage -e makes no VFs"] if sriov_no_vfs else []
     armed += [f"EIO on reads of *{p}*" for p in eio_reads]
-    armed += [f"nvidia-mig-parted apply fails ({mig_parted})"] if mig_parted else []
+    armed += [f"nvidia-mig-parted fails ({mig_parted})"] if mig_parted else []
     click.echo("faults: " + ("; ".join(armed) if armed else "none"))
 
 

@@ -154,10 +154,12 @@ class HostRoot:
         chroot: str | None = None,
         timeout: float = 300,
         input: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a host program without a shell, inside ``chroot`` (default: the host root); no chroot
         when that is ``/``. Killed after ``timeout`` seconds (subprocess.TimeoutExpired); while it runs,
-        a line every few seconds says what the tool waits for."""
+        a line every few seconds says what the tool waits for. ``env``: its whole environment (default:
+        this process's)."""
         import subprocess  # only apply on some GPUs runs programs; keep it off the start-up path
         import time
 
@@ -171,7 +173,7 @@ class HostRoot:
         stdin = subprocess.PIPE if input is not None else None
         pipe = subprocess.PIPE
         start = time.monotonic()
-        with subprocess.Popen(cmd, stdin=stdin, stdout=pipe, stderr=pipe, text=True) as proc:
+        with subprocess.Popen(cmd, stdin=stdin, stdout=pipe, stderr=pipe, text=True, env=env) as proc:
             feed = input
             try:
                 while True:
@@ -193,6 +195,15 @@ class HostRoot:
                 proc.communicate()
                 raise
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def own_program(self, name: str) -> str | None:
+        """``name`` found on this process's own PATH (the container image's) when this process does not
+        run in the host root itself; None on the host (its programs are the host's)."""
+        if self.root == "/":
+            return None
+        import shutil
+
+        return shutil.which(name)
 
     def spawn(
         self, argv: Sequence[str], env: dict[str, str], workdir: str | None = None

@@ -1,7 +1,7 @@
 """Fault injection for the simulated host: fail the Nth control-file write with an errno, make reads
 of matching paths fail with EIO, SIGKILL the tool right before its Nth write, send it a catchable
-signal (SIGTERM, as systemd and Kubernetes do to stop it) right before chosen writes, or make the
-simulated nvidia-mig-parted fail.
+signal (SIGTERM, as systemd and Kubernetes do to stop it) right before chosen writes, make
+nvidia-mig-parted fail, or make a host program hang.
 
 Faults live in ``.vgpu-dm-sim/faults.json`` and count the writes of each tool process separately, so a
 test can arm a fault and then run the CLI as a separate process.
@@ -30,10 +30,11 @@ class Faults:
     eio_reads: list[str] = field(default_factory=list)  # substrings of paths whose reads fail
     signal_at_writes: list[int] = field(default_factory=list)  # send signal_number before these writes
     signal_number: int = signal.SIGTERM
-    # The simulated nvidia-mig-parted: "reset" = its GPU reset fails (mode change stays pending),
-    # "fail" = it fails before changing anything; "" = works.
+    # nvidia-mig-parted (simulated or real): "nvml" = NVML cannot be initialised (every call fails),
+    # "reset" = its GPU reset fails (a mode change stays pending), "apply" = apply fails after its mode
+    # step, before the instances; "" = works.
     mig_parted: str = ""
-    hang: list[str] = field(default_factory=list)  # programs (nvidia-smi, sriov-manage) that never return
+    hang: list[str] = field(default_factory=list)  # programs that never return (killed by the timeout)
     unbind_lock_failures: int = 0  # sriov-manage -e fails this many times with "Cannot obtain unbindLock"
     sriov_no_vfs: bool = False  # sriov-manage -e exits 0 but makes no VFs (SR-IOV off in the BIOS)
 

@@ -55,6 +55,10 @@ class SimHostRoot(HostRoot):
         self._unbind_failures = 0
         self._held_while_dying = None  # the driver lock, taken for good by an injected SIGKILL
 
+    def own_program(self, name: str) -> str | None:
+        """The simulated tool runs on the host itself: its programs are the host's."""
+        return None
+
     @property
     def faults(self) -> Faults:
         if self._faults is None:
@@ -227,12 +231,15 @@ class SimHostRoot(HostRoot):
         chroot: str | None = None,
         timeout: float = 300,
         input: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> CompletedProcess[str]:
         """Stand in for the host programs the tool runs: sriov-manage, nvidia-smi, nvidia-mig-parted,
         systemctl, reboot and udevadm settle.
 
         As ``chroot DIR prog`` would, it finds the program inside ``chroot`` (default: the host root) —
-        the stand-in files ``sim create`` put in the driver root — and exits 127 when it is not there.
+        the stand-in files ``sim create`` put in the driver root and on the host — and exits 127 when it
+        is not there. nvidia-mig-parted is the real binary when ``VGPU_DM_SIM_MIG_PARTED`` names it and
+        the host's MIG GPUs are models it knows (sim/mig_mock.py), else the simulated one.
         """
         import subprocess
         from pathlib import Path
@@ -251,7 +258,9 @@ class SimHostRoot(HostRoot):
                 inside / d / argv[0]
                 for d in ("usr/local/bin", "usr/bin", "bin", "usr/sbin", "sbin", "usr/lib/nvidia")
             ]
-        if program in ("nvidia-smi", "sriov-manage") and not any(c.is_file() for c in candidates):
+        if program in ("nvidia-smi", "sriov-manage", "nvidia-mig-parted") and not any(
+            c.is_file() for c in candidates
+        ):
             err = f"chroot: failed to run command '{argv[0]}': No such file or directory\n"
             return CompletedProcess(list(argv), 127, "", err)
         if program in self.faults.hang:
@@ -277,8 +286,10 @@ class SimHostRoot(HostRoot):
                     _log.debug(f"udev (simulated): {line}")
                 return CompletedProcess(list(argv), 0, "", "")
             if program == "nvidia-mig-parted":
-                from vgpu_dm.sim import mig_parted
+                from vgpu_dm.sim import mig_mock, mig_parted
 
+                if mig_mock.binary() and mig_mock.usable(state):
+                    return mig_mock.run(self.base, state, list(argv), input, timeout)
                 return mig_parted.run(self.base, list(argv), input, env={})
             if program == "sriov-manage":
                 if argv[1:2] == ["-e"] and self._unbind_failures < self.faults.unbind_lock_failures:

@@ -69,6 +69,10 @@ class SimGPU:
     # Driver of the VFs on mdev-vf GPUs. The kernel names mdev type directories <parent driver>-<id>, so
     # VFs bound to vfio-pci offer vfio-pci-<id> (seen on a real A40 host: vfio-pci-575 "NVIDIA A40-24A").
     vf_driver: str = "nvidia"
+    arch: str = ""  # catalog architecture (Ampere, Hopper, ...): decides "auto" MIG mode changes
+    # Driver of the GPU itself: "nvidia", or "vfio-pci" for a GPU passed through whole to a VM, which
+    # NVML (nvidia-smi, nvidia-mig-parted) does not see at all.
+    pf_driver: str = "nvidia"
 
     @property
     def type_dir_prefix(self) -> str:
@@ -76,13 +80,29 @@ class SimGPU:
 
 
 # Host behaviours the reference does not settle; each is a choice when the host is created.
+OPTION_VALUES = {
+    "mig_reset": ("auto", "required", "immediate"),
+    "mig_off_with_vfs": ("refuse", "allow"),
+    "mig_on_with_vfs": ("refuse", "allow"),
+    "mig_after_reboot": ("keep", "lose"),
+    "reset_with_vgpus": ("refuse", "destroy"),
+}
 DEFAULT_OPTIONS = {
-    # "required": a MIG mode change stays pending until a GPU reset (the vGPU host path per
-    # gpu-operator PR #2603 and NVML's nvmlDeviceSetMigMode); "immediate": it takes effect at once.
-    "mig_reset": "required",
+    # "required": a MIG mode change stays pending until a GPU reset (Ampere: nvidia-mig-parted resets the
+    # GPUs itself); "immediate": it takes effect at once (reported for Hopper and Blackwell, gpu-operator
+    # PR #2603, unconfirmed); "auto": required on Ampere, immediate on Hopper and Blackwell, as the
+    # nvidia-mig-parted mock's own default (shared/mig-parted-mock/README.md).
+    "mig_reset": "auto",
     # Whether MIG mode may be switched off while SR-IOV VFs are enabled ("refuse" is observed on
     # vendor-VFIO hosts, host-interfaces.md 3.6; unknown on mdev hosts).
     "mig_off_with_vfs": "refuse",
+    # Whether MIG mode may be switched on while SR-IOV VFs are enabled: not known (the observed order
+    # is mode first, then VFs, 3.6), so both can be simulated.
+    "mig_on_with_vfs": "refuse",
+    # What a GPU reset does to a GPU that has vGPUs that no VM holds: "refuse" = the reset fails as if
+    # the GPU were in use, "destroy" = it succeeds and the vGPUs are gone. Not known; a held vGPU
+    # always makes the reset fail (nvidia-smi -r: "In use by another client").
+    "reset_with_vgpus": "refuse",
     # MIG mode after a reboot: "keep" (host-interfaces.md 3.2: it survives, GPU instances do not) or
     # "lose" (gpu-operator PR #2603 reports it lost on the vGPU host path).
     "mig_after_reboot": "keep",
@@ -154,6 +174,20 @@ class SimState:
                 f"make a new simulated host with 'nvidia-vgpu-dm sim create'"
             ) from None
 
+    def nvml_gpus(self) -> list[SimGPU]:
+        """The GPUs NVML sees, in its order: GPUs on the nvidia driver (not the ones bound to vfio-pci
+        for pass-through), by PCI address (NVML enumerates in PCI bus order)."""
+        from vgpu_dm.host.pci import address_key
+
+        return sorted((g for g in self.gpus if g.pf_driver == "nvidia"), key=lambda g: address_key(g.address))
+
+    def mode_change(self, gpu: SimGPU) -> str:
+        """ "required" or "immediate": how a MIG mode change of ``gpu`` takes effect."""
+        setting = self.options["mig_reset"]
+        if setting == "auto":
+            return "immediate" if gpu.arch in ("Hopper", "Blackwell") else "required"
+        return setting
+
     def gpu_of(self, address: str) -> SimGPU | None:
         for gpu in self.gpus:
             if gpu.address == address or address in gpu.vfs:
@@ -212,12 +246,17 @@ def create_host(
     vf_driver: str = "nvidia",
     driver_root: str = "",
     driver_version: str = DRIVER_VERSION,
+    passthrough: tuple[int, ...] = (),
+    mig_parted: bool = True,
 ) -> SimState:
     """Create a simulated host at ``root`` (an empty or missing directory) with the given GPUs.
 
     ``pci_domain`` puts the GPUs in that PCI domain (Intel VMD uses domains >= 0x10000);
     ``vf_driver`` binds the VFs of mdev-on-VF GPUs to ``nvidia`` or ``vfio-pci``; ``driver_root`` puts
-    nvidia-smi and sriov-manage below that directory (the GPU Operator's containerised driver).
+    nvidia-smi and sriov-manage below that directory (the GPU Operator's containerised driver);
+    ``passthrough`` binds the GPUs at those positions of ``gpu_names`` to vfio-pci (passed through whole
+    to a VM: no vGPUs, and NVML does not see them); ``mig_parted`` puts ``nvidia-mig-parted`` on the
+    host's ``/usr/bin`` (the simulator answers for it).
     """
     from vgpu_dm import catalog
 
@@ -258,6 +297,8 @@ def create_host(
     libdir = driver_dir / "usr/lib/x86_64-linux-gnu"
     _write(libdir / f"libnvidia-ml.so.{driver_version}", "# NVML stand-in of the nvidia-vgpu-dm simulator\n")
     os.symlink(f"libnvidia-ml.so.{driver_version}", libdir / "libnvidia-ml.so.1")
+    if mig_parted:
+        _write(base / "usr/bin/nvidia-mig-parted", "#!/bin/sh\n# emulated by the nvidia-vgpu-dm simulator\n")
     _write(base / "sys/module/nvidia/version", f"{driver_version}\n")
     (base / SIM_MARKER).mkdir()
     # The simulated driver's lock: made now, so that reading the host later needs no write access.
@@ -268,10 +309,17 @@ def create_host(
     for key, value in (options or {}).items():
         if key not in DEFAULT_OPTIONS:
             raise ValueError(f"unknown simulator option {key!r}")
+        if key in OPTION_VALUES and value not in OPTION_VALUES[key]:
+            raise ValueError(
+                f"simulator option {key}: {value!r} is not one of {', '.join(OPTION_VALUES[key])}"
+            )
         state.options[key] = value
     if state.options["mixed_size_rule"] not in ("framebuffer", "placements"):
         rule = state.options["mixed_size_rule"]
         raise ValueError(f"mixed_size_rule must be framebuffer or placements, not {rule!r}")
+    bad = [i for i in passthrough if not 0 <= i < len(entries)]
+    if bad:
+        raise ValueError(f"--passthrough {bad[0]}: there are only {len(entries)} GPUs")
     domain = f"{pci_domain:04x}"
     group = 10
     for i, entry in enumerate(entries):
@@ -308,8 +356,10 @@ def create_host(
             mixed_rule=state.options["mixed_size_rule"],
             placement_deny=deny_list(entry.arch, entry.framebuffer_gb),
             vf_driver=vf_driver,
-            # MIG is simulated on Ampere and Hopper, whose instance profiles the catalog knows.
-            mig_profiles=dict(entry.mig_gi_profiles) if entry.arch in ("Ampere", "Hopper") else {},
+            # MIG is simulated on the GPUs whose instance profiles the catalog knows.
+            mig_profiles=dict(entry.mig_gi_profiles),
+            arch=entry.arch,
+            pf_driver="vfio-pci" if i in passthrough else "nvidia",
         )
         attrs = {
             "vendor": "0x10de",
@@ -323,8 +373,12 @@ def create_host(
             attrs["sriov_totalvfs"] = str(total_vfs)
             attrs["sriov_numvfs"] = "0"
         group += 1
-        pf_dir = _pci_device(base, address, attrs, "nvidia", group)
-        if framework == "mdev-pf":
+        pf_dir = _pci_device(base, address, attrs, gpu.pf_driver, group)
+        if gpu.pf_driver != "nvidia":
+            # Passed through whole: the VM opens the GPU's own VFIO group; the vGPU driver has no part.
+            add_vfio_nodes(base, pf_dir, group)
+            gpu.types = []
+        elif framework == "mdev-pf":
             _link(base / "sys/class/mdev_bus" / address, pf_dir)
         elif framework == "mdev-vf":
             group = enable_vfs(base, gpu, group)

@@ -20,6 +20,42 @@ from vgpu_dm.sim.layout import SimState
 from vgpu_dm.sim.vfio_driver import disable_vfs
 
 
+def _drop_mdev(base: Path, parent: str, uuid: str) -> None:
+    ddir = base / PCI_DIR / parent / uuid
+    type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
+    group = os.path.basename(os.readlink(ddir / "iommu_group"))
+    cdevs = ddir / "vfio-dev"
+    nodes = [base / "dev/vfio/devices" / n for n in (os.listdir(cdevs) if cdevs.is_dir() else [])]
+    for link in (
+        base / "sys/bus/mdev/devices" / uuid,
+        base / PCI_DIR / parent / "mdev_supported_types" / type_dir / "devices" / uuid,
+        base / "dev/vfio" / group,
+        *nodes,
+    ):
+        if os.path.lexists(link):
+            link.unlink()
+    shutil.rmtree(ddir)
+
+
+def drop_vgpus(base: Path, gpu) -> int:
+    """Every vGPU of ``gpu`` is gone (a GPU reset or a reboot); returns how many there were. The caller
+    saves the state and refreshes the GPU's files."""
+    count = 0
+    if gpu.framework == "vendor-vfio":
+        for vf in gpu.vfs:
+            path = base / PCI_DIR / vf / "nvidia/current_vgpu_type"
+            if path.exists() and path.read_text().strip() not in ("", "0"):
+                path.write_text("0\n")
+                count += 1
+    else:
+        devices = mdev_devices(base, gpu)
+        for parent, uuid, _ in devices:
+            _drop_mdev(base, parent, uuid)
+        count = len(devices)
+    gpu.mig_hosts, gpu.mig_types = {}, {}
+    return count
+
+
 def reboot(root: str | os.PathLike[str]) -> list[str]:
     """Reboot the simulated host at ``root``; returns one line per GPU saying what it lost."""
     base = Path(root)
@@ -38,21 +74,9 @@ def reboot(root: str | os.PathLike[str]) -> list[str]:
         lost = []
         instances = len(gpu.gpu_instances)
         if gpu.framework == "mdev-pf":
-            devices = mdev_devices(base, gpu)
-            for parent, uuid, _ in devices:
-                ddir = base / PCI_DIR / parent / uuid
-                type_dir = os.path.basename(os.readlink(ddir / "mdev_type"))
-                group = os.path.basename(os.readlink(ddir / "iommu_group"))
-                for link in (
-                    base / "sys/bus/mdev/devices" / uuid,
-                    base / PCI_DIR / parent / "mdev_supported_types" / type_dir / "devices" / uuid,
-                    base / "dev/vfio" / group,
-                ):
-                    if os.path.lexists(link):
-                        link.unlink()
-                shutil.rmtree(ddir)
-            if devices:
-                lost.append(f"{len(devices)} vGPU(s)")
+            dropped = drop_vgpus(base, gpu)
+            if dropped:
+                lost.append(f"{dropped} vGPU(s)")
         elif gpu.vfs:
             lost.append(f"{len(gpu.vfs)} VFs and their vGPUs")
             disable_vfs(base, gpu)

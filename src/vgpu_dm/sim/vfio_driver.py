@@ -19,6 +19,11 @@ def _vf_type(base: Path, vf: str) -> int:
     return int((base / PCI_DIR / vf / "nvidia/current_vgpu_type").read_text().strip() or 0)
 
 
+def placed_vfs(base: Path, gpu: SimGPU) -> list[str]:
+    """The GPU's VFs that carry a vGPU."""
+    return [vf for vf in gpu.vfs if _vf_type(base, vf)]
+
+
 def placed_types(base: Path, gpu: SimGPU) -> list[SimType]:
     placed = []
     for vf in gpu.vfs:
@@ -278,4 +283,63 @@ def nvidia_smi(base: Path, state: SimState, argv: list[str]) -> subprocess.Compl
                 f"        Max Instances                     : {t.max_instances}",
             ]
         return _result(argv, 0, out="\n".join(lines) + "\n")
+    if len(args) == 2 and args[0].startswith("--query-gpu=") and args[1] == "--format=csv,noheader":
+        return _query_gpus(state, argv, args[0].split("=", 1)[1].split(","))
+    if len(args) == 4 and args[0] == "-i" and args[2] == "-mig" and args[3] in ("0", "1"):
+        return _set_mig_mode(base, state, argv, args[1], args[3] == "1")
     return _result(argv, 2, err=f"simulated nvidia-smi does not know: {' '.join(args)}\n")
+
+
+def _mode_text(gpu: SimGPU, pending: bool) -> str:
+    if not gpu.mig_profiles:
+        return "[N/A]"
+    on = (gpu.mig_pending if gpu.mig_pending is not None else gpu.mig_mode) if pending else gpu.mig_mode
+    return "Enabled" if on else "Disabled"
+
+
+def _query_gpus(state: SimState, argv: list[str], fields: list[str]) -> subprocess.CompletedProcess[str]:
+    """``nvidia-smi --query-gpu=… --format=csv,noheader``: one line per GPU NVML sees (not the ones
+    bound to vfio-pci), in NVML's order, values joined by ``", "``."""
+    values = {
+        "index": lambda i, g: str(i),
+        "pci.bus_id": lambda i, g: smi_address(g.address),
+        "pci.device_id": lambda i, g: f"0x{g.device:04X}10DE",
+        "name": lambda i, g: f"NVIDIA {g.model}",
+        "mig.mode.current": lambda i, g: _mode_text(g, False),
+        "mig.mode.pending": lambda i, g: _mode_text(g, True),
+    }
+    bad = [f for f in fields if f not in values]
+    if bad:
+        return _result(argv, 2, out=f'Field "{bad[0]}" is not a valid field to query.\n')
+    lines = [", ".join(values[f](i, g) for f in fields) for i, g in enumerate(state.nvml_gpus())]
+    return _result(argv, 0, out="".join(line + "\n" for line in lines))
+
+
+def _set_mig_mode(
+    base: Path, state: SimState, argv: list[str], ident: str, enabled: bool
+) -> subprocess.CompletedProcess[str]:
+    """``nvidia-smi -i <gpu> -mig 0|1``: sets the pending MIG mode (NVML's SetMigMode)."""
+    from vgpu_dm.sim.driver import refresh_gpu
+    from vgpu_dm.sim.mig_parted import Fatal, busy_gpus, set_mode
+
+    gpu = _find(state, ident)
+    if gpu is None or gpu.pf_driver != "nvidia":
+        return _result(argv, 6, out=f"No devices were found matching {ident}\n")
+    verb = "enable" if enabled else "disable"
+    address = smi_address(gpu.address)
+    if not gpu.mig_profiles:
+        return _result(argv, 3, out=f"Unable to {verb} MIG Mode for GPU {address}: Not Supported\n")
+    try:
+        set_mode(state, gpu, enabled, busy_gpus(base, state))
+    except Fatal as exc:
+        code, why = (19, "In use by another client") if "IN_USE" in str(exc) else (3, "Not Supported")
+        return _result(argv, code, out=f"Unable to {verb} MIG Mode for GPU {address}: {why}\n")
+    state.save(base)
+    refresh_gpu(base, gpu)
+    out = f"{verb.capitalize()}d MIG Mode for GPU {address}\n"
+    if gpu.mig_pending is not None:
+        out = (
+            f"Warning: MIG mode is in pending {verb} state for GPU {address}:In use by another client\n"
+            f"Reboot the system or try nvidia-smi --gpu-reset to make MIG mode effective on GPU {address}\n"
+        )
+    return _result(argv, 0, out=out + "All done.\n")
