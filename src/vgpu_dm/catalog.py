@@ -28,6 +28,8 @@ class CatalogGPU:
     mig_gi_profiles: dict[str, int] = field(default_factory=dict)
     # What 'sim create --gpu' calls it: the prefix, unless another GPU shares that prefix (``DC``).
     sim_name: str = ""
+    # Series (Q, C …) whose MIG-backed types need GPU instances with the +gfx attribute.
+    mig_gfx_series: tuple[str, ...] = ()
 
     @property
     def min_vfs(self) -> int:
@@ -62,6 +64,7 @@ def load() -> tuple[CatalogGPU, ...]:
                 vgpu_types={str(k): int(v) for k, v in item["vgpu_types"].items()},
                 mig_gi_profiles={str(k): int(v) for k, v in (item.get("mig_gi_profiles") or {}).items()},
                 sim_name=str(item.get("sim_name") or item["vgpu_type_prefix"]),
+                mig_gfx_series=tuple(str(x) for x in item.get("mig_gfx_series") or ()),
             )
         )
     return tuple(gpus)

@@ -1,15 +1,20 @@
-"""Translate a selected vGPU config into the nvidia-mig-parted config that prepares its GPU instances.
+"""Translate vGPU config entries into the MIG layout their GPUs need (mode and GPU instances), and into
+an nvidia-mig-parted config for ``mig-config``. Pure functions of the entries and the GPU catalog.
 
-A pure function of the config entries and the GPU catalog. Per entry: the same ``devices`` and
-``device-filter``; ``mig-enabled: true`` with the GPU-instance profiles and counts its MIG-backed types
-need, or ``mig-enabled: false`` when it has none (time-sliced types and ``{}`` need MIG off).
+A MIG-backed type ``<GPU>-<G>-<GB><SERIES>[ATTR]`` lives in a GPU instance with ``<G>`` compute slices
+(host-interfaces.md 5.3). Which instance profile, and how many vGPUs share one:
 
-Upstream maps ``<GPU>-<G>-<GB><SERIES>`` to profile ``<G>g.<GB>gb`` with one GPU instance per vGPU. That
-holds where the vGPU fills its instance (A100, A30, H100, H200), but not where several vGPUs share one:
-on the RTX PRO 6000 Blackwell the 1-slice instance is ``1g.24gb`` and holds three ``DC-1-8Q``
-(host-interfaces.md section 3.6). So when the catalog knows the GPU's instance profiles and
-``<G>g.<GB>gb`` is not one of them, the type goes into the smallest ``<G>``-slice profile that fits it,
-``memory // GB`` vGPUs per instance, and the instance count is rounded up.
+1. The profile named ``<G>g.<GB>gb`` when the GPU has it: one vGPU per instance (A100, A30, H100, H200).
+2. Else a ``<G>``-slice profile whose memory differs from ``<GB>`` only by rounding (within 5 %): the
+   vGPU names round differently from the instance names on some GPUs (GB200-1-24C sits in 1g.23gb:
+   seven of each), one vGPU per instance.
+3. Else the smallest ``<G>``-slice profile that holds ``<GB>``, ``memory // GB`` vGPUs per instance
+   (RTX PRO 6000: three DC-1-8Q in one 1g.24gb, 3.6); vGPUs of different sizes never share one.
+
+The attribute picks the profile's suffix (``ME`` → ``+me`` …); on GPUs whose catalog entry names a
+series in ``mig_gfx_series`` (RTX PRO Blackwell Q-series) the instances get ``+gfx`` without a GFX
+suffix in the type name. A GPU whose instance profiles the catalog does not know, a profile (or suffix)
+it does not offer and counts beyond its maximum are refused, with a message saying which.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vgpu_dm.errors import ConfigError
+from vgpu_dm.mig.layout import MigLayout
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.vgpu_type import VGPUType
+
+if TYPE_CHECKING:
+    from vgpu_dm.catalog import CatalogGPU
 
 # vGPU type attribute → GPU-instance profile suffix (host-interfaces.md section 5.3).
 PROFILE_SUFFIX = {"": "", "ME": "+me", "NOME": "-me", "MEALL": "+me.all", "GFX": "+gfx"}
 _PROFILE = re.compile(r"(?P<g>[1-9][0-9]*)g\.(?P<gb>[0-9]+)gb(?P<suffix>(?:[+-][a-z.]+)*)")
+# Naming of vGPU types and of instance profiles may round the same memory differently by this much.
+ROUNDING = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,49 +71,138 @@ class Placement:
 
 
 class TranslationError(ValueError):
-    """A MIG-backed type whose GPU-instance profile cannot be told."""
+    """A MIG-backed type whose GPU-instance profile cannot be told, or counts that cannot fit."""
 
 
-def placement(vtype: VGPUType, profiles: dict[str, int] | None) -> Placement:
-    """The GPU-instance profile of a MIG-backed type, given the GPU's profiles (None: not known)."""
+def _unknown(what: str) -> str:
+    return (
+        f"the MIG GPU-instance profiles of the {what} are not known to this tool (NVIDIA's MIG user guide "
+        f"does not list them); create its GPU instances yourself and apply with --skip-mig"
+    )
+
+
+def placement(
+    vtype: VGPUType, profiles: dict[str, int] | None, gfx_series: tuple[str, ...] = (), model: str = "GPU"
+) -> Placement:
+    """The GPU-instance profile of a MIG-backed type on a GPU with these ``profiles`` (None: unknown)."""
     if not vtype.is_mig_backed:
         raise ValueError(f"{vtype.name} is time-sliced and needs no GPU instance")
+    if not profiles:
+        raise TranslationError(f"{vtype.name}: {_unknown(model)}")
     suffix = PROFILE_SUFFIX[vtype.attribute]
-    exact = f"{vtype.gpu_instance_slices}g.{vtype.framebuffer_gb}gb{suffix}"
-    if not profiles or exact in profiles:
-        return Placement(exact, 1)
-    fitting = sorted(
-        (p for p in map(GIProfile.parse, profiles) if not p.suffix),
+    gfx_implied = not suffix and vtype.series in gfx_series
+    if gfx_implied:
+        suffix = "+gfx"
+    g, gb = vtype.gpu_instance_slices, vtype.framebuffer_gb
+    bases = sorted(
+        (p for p in map(GIProfile.parse, profiles) if not p.suffix and p.slices == g),
         key=lambda p: p.memory_gb,
     )
-    fitting = [
-        p
-        for p in fitting
-        if p.slices == vtype.gpu_instance_slices
-        and vtype.framebuffer_gb
-        and p.memory_gb >= vtype.framebuffer_gb
-    ]
-    if not fitting:
-        known = ", ".join(profiles)
-        raise TranslationError(
-            f"no GPU-instance profile with {vtype.gpu_instance_slices} slice(s) and at least "
-            f"{vtype.framebuffer_gb} GB hosts {vtype.name} (the GPU's profiles: {known})"
+    near = [p for p in bases if gb and abs(p.memory_gb - gb) <= ROUNDING * gb]
+    if near:
+        base, per_instance = min(near, key=lambda p: abs(p.memory_gb - gb)), 1
+    else:
+        fitting = [p for p in bases if gb and p.memory_gb >= gb]
+        if not fitting:
+            known = ", ".join(profiles)
+            raise TranslationError(
+                f"no GPU-instance profile of the {model} with {g} slice(s) and at least {gb} GB hosts "
+                f"{vtype.name} (its profiles: {known})"
+            )
+        base, per_instance = fitting[0], fitting[0].memory_gb // gb
+    name = base.name + suffix
+    if name not in profiles:
+        why = (
+            f" ({vtype.series}-series MIG-backed vGPUs on it need graphics instances)" if gfx_implied else ""
         )
-    base = fitting[0]
-    return Placement(base.name + suffix, base.memory_gb // vtype.framebuffer_gb)
+        raise TranslationError(
+            f"{vtype.name} needs {name} GPU instances{why}, and the {model} has no {name} profile as far as "
+            f"this tool knows (its profiles: {', '.join(profiles)})"
+        )
+    return Placement(name, per_instance)
 
 
-def _gpu_profiles(vtype: VGPUType, entry: ConfigEntry) -> dict[str, int] | None:
-    """The instance profiles of the GPU model a type belongs to, narrowed by the entry's device-filter."""
+def layout_for(entry: ConfigEntry, model: CatalogGPU | None) -> MigLayout:
+    """The MIG layout the entry needs on one GPU of ``model`` (None: a GPU the catalog does not know).
+
+    Raises TranslationError when it cannot be told or does not fit (every problem in one message).
+    """
+    mig_types = [(t, n) for t, n in entry.vgpu_devices if t.is_mig_backed]
+    if not mig_types:
+        return MigLayout(False)
+    what = model.name if model else "GPU"
+    if model is None or not model.mig_gi_profiles:
+        names = ", ".join(t.name for t, _ in mig_types)
+        if model is not None and not any(t.name in model.vgpu_types for t, _ in mig_types):
+            raise TranslationError(f"{names}: the {what} has no MIG-backed vGPU types")
+        raise TranslationError(f"{names}: {_unknown(what)}")
+    problems = type_problems(entry, model)
+    # vGPUs of different framebuffer sizes never share an instance (host-interfaces.md section 3.6).
+    per_group: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 1])
+    for vtype, count in mig_types:
+        try:
+            where = placement(vtype, model.mig_gi_profiles, model.mig_gfx_series, what)
+        except TranslationError as exc:
+            problems.append(str(exc))
+            continue
+        group = per_group[(where.profile, vtype.framebuffer_gb)]
+        group[0] += count
+        group[1] = where.per_instance
+    counts: dict[str, int] = {}
+    for (profile, _), (count, per_instance) in per_group.items():
+        counts[profile] = counts.get(profile, 0) + math.ceil(count / per_instance)
+    for profile, need in counts.items():
+        limit = model.mig_gi_profiles[profile]
+        if need > limit:
+            problems.append(
+                f"{' + '.join(f'{n} x {t.name}' for t, n in mig_types)} need {need} x {profile} GPU instances, "
+                f"but the {what} has at most {limit}"
+            )
+    # Each instance takes its compute slices (<G>g) of the GPU's, which the largest profile has all of:
+    # a necessary condition only (placements may still not work out; apply checks the result).
+    slices = sum(GIProfile.parse(p).slices * n for p, n in counts.items())
+    total = max(GIProfile.parse(p).slices for p in model.mig_gi_profiles)
+    if not problems and slices > total:
+        problems.append(
+            f"{' + '.join(f'{n} x {p}' for p, n in counts.items())} GPU instances need {slices} compute slices, "
+            f"but the {what} has {total}"
+        )
+    if problems:
+        raise TranslationError("; ".join(problems))
+    return MigLayout.of(True, counts)
+
+
+def type_problems(entry: ConfigEntry, model: CatalogGPU) -> list[str]:
+    """Types the model does not have, and counts beyond its catalog maximum (as the plan reports them)."""
+    problems = []
+    for vtype, count in entry.vgpu_devices:
+        bare = vtype.without_attribute()
+        known = model.vgpu_types.get(vtype.name)
+        if known is None and bare is not None:
+            known = model.vgpu_types.get(bare.name)
+        if known is None:
+            problems.append(f"vGPU type {vtype.name} is not a type of the {model.name}")
+        elif count > known:
+            problems.append(f"{count} x {vtype.name} requested, but the GPU holds at most {known}")
+    return problems
+
+
+def entry_models(entry: ConfigEntry) -> list[CatalogGPU]:
+    """The catalog GPUs an entry's MIG-backed types can mean, narrowed by its device-filter."""
     from vgpu_dm import catalog
 
-    bare = vtype.without_attribute()
-    names = {vtype.name, bare.name} if bare else {vtype.name}
+    names = set()
+    prefixes = set()
+    for vtype, _ in entry.vgpu_devices:
+        if vtype.is_mig_backed:
+            bare = vtype.without_attribute()
+            names |= {vtype.name, bare.name} if bare else {vtype.name}
+            prefixes.add(vtype.gpu)
     models = [m for m in catalog.load() if names & set(m.vgpu_types)] or [
-        m for m in catalog.load() if m.prefix == vtype.gpu
+        m for m in catalog.load() if m.prefix in prefixes
     ]
     if entry.device_filter:
-        models = [
+        narrowed = [
             m
             for m in models
             if any(
@@ -110,32 +210,9 @@ def _gpu_profiles(vtype: VGPUType, entry: ConfigEntry) -> dict[str, int] | None:
                 for f in entry.device_filter
                 for d in m.device_ids
             )
-        ] or models
-    tables = {tuple(sorted(m.mig_gi_profiles.items())) for m in models if m.mig_gi_profiles}
-    if len(tables) > 1:
-        which = ", ".join(m.name for m in models if m.mig_gi_profiles)
-        raise TranslationError(
-            f"{vtype.name} is a type of several GPUs with different GPU-instance profiles ({which}); "
-            f"add a device-filter to the entry to say which"
-        )
-    return dict(tables.pop()) if tables else None
-
-
-def mig_devices(entry: ConfigEntry) -> dict[str, int]:
-    """GPU-instance profile → count that the entry's MIG-backed types need on each selected GPU."""
-    # vGPUs of different framebuffer sizes never share an instance (host-interfaces.md section 3.6).
-    per_group: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 1])
-    for vtype, count in entry.vgpu_devices:
-        if not vtype.is_mig_backed:
-            continue
-        where = placement(vtype, _gpu_profiles(vtype, entry))
-        group = per_group[(where.profile, vtype.framebuffer_gb)]
-        group[0] += count
-        group[1] = where.per_instance
-    result: dict[str, int] = {}
-    for (profile, _), (count, per_instance) in per_group.items():
-        result[profile] = result.get(profile, 0) + math.ceil(count / per_instance)
-    return result
+        ]
+        models = narrowed or models
+    return models
 
 
 def _filter_value(entry: ConfigEntry) -> str | list[str] | None:
@@ -145,24 +222,34 @@ def _filter_value(entry: ConfigEntry) -> str | list[str] | None:
     return texts[0] if len(texts) == 1 else texts
 
 
-def entry_config(entry: ConfigEntry, devices: Any = None) -> dict[str, Any]:
-    """The mig-parted entry for one vGPU config entry (``devices`` overrides the entry's own)."""
+def entry_config(entry: ConfigEntry) -> dict[str, Any]:
+    """The mig-parted entry for one vGPU config entry, for the GPU model its types name."""
     out: dict[str, Any] = {}
-    if devices is None:
-        flt = _filter_value(entry)
-        if flt is not None:
-            out["device-filter"] = flt
-        devices = "all" if entry.devices is None else list(entry.devices)
-    out["devices"] = devices
-    wanted = mig_devices(entry)
-    out["mig-enabled"] = bool(wanted)
-    if wanted:
-        out["mig-devices"] = wanted
+    flt = _filter_value(entry)
+    if flt is not None:
+        out["device-filter"] = flt
+    out["devices"] = "all" if entry.devices is None else list(entry.devices)
+    if not entry.is_mig_backed:
+        out["mig-enabled"] = False
+        return out
+    models = entry_models(entry)
+    layouts = {}
+    for model in models or [None]:
+        layouts[model.name if model else ""] = layout_for(entry, model)
+    if len(set(layouts.values())) > 1:
+        raise TranslationError(
+            f"the types are of several GPUs that need different GPU instances ({', '.join(layouts)}); add a "
+            f"device-filter to the entry to say which"
+        )
+    layout = next(iter(layouts.values()))
+    out["mig-enabled"] = True
+    out["mig-devices"] = layout.as_dict
     return out
 
 
 def mig_parted_config(name: str, entries: tuple[ConfigEntry, ...], source: str = "") -> dict[str, Any]:
-    """The nvidia-mig-parted config (``version: v1``) for the selected vGPU config ``name``."""
+    """The nvidia-mig-parted config (``version: v1``) for the selected vGPU config ``name``; ConfigError
+    (located, one line per entry) for what apply would refuse."""
     items = []
     problems = []
     for entry in entries:
