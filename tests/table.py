@@ -5,7 +5,8 @@ a blank cell under a GPU column means "same GPU as the row above".
 from __future__ import annotations
 
 LIST_COLUMNS = (
-    "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL"
+    "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "MIG",
+    "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL",
 )  # fmt: skip
 
 

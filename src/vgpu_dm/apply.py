@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vgpu_dm import journal, log
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, HostError, PlanError, VgpuDmError
@@ -64,6 +64,9 @@ class ApplyOptions:
     # Called with the GPUs about to change right before the first change of the host (set by
     # apply_config: it runs the pre-change hooks once).
     before_change: Callable[[Iterable[GPU]], None] | None = None
+    # A MIG mode change that waits for a GPU reset keeps its pending mode when the run fails (the
+    # caller reboots for it: the agent's --with-reboot); otherwise the pending mode is set back.
+    keep_pending_mig: bool = False
 
 
 # Automatic --jobs: one thread per GPU being changed, at most this many. Each thread mostly waits for
@@ -121,11 +124,12 @@ def _count(names: list[str]) -> str:
 
 def summary(gp: GPUPlan) -> str:
     parts = [
+        ("", f"{gp.mig.current.describe()} -> {gp.mig.target.describe()}" if gp.mig else ""),
         ("keep", _count([d.type_name for d in gp.keep])),
         ("remove", _count([d.type_name for d in gp.remove])),
         ("create", _count([t.name for t in gp.create])),
     ]
-    return f"{gp.gpu.describe()}: " + "; ".join(f"{verb} {what}" for verb, what in parts if what)
+    return f"{gp.gpu.describe()}: " + "; ".join(f"{verb} {what}".strip() for verb, what in parts if what)
 
 
 def _reason(exc: Exception) -> str:
@@ -148,6 +152,7 @@ def apply_config(
     before the first change, post-change after it, apply-exit last (vgpu_dm.hooks.runner).
     """
     options = options or ApplyOptions()
+    tools = tools or HostTools()
     with HostLock(host, timeout=options.lock_timeout, stop=options.stop):
         if options.hooks is None:
             return _apply_locked(entries, host, tools, source, options, config_name)
@@ -212,14 +217,18 @@ def _apply_locked(
         watchdog_interval=options.watchdog_interval,
         before_change=options.before_change,
     )
-    if not options.skip_mig:
-        # MIG mode and GPU instances first: the vGPUs are planned on what they offer afterwards.
-        from vgpu_dm.mig.step import prepare_mig
+    from vgpu_dm.apply_mig import plan_with_mig
 
-        prepare_mig(entries, config_name, host, tools, source, options.force, options)
     inventory = Inventory(host, tools, writable=True)
     log_discovery(inventory)
-    plan = build_plan(entries, inventory, source, force=options.force, allow_assigned=options.allow_assigned)
+    plan = plan_with_mig(
+        entries,
+        inventory,
+        source,
+        force=options.force,
+        skip_mig=options.skip_mig,
+        allow_assigned=options.allow_assigned,
+    )
     log_plan(plan)
     if options.persist:
         from vgpu_dm.persist import check_plan
@@ -227,6 +236,108 @@ def _apply_locked(
         check_plan(plan, inventory, options.force, options.allow_assigned)  # before VFs are enabled
     if options.uuid_mode == STABLE and any(gp.framework != VENDOR_VFIO for gp in plan.changed):
         machine_id(host)  # fail before anything is touched, sriov-manage included
+    # One number per GPU this run changes, kept from the first write to the last.
+    touched = [gp.gpu for gp in plan.changed]
+    if plan.mig:  # GPUs a reset may empty are taken down and put back
+        touched += [b.gpu for b in plan.mig.bystanders if b.devices]
+    numbers = Numbers({gpu.address: i for i, gpu in enumerate(touched, 1)}, len(touched))
+    if plan.mig_changes or (plan.mig and plan.mig.cancel_pending):
+        final = _apply_with_mig(plan, entries, inventory, tools, source, options, config_name, numbers)
+    else:
+        final = plan = _apply_vgpus(plan, entries, inventory, tools, source, options, config_name, numbers)
+    if options.persist:
+        from vgpu_dm.persist import sync_mdevctl
+
+        # The definitions follow what is on the GPUs now (after a no-op apply too).
+        sync_mdevctl(final, Inventory(host, tools), options.force, options.allow_assigned)
+    return plan
+
+
+def _gpus_to_change(
+    entries: tuple[ConfigEntry, ...],
+    host: HostRoot,
+    tools: HostTools | None,
+    source: str,
+    options: ApplyOptions,
+    config_name: str,
+) -> list[GPU]:
+    """Read-only, before the first change: the GPUs this run will change — those of an interrupted
+    run's journal (recovered first), those whose MIG layout changes, and those the plan for the host
+    as it is changes. What cannot be read here is left to the later calls, which add their GPUs."""
+    inventory = Inventory(host, tools)
+    by_address = {g.address: g for g in inventory.gpus}
+    found: dict[str, GPU] = {}
+    try:
+        interrupted = journal.read(host)
+        for jgpu in interrupted.gpus if interrupted else ():
+            if jgpu.gpu in by_address:
+                found[jgpu.gpu] = by_address[jgpu.gpu]
+        from vgpu_dm.apply_mig import plan_with_mig
+
+        plan = plan_with_mig(
+            entries,
+            inventory,
+            source,
+            force=options.force,
+            skip_mig=options.skip_mig,
+            strict=False,
+            allow_assigned=options.allow_assigned,
+        )
+        for gp in plan.changed:
+            found.setdefault(gp.gpu.address, gp.gpu)
+        for by in plan.mig.bystanders if plan.mig else ():
+            if by.devices:  # taken down and put back if the MIG change needs a GPU reset
+                found.setdefault(by.gpu.address, by.gpu)
+    except (ValueError, OSError, HostError) as exc:
+        _log.debug(f"the GPUs this run changes are named as it reaches them: {exc}")
+    return list(found.values())
+
+
+def _settle_mdevctl(inventory: Inventory, enabled: list[GPU]) -> None:
+    """mdevctl may start its definitions on VFs just enabled, some time after sriov-manage returned:
+    wait for that before the plan is made on them (host/mdevctl.py settle_autostart)."""
+    addresses = {g.address for g in enabled}
+    parents = [vf for g in inventory.gpus if g.address in addresses for vf in g.vfs]
+    if parents and inventory.host.exists("etc/mdevctl.d"):
+        from vgpu_dm.host.mdevctl import settle_autostart
+
+        for warning in settle_autostart(inventory.host, parents):
+            _log.warning(warning)
+
+
+class Numbers(NamedTuple):
+    """``[i/n]`` of each GPU in a run's log lines."""
+
+    of: dict[str, int]
+    total: int
+
+    def label_of(self, line: str) -> str:
+        """``[i/n] `` of the GPU a "GPU <i> (<address>): …" line is about ("" if none)."""
+        head = line.split(": ", 1)[0]
+        for address, number in self.of.items():
+            if head.endswith(f"({address})"):
+                return f"[{number}/{self.total}] "
+        return ""
+
+    def label(self, gpu: GPU, fallback: int, count: int) -> str:
+        if gpu.address in self.of:
+            return f"[{self.of[gpu.address]}/{self.total}]"
+        return f"[{fallback}/{count}]"
+
+
+def _apply_vgpus(
+    plan: Plan,
+    entries: tuple[ConfigEntry, ...],
+    inventory: Inventory,
+    tools: HostTools,
+    source: str,
+    options: ApplyOptions,
+    config_name: str,
+    numbers: Numbers | None = None,
+) -> Plan:
+    """The vGPU part: SR-IOV VFs first where the plan needs them, then the vGPUs (and mdevctl's
+    definitions checked against them); returns the plan carried out."""
+    host = inventory.host
     pending = [gp.gpu for gp in plan.changed if gp.enable_vfs]
     if pending:
         # VFs are a prerequisite, not a vGPU change: enable them, then plan again on what appeared.
@@ -275,72 +386,155 @@ def _apply_locked(
     for note in plan.notes:
         _log.warning(note)
     if not plan.is_noop:
-        execute(plan, inventory, options, config_name)
-    if options.persist:
-        from vgpu_dm.persist import sync_mdevctl
-
-        # The definitions follow what is on the GPUs now (after a no-op apply too).
-        sync_mdevctl(plan, Inventory(host, tools), options.force, options.allow_assigned)
+        execute(plan, inventory, options, config_name, numbers)
     return plan
 
 
-def _gpus_to_change(
+def _removal_plan(gpus: list[tuple[GPU, str, tuple[VGPUDevice, ...], object]]) -> Plan:
+    """A plan that only removes these devices (with the journal and exact rollback of any removal)."""
+    return Plan(
+        gpus=tuple(
+            GPUPlan(gpu, fw, None, {}, remove=devices, mig=mig)  # type: ignore[arg-type]
+            for gpu, fw, devices, mig in gpus
+            if devices
+        )
+    )
+
+
+def _restore_devices(
+    host: HostRoot, tools: HostTools, removed: list[tuple[GPU, tuple[VGPUDevice, ...]]]
+) -> list[str]:
+    """Put removed devices back as they were (same UUIDs or VFs); one line per GPU."""
+    inventory = Inventory(host, tools, writable=True)
+    by_address = {g.address: g for g in inventory.gpus}
+    lines = []
+    for old, devices in removed:
+        if not devices:
+            continue
+        gpu = by_address.get(old.address)
+        backend = inventory.backend_for(gpu) if gpu else None
+        problems = []
+        for device in devices:
+            try:
+                if gpu is None or backend is None:
+                    raise HostError("the GPU has no vGPU parents now")
+                _restore(gpu, backend, device)
+            except (OSError, HostError) as exc:
+                problems.append(f"{device.type_name} {device.key}: {_reason(exc)}")
+        if problems:
+            lines.append(f"{old.describe()}: NOT all vGPUs restored ({'; '.join(problems)}); run apply again")
+        else:
+            lines.append(f"{old.describe()}: its {len(devices)} vGPU(s) were put back as they were")
+    return lines
+
+
+def _apply_with_mig(
+    plan: Plan,
     entries: tuple[ConfigEntry, ...],
-    host: HostRoot,
-    tools: HostTools | None,
+    inventory: Inventory,
+    tools: HostTools,
     source: str,
     options: ApplyOptions,
     config_name: str,
-) -> list[GPU]:
-    """Read-only, before the first change: the GPUs this run will change — those of an interrupted
-    run's journal (recovered first), those whose MIG layout changes, and those the plan for the host
-    as it is changes. What cannot be read here is left to the later calls, which add their GPUs."""
-    inventory = Inventory(host, tools)
-    by_address = {g.address: g for g in inventory.gpus}
-    by_index = {g.index: g for g in inventory.gpus}
-    found: dict[str, GPU] = {}
-    try:
-        interrupted = journal.read(host)
-        for jgpu in interrupted.gpus if interrupted else ():
-            if jgpu.gpu in by_address:
-                found[jgpu.gpu] = by_address[jgpu.gpu]
-        if not options.skip_mig:
-            from vgpu_dm.mig.step import changing_gpus
+    numbers: Numbers,
+) -> Plan:
+    """The MIG stage (apply_mig.py) between the removals it needs and the vGPUs of the new layout;
+    returns the plan of those vGPUs."""
+    from vgpu_dm.apply_mig import MigStage, MigStepError
 
-            mig = changing_gpus(entries, config_name, inventory, source)
-            for index in mig[2] if mig else ():
-                found.setdefault(by_index[index].address, by_index[index])
-        plan = build_plan(
-            entries,
-            inventory,
-            source,
-            force=options.force,
-            strict=False,
-            allow_assigned=options.allow_assigned,
+    host = inventory.host
+    for note in plan.notes:
+        _log.warning(note)
+    if options.before_change is not None:
+        options.before_change([gp.gpu for gp in plan.changed])
+    stage = MigStage(plan, inventory, tools, keep_pending=options.keep_pending_mig)
+    changing = [(gp.gpu, gp.framework, gp.remove, gp.mig) for gp in plan.mig_changes]
+    removed: list[tuple[GPU, tuple[VGPUDevice, ...]]] = []
+    if options.stop is not None and options.stop.is_set():
+        raise ApplyInterrupted("apply interrupted before it changed anything; every GPU is unchanged")
+    first = _removal_plan(changing)
+    if first.gpus:
+        # The journal and exact rollback of any removal; a failure here leaves every GPU as it was.
+        execute(first, inventory, options, config_name, numbers, done="vGPUs removed; the MIG change is next")
+        removed = [(gpu, devices) for gpu, _, devices, _ in changing]
+
+    def take_down(people) -> None:
+        fresh = Inventory(host, tools, writable=True)
+        execute(
+            _removal_plan([(b.gpu, b.devices[0].framework, b.devices, None) for b in people]),
+            fresh,
+            options,
+            config_name,
+            numbers,
+            done="vGPUs taken down for the GPU reset; they come back as they were",
         )
-        for gp in plan.changed:
-            found.setdefault(gp.gpu.address, gp.gpu)
-    except (ValueError, OSError, HostError) as exc:
-        _log.debug(f"the GPUs this run changes are named as it reaches them: {exc}")
-    return list(found.values())
+        removed.extend((b.gpu, b.devices) for b in people)
+        # Until they are back, the journal keeps them: a run killed in between leaves them for the next
+        # apply's recovery to put back (same UUIDs or VFs), also on GPUs the config does not select.
+        journal.write(
+            host,
+            journal.Journal(
+                pid=os.getpid(),
+                started=time.time(),
+                config=config_name,
+                gpus=[
+                    journal.JournalGPU(
+                        gpu=b.gpu.address,
+                        framework=b.devices[0].framework,
+                        before=[journal.device_record(d) for d in b.devices],
+                        remove=[d.key for d in b.devices],
+                        create=[],
+                    )
+                    for b in people
+                ],
+            ),
+        )
 
+    def undo(exc: Exception) -> list[str]:
+        lines = stage.put_back()
+        lines += _restore_devices(host, tools, removed)
+        if not any("NOT all" in line for line in lines):
+            journal.clear(host)
+        return [str(exc), *lines]
 
-def _settle_mdevctl(inventory: Inventory, enabled: list[GPU]) -> None:
-    """mdevctl may start its definitions on VFs just enabled, some time after sriov-manage returned:
-    wait for that before the plan is made on them (host/mdevctl.py settle_autostart)."""
-    addresses = {g.address for g in enabled}
-    parents = [vf for g in inventory.gpus if g.address in addresses for vf in g.vfs]
-    if parents and inventory.host.exists("etc/mdevctl.d"):
-        from vgpu_dm.host.mdevctl import settle_autostart
-
-        for warning in settle_autostart(inventory.host, parents):
-            _log.warning(warning)
+    try:
+        stage.run(take_down)
+    except MigStepError as exc:
+        raise type(exc)("\n".join(undo(exc))) from None
+    except ApplyInterrupted as exc:
+        raise ApplyInterrupted("\n".join(undo(exc))) from None
+    except ApplyError as exc:  # a bystander's removal failed (execute rolled it back)
+        raise ApplyError("\n".join(undo(exc))) from None
+    # GPUs a reset emptied get their vGPUs back as they were before the new ones are planned.
+    back = [(b.gpu, b.devices) for b in stage.taken_down]
+    restored = _restore_devices(host, tools, back)
+    for line in restored:
+        (_log.error if "NOT all" in line else _log.info)(f"{numbers.label_of(line)}{line}")
+    if back and not any("NOT all" in line for line in restored):
+        journal.clear(host)
+    try:
+        fresh = Inventory(host, tools, writable=True)
+        log_discovery(fresh)
+        after = build_plan(entries, fresh, source, force=options.force, allow_assigned=options.allow_assigned)
+        log_plan(after)
+        return _apply_vgpus(after, entries, fresh, tools, source, options, config_name, numbers)
+    except (ApplyError, PlanError, HostError) as exc:
+        restorable = [(g, d) for g, d in removed if all(g.address != b.gpu.address for b in stage.taken_down)]
+        lines = stage.put_back() + _restore_devices(host, tools, restorable)
+        kind = ApplyInterrupted if isinstance(exc, ApplyInterrupted) else ApplyError
+        raise kind("\n".join([str(exc), "the MIG change is undone:", *lines])) from None
 
 
 def execute(
-    plan: Plan, inventory: Inventory, options: ApplyOptions | None = None, config_name: str = ""
+    plan: Plan,
+    inventory: Inventory,
+    options: ApplyOptions | None = None,
+    config_name: str = "",
+    numbers: Numbers | None = None,
+    done: str = "done",
 ) -> None:
-    """Apply every changing GPU of ``plan``; raises ApplyError after rolling back on failure."""
+    """Apply every changing GPU of ``plan``; raises ApplyError after rolling back on failure.
+    ``done`` ends each GPU's log lines."""
     options = options or ApplyOptions()
     host = inventory.host
     if options.before_change is not None:
@@ -409,10 +603,14 @@ def execute(
 
     def run(numbered: tuple[int, GPUPlan]) -> _Outcome:
         number, gp = numbered
-        where = f"[{number}/{len(changed_plans)}]"
+        where = (
+            numbers.label(gp.gpu, number, len(changed_plans))
+            if numbers
+            else f"[{number}/{len(changed_plans)}]"
+        )
         backend, uuids = backends[gp.gpu.address], new_uuids[gp.gpu.address]
         outcome = _apply_gpu(
-            gp, backend, uuids, options, abort, wrote, where, host, held, options.watchdog_interval
+            gp, backend, uuids, options, abort, wrote, where, host, held, options.watchdog_interval, done
         )
         if outcome.failure and options.keep_going:
             outcome.rolled_back, outcome.clean = _rollback(
@@ -514,6 +712,7 @@ def _apply_gpu(
     host: HostRoot | None = None,
     held: frozenset[str] = frozenset(),
     watchdog: float = 5.0,
+    done: str = "done",
 ) -> _Outcome:
     """Remove, switch mode, create on one GPU; the writes made are recorded for rollback.
 
@@ -560,7 +759,7 @@ def _apply_gpu(
                 undo.created.append(backend.create(gp.gpu, vtype, ordinal=ordinal, uuid=uuid, **extra))
                 wrote("create", gp.gpu, undo.created[-1])
             _log.info(
-                f"{where} {gp.gpu.describe()}: done",
+                f"{where} {gp.gpu.describe()}: {done}",
                 extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="done"),
             )
         except _Stop:

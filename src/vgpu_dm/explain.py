@@ -42,6 +42,8 @@ def log_plan(plan) -> None:
         extra = " (enable VFs first)" if gp.enable_vfs else ""
         extra += " (switch to mixed-size mode)" if gp.enable_mixed_size else ""
         extra += " (switch back to equal-size mode)" if gp.disable_mixed_size else ""
+        if gp.mig is not None:
+            extra += f" (MIG first: {gp.mig.current.describe()} -> {gp.mig.target.describe()})"
         _log.debug(
             f"plan {gp.gpu.describe()} [{gp.entry.path}]: {what}{extra}",
             extra=log.fields(gpu=gp.gpu.index, address=gp.gpu.address, action="plan"),

@@ -7,15 +7,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from vgpu_dm.errors import HostError, PlanError
 from vgpu_dm.host.inventory import Inventory
 from vgpu_dm.host.model import UNRESOLVED, VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of, unnamed
 from vgpu_dm.host.pci import GPU
+from vgpu_dm.plan_mig import MigChange, MigPlan
 from vgpu_dm.spec.model import ConfigEntry
 from vgpu_dm.text import did_you_mean
 from vgpu_dm.vgpu_type import VGPUType
+
+if TYPE_CHECKING:
+    from vgpu_dm.mig.state import MigState
 
 
 # NamedTuple rather than a frozen dataclass: far cheaper to define at import (README, Performance).
@@ -48,9 +52,13 @@ class GPUPlan(NamedTuple):
         """Keys (UUID or VF) of removed vGPUs that this plan creates again, same type, same key."""
         return frozenset(uuid or parent for uuid, parent in self.pins if uuid or parent)
 
+    # Its MIG mode or GPU instances change first (all its vGPUs go; ``create`` is then re-planned on
+    # what the new instances offer).
+    mig: MigChange | None = None
+
     @property
     def changes(self) -> bool:
-        return bool(self.remove or self.create or self.enable_vfs)
+        return bool(self.remove or self.create or self.enable_vfs or self.mig)
 
 
 class Plan(NamedTuple):
@@ -64,6 +72,8 @@ class Plan(NamedTuple):
     # Only with strict=False: the plans of GPUs left out because a VM holds or is defined to use a vGPU
     # they would remove (what apply would do with --force), for previews to show.
     blocked: tuple[GPUPlan, ...] = ()
+    # The MIG stage's whole-host part (None: MIG state not read: not involved, or --skip-mig).
+    mig: MigPlan | None = None
 
     @property
     def all_problems(self) -> list[str]:
@@ -75,7 +85,11 @@ class Plan(NamedTuple):
 
     @property
     def is_noop(self) -> bool:
-        return not self.changed
+        return not self.changed and not (self.mig and self.mig.cancel_pending)
+
+    @property
+    def mig_changes(self) -> tuple[GPUPlan, ...]:
+        return tuple(p for p in self.gpus if p.mig is not None)
 
     @property
     def writes(self) -> int:
@@ -157,6 +171,7 @@ def build_plan(
     strict: bool = True,
     read_modes: bool = True,
     allow_assigned: tuple[str, ...] = (),
+    mig: MigState | None = None,
 ) -> Plan:
     """The plan for the selected config's entries; raises PlanError listing every problem found.
 
@@ -165,6 +180,8 @@ def build_plan(
     asking nvidia-smi whether a changing equal-size GPU is still in mixed-size mode: it changes anyway.
     ``allow_assigned``: libvirt domains (names or UUIDs, or ``all``) that are not running and whose
     vGPUs may be removed all the same (``force`` allows every domain's).
+    ``mig``: the host's MIG state; with it, GPUs whose MIG layout must change are planned as such
+    (plan_mig.py), else MIG mode and instances are taken as they are.
     """
     gpus = inventory.gpus
     problems: list[str] = []
@@ -198,7 +215,9 @@ def build_plan(
             problems.append(owned[gpu.index])
             by_gpu[gpu.index] = tuple(problems[before:])
             continue
-        plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes, allow_assigned)
+        plan = _plan_mig_gpu(gpu, entry, inventory, mig, problems) if mig is not None else None
+        if plan is None and len(problems) == before:
+            plan = _plan_gpu(gpu, entry, inventory, problems, notes, force, read_modes, allow_assigned)
         if plan is not None:
             _check_in_use(plan, inventory, force, problems, notes, allow_assigned, strict)
         if len(problems) > before:
@@ -208,12 +227,93 @@ def build_plan(
         elif plan is not None:
             plans.append(plan)
     notes.extend(inventory.claim_warnings())
+    mig_plan = None
+    if mig is not None:
+        mig_plan = _whole_host_mig(plans, chosen, inventory, mig, force, problems, notes, by_gpu)
     if problems and strict:
         raise PlanError(problems)
     unselected = tuple(g for g in gpus if g.index not in chosen)
     return Plan(
-        gpus=tuple(plans), unselected=unselected, notes=tuple(notes), problems=by_gpu, blocked=tuple(blocked)
+        gpus=tuple(plans),
+        unselected=unselected,
+        notes=tuple(notes),
+        problems=by_gpu,
+        blocked=tuple(blocked),
+        mig=mig_plan,
     )
+
+
+def _plan_mig_gpu(
+    gpu: GPU, entry: ConfigEntry, inventory: Inventory, mig: MigState, problems: list[str]
+) -> GPUPlan | None:
+    """The plan of a GPU whose MIG layout changes (all its vGPUs go, the config's come after), or None
+    when it does not change (a problem is appended when the change cannot work)."""
+    from vgpu_dm import catalog
+    from vgpu_dm.mig.translate import type_problems
+    from vgpu_dm.plan_mig import change_for
+
+    backend = inventory.backend_for(gpu)
+    current = backend.devices(gpu) if backend else []
+    wanted = entry.wanted()
+    label = f"{gpu.describe()} [{entry.path}]"
+    match = bool(backend) and _matches_as_is(wanted, current, lambda name: name in backend.types(gpu))
+    change, problem = change_for(gpu, entry, mig, match)
+    if problem:
+        problems.append(f"{label}: {problem}")
+        return None
+    seen = mig.of(gpu.address)
+    if change is None and entry.is_mig_backed and seen and not backend and inventory.vfio.needs_vfs(gpu):
+        # The instances are right but the VFs are off: enabling them destroys the instances (3.2), so
+        # the MIG stage enables the VFs and makes the instances again.
+        change = MigChange(seen.index, seen.layout, seen.layout, None, seen.pending)
+    if change is None:
+        return None
+    nameless = [d for d in current if d.framework == VENDOR_VFIO and unnamed(d)]
+    if nameless:
+        problems.append(_unnamed_problem(gpu, nameless, inventory, label))
+        return None
+    model = catalog.for_device(gpu.device_id)
+    found = type_problems(entry, model) if model else []
+    if found:
+        problems.extend(f"{label}: {p}" for p in found)
+        return None
+    create = [TypeInfo(t.name, UNRESOLVED, t.name, 0) for t, n in wanted.items() for _ in range(n)]
+    framework = backend.framework if backend else inventory.framework(gpu)
+    return GPUPlan(
+        gpu,
+        framework,
+        entry,
+        {t.name: c for t, c in wanted.items()},
+        remove=tuple(current),
+        create=tuple(create),
+        mig=change,
+    )
+
+
+def _whole_host_mig(plans, chosen, inventory, mig, force, problems, notes, by_gpu) -> MigPlan:
+    """Bystanders of a mode change (and the VMs on them), and pending modes to set back."""
+    from vgpu_dm.plan_mig import bystanders, reset_problems
+
+    changing = [gp for gp in plans if gp.mig is not None]
+    cancel = []
+    for gpu in inventory.gpus:
+        seen = mig.of(gpu.address)
+        if gpu.index not in chosen or seen is None or seen.pending is None:
+            continue
+        gp = next((p for p in changing if p.gpu.address == gpu.address), None)
+        if gp is None or not gp.mig.mode_change:
+            cancel.append((gpu, seen.index, seen.layout.enabled))
+    people: tuple = ()
+    if any(gp.mig.mode_change for gp in changing):
+        people = bystanders({gp.gpu.address for gp in changing}, mig, inventory)
+        found, said = reset_problems(
+            people, [gp.gpu for gp in changing if gp.mig.mode_change], inventory, force
+        )
+        notes.extend(said)
+        if found:
+            problems.extend(found)
+            by_gpu[None] = (*by_gpu.get(None, ()), *found)
+    return MigPlan(bystanders=people, cancel_pending=tuple(cancel))
 
 
 def _selects_nothing(entries: tuple[ConfigEntry, ...], gpus: list[GPU], where: str) -> str:
@@ -453,6 +553,12 @@ def _check_in_use(
     (``strict=False``) records it as this GPU's problem and still shows the GPU's plan.
     """
     recreated = plan.recreated
+    why = (
+        f"; the GPU's MIG layout changes ({plan.mig.current.describe()} -> {plan.mig.target.describe()}), "
+        f"which removes all its vGPUs"
+        if plan.mig
+        else ""
+    )
     for device in plan.remove:
         try:
             holders = inventory.holders.holders(device, required=not force)
@@ -468,7 +574,7 @@ def _check_in_use(
         domains = inventory.assigned(device)
         if domains:
             who += f", libvirt {_domains_text(domains)}"
-        what = f"{plan.gpu.describe()}: {device.type_name} {device.key} is in use by {who}"
+        what = f"{plan.gpu.describe()}: {device.type_name} {device.key} is in use by {who}{why}"
         if force and device.framework == VENDOR_VFIO:
             # NVIDIA's driver refuses to destroy a vGPU whose VF a VM has open (EPERM), force or not:
             # the write would only fail halfway through the plan.
@@ -515,9 +621,10 @@ def _check_assigned(plan, device, inventory, force, problems, notes, allow_assig
     else:
         names = " ".join(f"--allow-assigned {d.name}" for d in blocking)
         hint = f"change or undefine the VM first, or pass {names} (or --force)"
+    why = "; the GPU's MIG layout changes, which removes all its vGPUs" if plan.mig else ""
     problems.append(
-        f"{what} (defined in {files}); the config would remove it and the VM could not start without it: "
-        f"{hint}"
+        f"{what} (defined in {files}){why}; the config would remove it and the VM could not start without "
+        f"it: {hint}"
     )
 
 

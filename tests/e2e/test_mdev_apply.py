@@ -598,7 +598,7 @@ vgpu-configs:
     assert len(rows) == 2 + 1 + 2
     # GPU columns are printed once per GPU, on its first row.
     assert [r["GPU"] for r in rows] == ["0", "", "1", "2", ""]
-    rows = parse_table(table.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
+    rows = parse_table(table.out, LIST_COLUMNS, fill=LIST_COLUMNS[:6])
     for v in t4:
         row = next(r for r in rows if r["UUID"] == v["uuid"])
         assert (row["GPU"], row["ADDRESS"], row["VGPU TYPE"], row["PARENT"]) == ("0", T4_0, "T4-8Q", T4_0)

@@ -1,5 +1,6 @@
-"""apply with MIG-backed types on simulated hosts: nvidia-mig-parted (simulated) prepares MIG mode and
-GPU instances first; failures leave the vGPUs as they were."""
+"""apply with MIG-backed types on simulated hosts: nvidia-mig-parted prepares MIG mode and GPU instances
+first; failures leave the vGPUs as they were. nvidia-mig-parted is the real binary where the simulator
+can delegate to it (VGPU_DM_SIM_MIG_PARTED, A100/A30/H100 SXM5 models), else the simulated one (H200)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.simstate import arm, layouts, snapshot
-from vgpu_dm.sim import mig_parted
-from vgpu_dm.sim.host import write_log
+from vgpu_dm.sim.host import SimHostRoot, write_log
 from vgpu_dm.sim.layout import SimState, create_host
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +25,9 @@ def mig_modes(root: Path) -> list[bool]:
     return [g.mig_mode for g in SimState.load(root).gpus]
 
 
-def step(cli, root: Path, name: str) -> None:
-    """apply, then assert with nvidia-vgpu-dm and with (simulated) nvidia-mig-parted."""
+def step(cli, root: Path, name: str, whole_host: bool = True) -> None:
+    """apply, then assert with nvidia-vgpu-dm and with nvidia-mig-parted (whose assert holds only when
+    the config covers every GPU of the host: ``whole_host``)."""
     result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", name)
     assert result.code == 0, result.err
     assert "Traceback" not in result.err
@@ -34,8 +35,8 @@ def step(cli, root: Path, name: str) -> None:
     assert held.code == 0, held.err
     translated = cli("mig-config", "-f", str(CONFIG), "-c", name)
     assert translated.code == 0
-    proc = mig_parted.run(root, ["nvidia-mig-parted", "assert", "-f", "-"], translated.out, env={})
-    assert proc.returncode == 0, proc.stderr
+    proc = SimHostRoot(root).run(["nvidia-mig-parted", "assert", "-f", "-"], input=translated.out)
+    assert proc.returncode == (0 if whole_host else 1), proc.stderr
     # Nothing left to do: a second apply writes nothing and runs no MIG change.
     logged = len(write_log(root))
     again = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", name)
@@ -55,18 +56,25 @@ SEQUENCES = {
         ("H200-70C", {"H200-70C": 2}, None),
         ("H200-1-18C", {"H200-1-18C": 7}, {"1g.18gb": 7}),
     ],
+    "H100XM": [
+        ("H100XM-1-10C", {"H100XM-1-10C": 7}, {"1g.10gb": 7}),
+        ("H100XM-40C", {"H100XM-40C": 2}, None),
+        ("H100XM-2-20C", {"H100XM-2-20C": 3}, {"2g.20gb": 3}),
+    ],
 }
+# The host behaviours that are not known for sure, both ways: "auto" = a mode change waits for a reset
+# on Ampere only, MIG mode cannot change while VFs are on; "flipped" = the other way round everywhere.
+FLIPPED = {"mig_off_with_vfs": "allow", "mig_on_with_vfs": "allow", "reset_with_vgpus": "destroy"}
 
 
-@pytest.mark.parametrize("gpu", ["A100", "H200"])
+@pytest.mark.parametrize("gpu", ["A100", "H100XM", "H200"])
 @pytest.mark.parametrize("vendor_vfio", [False, True], ids=["mdev", "vendor-vfio"])
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"mig_reset": "immediate", "mig_off_with_vfs": "allow"}],
-    ids=["reset-required", "immediate-and-off-with-vfs"],
-)
-def test_mig_sequence_on_two_gpus(cli, workdir, gpu, vendor_vfio, options) -> None:
+@pytest.mark.parametrize("flipped", [False, True], ids=["auto", "flipped"])
+def test_mig_sequence_on_two_gpus(cli, workdir, gpu, vendor_vfio, flipped) -> None:
     root = workdir / "host"
+    options = {}
+    if flipped:
+        options = {**FLIPPED, "mig_reset": "immediate" if gpu == "A100" else "required"}
     create_host(root, [gpu, gpu], vendor_vfio=vendor_vfio, options=options)
     for name, vgpus, profiles in SEQUENCES[gpu]:
         step(cli, root, name)
@@ -82,7 +90,9 @@ def test_mig_step_runs_sriov_manage_from_the_driver_root(cli, workdir) -> None:
     driver = str(root / "run/nvidia/driver")
     args = ("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "H200-1-18C")
     missing = cli(*args)
-    assert missing.code == 1 and "sriov-manage" in missing.err and "--driver-root" in missing.err
+    # The driver's programs are needed before the first write (nvidia-smi reads the MIG state).
+    assert missing.code == 1 and "nvidia-smi not found" in missing.err and "--driver-root" in missing.err
+    assert write_log(root) == []
     result = cli(*args, "--driver-root", driver)
     assert result.code == 0, result.err
     assert layouts(root) == [{"H200-1-18C": 7}] and instances(root) == [{"1g.18gb": 7}]
@@ -109,18 +119,21 @@ def _start(cli, workdir: Path, gpu: str, name: str) -> Path:
     [
         ("A100", "A100-1-5C", "A100-2-10C"),
         ("A100", "A100-40C", "A100-1-5C"),
+        ("H100XM", "H100XM-40C", "H100XM-1-10C"),
         ("H200", "H200-70C", "H200-1-18C"),
         ("H200", "H200-1-18C", "H200-2-35C"),
     ],
 )
 def test_failing_mig_parted_leaves_the_vgpus_as_they_were(cli, workdir, gpu, start, target) -> None:
+    """mig-parted apply fails after its mode step (a failing pre-apply-config hook, the real binary's
+    own error path): the step puts MIG mode, VFs, instances and the vGPUs back."""
     root = _start(cli, workdir, gpu, start)
     before, gis, modes = snapshot(root), instances(root), mig_modes(root)
-    arm(cli, root, "--mig-parted", "fail")
+    arm(cli, root, "--mig-parted", "apply")
     result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", target)
     assert result.code == 1
-    assert "nvidia-mig-parted apply" in result.err and "injected fault" in result.err
-    assert "were put back as they were" in result.err
+    assert "nvidia-mig-parted apply failed" in result.err and "pre-apply-config hook" in result.err
+    assert "were put back as they were" in result.err and "Traceback" not in result.err
     # The same vGPUs (same UUIDs on mdev, same VFs on vendor VFIO), the same MIG state.
     assert snapshot(root) == before
     assert (instances(root), mig_modes(root)) == (gis, modes)
@@ -130,17 +143,26 @@ def test_failing_mig_parted_leaves_the_vgpus_as_they_were(cli, workdir, gpu, sta
 
 
 @pytest.mark.parametrize(
-    ("gpu", "start", "target"), [("A100", "A100-2-10C", "A100-40C"), ("H200", "H200-70C", "H200-2-35C")]
+    ("gpu", "start", "target"),
+    [
+        ("A100", "A100-2-10C", "A100-40C"),
+        ("A100", "A100-40C", "A100-1-5C"),
+        ("H200", "H200-70C", "H200-2-35C"),
+    ],
 )
 def test_mode_change_waiting_for_a_reset_is_reported(cli, workdir, gpu, start, target) -> None:
-    root = _start(cli, workdir, gpu, start)
-    before = snapshot(root)
+    root = workdir / "host"
+    create_host(root, [gpu, gpu], options={"mig_reset": "required"})
+    step(cli, root, start)
+    before, modes = snapshot(root), mig_modes(root)
     arm(cli, root, "--mig-parted", "reset")
     result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", target)
     assert result.code == 1
-    assert "the MIG mode change needs a GPU reset or a reboot" in result.err
+    assert "the MIG mode change needs a GPU reset, which could not be done" in result.err
     assert "error resetting all GPUs" in result.err  # mig-parted's own output is shown
-    assert snapshot(root) == before
+    assert snapshot(root) == before and mig_modes(root) == modes
+    # The pending mode the failed change left was set back: a later reset or reboot changes nothing.
+    assert [g.mig_pending for g in SimState.load(root).gpus] == [None, None]
     assert "Traceback" not in result.err
     arm(cli, root)
     step(cli, root, target)
@@ -183,8 +205,9 @@ def test_skip_mig_and_missing_mig_parted(cli, workdir) -> None:
     )
     assert (
         missing.code == 1
-        and "need nvidia-mig-parted" in missing.err
-        and "/opt/none/mig not found" in missing.err
+        and "whose GPU instances nvidia-mig-parted makes" in missing.err
+        and "/opt/none/mig in the host root" in missing.err
+        and "not found" in missing.err
     )
     assert write_log(root) == []
     # A time-sliced config does not need it: MIG mode is left alone.
@@ -212,29 +235,30 @@ def test_t4_host_never_runs_mig_parted(cli, workdir) -> None:
     assert result.code == 0, result.err
 
 
-def test_broken_mig_parted_after_vfs_were_disabled_is_reported(cli, workdir) -> None:
-    """Leaving MIG mode needs the VFs off first, and disabling them destroys the GPU instances; when
-    mig-parted then fails outright it cannot rebuild them either, so the MIG-backed vGPUs cannot come
-    back. The run says so, exits 1, and the next apply converges."""
+def test_mig_parted_that_cannot_load_nvml_changes_nothing(cli, workdir) -> None:
+    """mig-parted's NVML cannot be initialised (a driver not ready): export fails, so apply stops
+    before its first write with mig-parted's own message — never reads it as "the MIG layout differs"."""
     root = _start(cli, workdir, "A100", "A100-2-10C")
-    arm(cli, root, "--mig-parted", "fail")
+    before, gis, logged = snapshot(root), instances(root), len(write_log(root))
+    arm(cli, root, "--mig-parted", "nvml")
     result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-40C")
     assert result.code == 1
-    assert "injected fault" in result.err
-    assert "the previous MIG layout could not be restored" in result.err
-    assert "NOT all vGPUs restored" in result.err and "run apply again" in result.err
+    assert "nvidia-mig-parted export failed" in result.err
+    assert "Error initializing NVML" in result.err
+    assert (snapshot(root), instances(root), len(write_log(root))) == (before, gis, logged)
+    # Nor does a config that already holds need it.
+    assert cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-2-10C").code == 0
     arm(cli, root)
     step(cli, root, "A100-40C")
-    step(cli, root, "A100-2-10C")
 
 
 @pytest.mark.parametrize("after_reboot", ["keep", "lose"])
-@pytest.mark.parametrize("gpu", ["A100", "H200"])
+@pytest.mark.parametrize("gpu", ["A100", "H100XM", "H200"])
 def test_apply_after_a_reboot_rebuilds_mig_and_vgpus(cli, workdir, gpu, after_reboot) -> None:
     """VFs, vGPUs and GPU instances do not survive a reboot (MIG mode may); apply at boot rebuilds them."""
     root = workdir / "host"
     create_host(root, [gpu], options={"mig_after_reboot": after_reboot})
-    name = f"{gpu}-1-18C" if gpu == "H200" else "A100-1-5C"
+    name = {"H200": "H200-1-18C", "H100XM": "H100XM-1-10C"}.get(gpu, "A100-1-5C")
     step(cli, root, name)
     wanted = layouts(root)
     rebooted = cli("sim", "reboot", str(root))
@@ -248,14 +272,35 @@ def test_apply_after_a_reboot_rebuilds_mig_and_vgpus(cli, workdir, gpu, after_re
 
 
 def test_reboot_completes_a_pending_mode_change(cli, workdir) -> None:
-    root = _start(cli, workdir, "A100", "A100-40C")
-    arm(cli, root, "--mig-parted", "reset")
-    assert cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C").code == 1
-    arm(cli, root)
+    """A mode change left pending (by nvidia-smi -mig here, as an earlier tool would) takes effect at a
+    reboot; apply afterwards builds the instances and vGPUs."""
+    root = workdir / "host"
+    create_host(root, ["A100", "A100"], options={"mig_on_with_vfs": "allow"})
+    step(cli, root, "A100-40C")
+    assert cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-40C").code == 0
+    host = SimHostRoot(root)
+    for gpu in SimState.load(root).gpus:
+        assert host.run(["nvidia-smi", "-i", gpu.address, "-mig", "1"]).returncode == 0
     assert mig_modes(root) == [False, False]
+    assert [g.mig_pending for g in SimState.load(root).gpus] == [True, True]
     assert cli("sim", "reboot", str(root)).code == 0
     assert mig_modes(root) == [True, True]
     step(cli, root, "A100-1-5C")
+
+
+def test_a_pending_mode_left_behind_is_set_back(cli, workdir) -> None:
+    """A GPU whose MIG mode waits to flip at the next reset (left by another tool) would lose its
+    vGPUs then: a run that changes anything sets the pending mode back to the current one."""
+    root = workdir / "host"
+    create_host(root, ["A100", "A100"], options={"mig_on_with_vfs": "allow"})
+    step(cli, root, "A100-40C")
+    smi = SimHostRoot(root).run(["nvidia-smi", "-i", SimState.load(root).gpus[0].address, "-mig", "1"])
+    assert smi.returncode == 0 and "pending enable" in smi.stdout
+    assert [g.mig_pending for g in SimState.load(root).gpus] == [True, None]
+    result = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-2-10C")
+    assert result.code == 0, result.err
+    assert layouts(root) == [{"A100-2-10C": 3}] * 2
+    assert [g.mig_pending for g in SimState.load(root).gpus] == [None, None]
 
 
 def test_plan_shows_the_mig_step_and_writes_nothing(cli, workdir) -> None:
@@ -270,14 +315,20 @@ def test_plan_shows_the_mig_step_and_writes_nothing(cli, workdir) -> None:
         and "create   7 x A100-1-5C" in shown.out
     )
     assert write_log(root) == [] and mig_modes(root) == [False, False]
-    step(cli, root, "A100-1-5C")
+    step(cli, root, "A100-1-5C", whole_host=False)
     report = json.loads(cli("plan", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-40C", "--json").out)
     gpu0 = report["gpus"][0]
-    assert gpu0["status"] == "change" and gpu0["mig"] == {"enabled": False, "instances": {}}
+    assert gpu0["status"] == "change"
+    assert gpu0["mig"] == {
+        "enabled": False,
+        "instances": {},
+        "current": {"enabled": True, "instances": {"1g.5gb": 7}},
+        "mode_change": True,
+    }
     assert [d["type"] for d in gpu0["remove"]] == ["A100-1-5C"] * 7
     assert gpu0["create"] == [{"type": "A100-40C", "count": 1}]
     dry = cli("apply", "--dry-run", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-2-10C")
-    assert dry.code == 0 and "GPU instances 3 x 2g.10gb" in dry.out
+    assert dry.code == 0 and "GPU instances 3 x 2g.10gb" in dry.out and "now MIG on, 7 x 1g.5gb" in dry.out
     assert layouts(root) == [{"A100-1-5C": 7}, {}]
     # Applied: the plan has nothing to do, and no MIG line.
     again = cli("plan", "--sim", str(root), "-f", str(CONFIG), "-c", "A100-1-5C")
@@ -304,7 +355,7 @@ vgpu-configs:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("mig-on-a-t4", "has no MIG"),
+        ("mig-on-a-t4", "the GPU has no MIG"),
         ("bad-other-gpu", "17 x T4-1Q requested"),
         ("too-many", "8 x A100-1-5C requested, but the GPU holds at most 7"),
     ],
@@ -334,13 +385,18 @@ vgpu-configs:
   does-not-fit:
     - devices: all
       vgpu-devices: {"H100-2-20C": 3, "H100-1-10C": 2}
+  media:
+    - devices: all
+      vgpu-devices: {"H100-1-10CME": 1, "H100-1-10C": 2}
 """
 
 
 @pytest.mark.parametrize("start", [None, "sliced", "mixed"])
-def test_instances_that_do_not_fit_put_everything_back(cli, workdir, start) -> None:
-    """Each count is within the catalog's maximum, but together they do not fit the GPU: mig-parted
-    fails after MIG mode and the VFs were changed, and the step undoes both."""
+def test_instances_that_cannot_be_made_put_everything_back(cli, workdir, start) -> None:
+    """Instances that need more compute slices than the GPU has are refused before any write. A profile
+    the catalog lists but this GPU's driver does not offer (+me profiles came with later drivers):
+    mig-parted reports success and makes nothing (as the real one does, smoke D8); the check after it
+    finds that out, and the step puts MIG mode, VFs, instances and vGPUs back."""
     root = workdir / "host"
     create_host(root, ["H100"])
     config = workdir / "h100.yaml"
@@ -349,9 +405,17 @@ def test_instances_that_do_not_fit_put_everything_back(cli, workdir, start) -> N
         result = cli("apply", "--sim", str(root), "-f", str(config), "-c", start)
         assert result.code == 0, result.err
     before, gis, modes = snapshot(root), instances(root), mig_modes(root)
-    vfs = SimState.load(root).gpus[0].vfs
+    vfs, logged = SimState.load(root).gpus[0].vfs, len(write_log(root))
     result = cli("apply", "--sim", str(root), "-f", str(config), "-c", "does-not-fit")
-    assert result.code == 1 and "Insufficient Resources" in result.err, result.err
-    assert "could not be restored" not in result.err and "NOT all" not in result.err
+    assert result.code == 1 and "need 8 compute slices, but the NVIDIA H100 PCIe 80GB has 7" in result.err
+    assert len(write_log(root)) == logged
+    state = SimState.load(root)
+    del state.gpus[0].mig_profiles["1g.10gb+me"]
+    state.save(root)
+    result = cli("apply", "--sim", str(root), "-f", str(config), "-c", "media")
+    assert result.code == 1, result.err
+    assert "nvidia-mig-parted reported success, but GPU 0" in result.err
+    assert "has MIG on, no GPU instances, not MIG on, 2 x 1g.10gb, 1 x 1g.10gb+me" in result.err
+    assert "could not be put back" not in result.err and "NOT all" not in result.err
     assert snapshot(root) == before
     assert (instances(root), mig_modes(root), SimState.load(root).gpus[0].vfs) == (gis, modes, vfs)

@@ -295,15 +295,23 @@ def test_plan_says_the_mig_step_comes_first_on_mig_capable_gpus(cli, sim_host):
     example = str(EXAMPLES / "config-example.yaml")
     # The (simulated) nvidia-mig-parted is asked, read-only, what apply's MIG step would change.
     report = plan_json(cli, root, "-f", example, "-c", "A100-1-5C", code=0)
-    assert report["gpus"][0]["mig"] == {"enabled": True, "instances": {"1g.5gb": 7}}
+    assert report["gpus"][0]["mig"] == {
+        "enabled": True,
+        "instances": {"1g.5gb": 7},
+        "current": {"enabled": False, "instances": {}},
+        "mode_change": True,
+    }
     text = cli("plan", "--sim", str(root), "-f", example, "-c", "A100-1-5C")
-    assert "mig      MIG mode on, GPU instances 7 x 1g.5gb" in text.out
+    assert (
+        "mig      MIG mode on, GPU instances 7 x 1g.5gb (nvidia-mig-parted, first; now MIG off)" in text.out
+    )
     assert writes(root) == []
 
 
 # -- list ----------------------------------------------------------------------------------------------
 LIST_COLUMNS = (
-    "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL"
+    "GPU", "ADDRESS", "MODEL", "FRAMEWORK", "MIXED", "MIG",
+    "VGPU TYPE", "UUID", "PARENT", "HOLDER", "VM", "MDEVCTL",
 )  # fmt: skip
 
 
@@ -314,7 +322,7 @@ def test_list_shows_holders_mixed_size_mode_and_plain_model_names(cli, sim_host,
     uuid = json.loads(cli("list", "--json", "--sim", str(root)).out)["gpus"][0]["vgpus"][0]["uuid"]
     pid = int(cli("sim", "hold", str(root), uuid, "--name", "vm-web").out.split()[1])
     table = cli("list", "--sim", str(root))
-    rows = parse_table(table.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
+    rows = parse_table(table.out, LIST_COLUMNS, fill=LIST_COLUMNS[:6])
     held = next(r for r in rows if r["UUID"] == uuid)
     assert held["HOLDER"] == f"{pid} vm-web"
     assert {r["MIXED"] for r in rows if r["GPU"] == "1"} == {"on"}

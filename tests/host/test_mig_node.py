@@ -86,3 +86,37 @@ def test_reboot_runs_a_simulated_reboot(sim_host) -> None:
     node.reboot(host)
     assert services.calls(root) == [["reboot"]]
     assert SimState.load(root).gpus[0].vfs == []
+
+
+def test_daemon_reload_failing_is_an_error(sim_host) -> None:
+    root = sim_host("A100")
+    path = root / STATE_FILE.lstrip("/")
+    path.parent.mkdir(parents=True)
+    path.write_text("[Service]\n")
+    services.fail(root, ["daemon-reload"])
+    with pytest.raises(HostError, match="systemctl daemon-reload failed after writing"):
+        node.persist_selected_config(SimHostRoot(root), STATE_FILE, "A100-1-5C")
+
+
+@pytest.mark.parametrize("program", ["systemctl", "reboot"])
+def test_a_host_program_that_hangs_is_a_host_error_not_a_traceback(sim_host, program) -> None:
+    """systemctl and reboot run with a timeout; when it expires the caller gets a HostError (the agent
+    then starts the clients it stopped and reports failed)."""
+    from vgpu_dm.sim.faults import Faults
+
+    root = sim_host("A100")
+    host = SimHostRoot(root)
+    services.set_units(root, {"nvidia-dcgm.service": True, "nvsm.service": True})
+    Faults(hang=[program]).save(root)
+    host = SimHostRoot(root)
+    if program == "reboot":
+        with pytest.raises(HostError, match="reboot did not return within"):
+            node.reboot(host)
+        assert SimState.load(root).gpus[0].vfs  # nothing of a reboot happened
+        return
+    with pytest.raises(HostError, match=r"'systemctl is-active --quiet nvidia-dcgm\.service' did not finish"):
+        node.stop_clients(host, ["nvidia-dcgm.service", "nvsm.service"])
+    assert node.start_clients(host, ["nvsm.service"]) == [
+        "could not start nvsm.service: 'systemctl start nvsm.service' did not finish within 120 s and was "
+        "killed"
+    ]

@@ -231,7 +231,9 @@ def test_flags_errors_and_export(sim_host, tmp_path) -> None:
     )
     # ... while the mode assertion walks only the GPUs it lists (A5b).
     assert (
-        mig_parted.run(root, ["nvidia-mig-parted", "assert", "-m", f"--config-file={path}"], env={}).returncode
+        mig_parted.run(
+            root, ["nvidia-mig-parted", "assert", "-m", f"--config-file={path}"], env={}
+        ).returncode
         == 0
     )
     exported = parted(root, "export").stdout

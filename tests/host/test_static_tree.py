@@ -306,7 +306,7 @@ def test_list_host_root(cli, host):
     before = snapshot(host)
     result = cli("list", "--host-root", str(host))
     assert result.code == 0, result.err
-    rows = parse_table(result.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
+    rows = parse_table(result.out, LIST_COLUMNS, fill=LIST_COLUMNS[:6])
     assert len(rows) == 2 + 1 + 2
     assert sorted(r["UUID"] for r in rows if r["GPU"] == "0") == sorted(T4_VGPUS)
     assert all(
@@ -315,7 +315,7 @@ def test_list_host_root(cli, host):
         if r["GPU"] == "0"
     )
     (a40,) = [r for r in rows if r["GPU"] == "1"]
-    assert list(a40.values()) == ["1", A40_VFIO, "NVIDIA A40", "none", "-", "-", "-", "-", "-", "-", "-"]
+    assert list(a40.values()) == ["1", A40_VFIO, "NVIDIA A40", "none", "-", "-", "-", "-", "-", "-", "-", "-"]
     a10_rows = {r["UUID"]: r for r in rows if r["GPU"] == "2"}
     assert set(a10_rows) == set(A10_VGPUS)
     for uuid, vf in zip(A10_VGPUS, A10_VGPU_VFS, strict=True):

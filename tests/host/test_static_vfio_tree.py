@@ -351,7 +351,7 @@ def test_list_json_reports_each_gpu_and_its_vfs(cli, tree):
 def test_list_table_shows_short_names(cli, tree):
     result = cli("list", "--host-root", str(tree))
     assert result.code == 0, result.err
-    rows = parse_table(result.out, LIST_COLUMNS, fill=LIST_COLUMNS[:5])
+    rows = parse_table(result.out, LIST_COLUMNS, fill=LIST_COLUMNS[:6])
     dc = [r for r in rows if r["GPU"] == "2"]
     assert dc[0]["MODEL"] == "NVIDIA RTX PRO 6000 Blackwell Server Edition"
     assert (dc[0]["FRAMEWORK"], dc[0]["VGPU TYPE"], dc[0]["UUID"], dc[0]["PARENT"]) == (

@@ -114,7 +114,9 @@ def running_agent(
 
 def agent_process(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """The installed entry point as a separate process (stderr captured)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("VGPU_DM_") or k == "VGPU_DM_SIM_MIG_PARTED"}
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith("VGPU_DM_") or k == "VGPU_DM_SIM_MIG_PARTED"
+    }
     for key in ("KUBECONFIG", "NODE_NAME", "NAMESPACE", "CONFIG_FILE", "DEFAULT_VGPU_CONFIG"):
         base.pop(key, None)
     base.update(env or {})

@@ -204,7 +204,9 @@ def test_placement_errors() -> None:
 
 def test_untranslatable_type_is_a_located_config_error() -> None:
     text = "version: v1\nvgpu-configs:\n  c:\n    - devices: all\n      vgpu-devices: {DC-3-8Q: 1}\n"
-    with pytest.raises(ConfigError, match=r"test.yaml:4: vgpu-configs.c\[0\].vgpu-devices: vGPU type DC-3-8Q is"):
+    with pytest.raises(
+        ConfigError, match=r"test.yaml:4: vgpu-configs.c\[0\].vgpu-devices: vGPU type DC-3-8Q is"
+    ):
         translate(text)
 
 

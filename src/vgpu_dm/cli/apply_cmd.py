@@ -78,7 +78,7 @@ def apply_cmd(
     GPUs changed so far are put back exactly as they were.
 
     MIG-backed types: nvidia-mig-parted first sets MIG mode and the GPU instances the config needs (a
-    time-sliced config switches MIG off); GPUs whose MIG layout changes lose their vGPUs first.
+    time-sliced config switches MIG off); GPUs whose MIG layout changes lose their vGPUs first (docs/mig.md).
 
     vGPUs that a libvirt VM is defined to use (running or not) are kept unless --allow-assigned or
     --force; a vGPU removed and created again keeps its UUID (mdev) or VF (vendor VFIO).
@@ -90,19 +90,7 @@ def apply_cmd(
 
     fmt = output_format(output, as_json)
     spec, name, entries = load_selected(config_file, selected_config)
-    hooks = None
-    if hooks_file:
-        from vgpu_dm.cli.main import _from_env
-        from vgpu_dm.errors import ConfigError
-        from vgpu_dm.hooks import read_hooks_file
-
-        try:
-            hooks = read_hooks_file(hooks_file)  # checked before the host is looked at, as the config is
-        except ConfigError as exc:
-            if exc.problems:  # the file was read: its problems carry file:line
-                raise
-            ctx = click.get_current_context(silent=True)
-            raise _from_env(exc, ctx, "hooks_file", "VGPU_DM_HOOKS_FILE") from None
+    hooks = checked_hooks(hooks_file)  # checked before the host is looked at, as the config is
     if valid_config:
         _log.info("Selected vGPU device configuration is valid")
         return
@@ -114,7 +102,17 @@ def apply_cmd(
     if dry_run:
         from vgpu_dm.cli.plan_cmd import run_plan
 
-        code = run_plan((spec, name, entries), host_root, sim, tools, force, fmt, allow_assigned, persist)
+        code = run_plan(
+            (spec, name, entries),
+            host_root,
+            sim,
+            tools,
+            force,
+            fmt,
+            allow_assigned,
+            persist,
+            skip_mig=skip_mig,
+        )
         if code:
             raise Failure(code)
         return
@@ -159,3 +157,20 @@ def apply_cmd(
         _log.info("Selected vGPU device configuration is already applied")
     else:
         _log.info("Selected vGPU device configuration successfully applied")
+
+
+def checked_hooks(hooks_file: str | None):
+    """The hooks file read and checked (None without one); apply and its preview both check it."""
+    if not hooks_file:
+        return None
+    from vgpu_dm.cli.main import _from_env
+    from vgpu_dm.errors import ConfigError
+    from vgpu_dm.hooks import read_hooks_file
+
+    try:
+        return read_hooks_file(hooks_file)
+    except ConfigError as exc:
+        if exc.problems:  # the file was read: its problems carry file:line
+            raise
+        ctx = click.get_current_context(silent=True)
+        raise _from_env(exc, ctx, "hooks_file", "VGPU_DM_HOOKS_FILE") from None

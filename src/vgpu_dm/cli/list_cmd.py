@@ -83,12 +83,61 @@ def host_path(inventory, definition) -> str:
     return inventory.host.path(definition.path)
 
 
+def _mig_states(inventory) -> tuple[object | None, str | None]:
+    """The host's MIG state when it has a MIG GPU (nvidia-smi and nvidia-mig-parted export, both read
+    only), else None; (None, why) when it cannot be read."""
+    from vgpu_dm.errors import HostError
+    from vgpu_dm.plan_mig import catalog_mig
+
+    if not any(catalog_mig(g) for g in inventory.gpus):
+        return None, None
+    from vgpu_dm.mig import state
+    from vgpu_dm.mig.parted import MigParted
+
+    try:
+        return state.read(inventory, MigParted(inventory.host, inventory.tools)), None
+    except HostError as exc:
+        return None, str(exc)
+
+
+def _mig(gpu, states, why: str | None) -> dict | None:
+    """MIG mode and GPU instances of one GPU (None: no MIG)."""
+    from vgpu_dm.plan_mig import catalog_mig
+
+    if states is None:
+        if why and catalog_mig(gpu):
+            return {"mode": "unknown", "pending": None, "instances": {}, "error": why}
+        return None
+    seen = states.of(gpu.address)
+    if seen is None or not seen.capable:
+        return None
+    pending = None if seen.pending is None else ("on" if seen.pending else "off")
+    return {
+        "mode": "on" if seen.layout.enabled else "off",
+        "pending": pending,
+        "instances": seen.layout.as_dict,
+    }
+
+
+def mig_text(mig: dict | None) -> str | None:
+    """The MIG cell: ``on 7x1g.5gb``, ``off``, ``off (pending on)``; None (shown as "-") without MIG."""
+    if mig is None:
+        return None
+    text = mig["mode"]
+    if mig["instances"]:
+        text += " " + ",".join(f"{n}x{p}" for p, n in mig["instances"].items())
+    if mig["pending"]:
+        text += f" (pending {mig['pending']})"
+    return text
+
+
 def inventory_report(
     host, tools=None, warnings: list[str] | None = None, notes: list[str] | None = None
 ) -> list[dict]:
-    """Per GPU: identity, framework, mixed-size mode and vGPUs with the processes that hold them, the
-    libvirt VMs defined to use them and their mdevctl definitions. ``warnings`` collects what the
-    readers of VM definitions and mdevctl files could not vouch for; ``notes`` what belongs to no GPU
+    """Per GPU: identity, framework, mixed-size mode, MIG mode and GPU instances, and vGPUs with the
+    processes that hold them, the libvirt VMs defined to use them and their mdevctl definitions.
+    ``warnings`` collects what the readers of VM definitions and mdevctl files could not vouch for (and
+    why the MIG state could not be read); ``notes`` what belongs to no GPU
     now (mdevctl definitions on parents that do not exist)."""
     from vgpu_dm import catalog
     from vgpu_dm.explain import log_discovery
@@ -98,6 +147,9 @@ def inventory_report(
     log_discovery(inventory)
     frameworks = {gpu.address: inventory.framework(gpu) for gpu in inventory.gpus}
     modes = mixed_size_modes(inventory, frameworks, warnings)
+    states, why = _mig_states(inventory)
+    if why and warnings is not None:
+        warnings.append(f"MIG mode and GPU instances unknown: {why}")
     report = []
     for gpu in inventory.gpus:
         entry = catalog.for_device(gpu.device_id)
@@ -111,6 +163,7 @@ def inventory_report(
                 "numa_node": gpu.numa_node,
                 "framework": frameworks[gpu.address],
                 "mixed_size": modes[gpu.address],
+                "mig": _mig(gpu, states, why),
                 "vgpus": [
                     {
                         "type": d.type_name,
@@ -197,6 +250,7 @@ GPU_COLUMNS = (
     Column("NUMA", lambda g: g["numa_node"], wide=True),
     Column("FRAMEWORK", lambda g: g["framework"]),
     Column("MIXED", lambda g: g["mixed_size"]),
+    Column("MIG", lambda g: mig_text(g["mig"])),
 )
 # One line per vGPU.
 VGPU_COLUMNS = (
@@ -256,6 +310,7 @@ def journal_by_gpu(host) -> dict[str, dict]:
 @options.sim
 @options.driver_root
 @options.nvidia_smi
+@options.mig_parted
 def list_cmd(
     output: str | None,
     as_json: bool,
@@ -264,11 +319,14 @@ def list_cmd(
     sim: str | None,
     driver_root: str | None,
     nvidia_smi: str,
+    mig_parted: str,
 ) -> None:
     """Show the host's NVIDIA GPUs, the vGPU framework each uses, and their vGPU devices.
 
-    MIXED is the mixed-size (heterogeneous) vGPU mode of each GPU (from nvidia-smi -q); HOLDER is the
-    process (a VM) that has the vGPU open; VM the libvirt VMs defined to use it (running or shut off);
+    MIXED is the mixed-size (heterogeneous) vGPU mode of each GPU (from nvidia-smi -q); MIG the MIG
+    mode and GPU instances of MIG GPUs (nvidia-smi and nvidia-mig-parted export; "pending" = a mode
+    change that waits for a GPU reset); HOLDER is the process (a VM) that has the vGPU open; VM the
+    libvirt VMs defined to use it (running or shut off);
     MDEVCTL whether mdevctl defines it (auto: created again at boot). -o wide adds device id, driver,
     NUMA node, vGPU type id and IOMMU group; -o json / -o yaml give all of it, plus what an
     interrupted or running apply left in its journal. Never changes anything and needs no write
@@ -287,7 +345,9 @@ def list_cmd(
     host = open_cli_host(host_root, sim)
     warnings: list[str] = []
     notes_of_host: list[str] = []
-    tools = HostTools(nvidia_smi=nvidia_smi, driver_root=driver_root, origins=options.tool_origins())
+    tools = HostTools(
+        nvidia_smi=nvidia_smi, mig_parted=mig_parted, driver_root=driver_root, origins=options.tool_origins()
+    )
     report = inventory_report(host, tools, warnings, notes_of_host)
     pending = journal_by_gpu(host)
     notes = {p["note"] for p in pending.values()}

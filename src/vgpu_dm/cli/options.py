@@ -202,8 +202,9 @@ mig_parted = option(
     metavar="PATH",
     default="nvidia-mig-parted",
     show_default=True,
-    help="nvidia-mig-parted, run (inside the host root) to set MIG mode and GPU instances for MIG-backed "
-    "vGPU types, and to switch MIG off for time-sliced ones.  [env: VGPU_DM_MIG_PARTED]",
+    help="The host's nvidia-mig-parted, run inside the host root to read and set MIG mode and GPU instances "
+    "(in a container with --host-root, one on this image's PATH is used instead, with the driver's NVML "
+    "preloaded; see docs/mig.md).  [env: VGPU_DM_MIG_PARTED]",
 )
 skip_mig = option(
     "--skip-mig",

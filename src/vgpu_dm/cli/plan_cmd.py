@@ -70,6 +70,10 @@ def _by_domain(plan, inventory, force: bool, allow_assigned: tuple[str, ...]) ->
     return sorted(found.values(), key=lambda e: (e["domain"], e["uuid"] or ""))
 
 
+def _layout(layout) -> dict:
+    return {"enabled": layout.enabled, "instances": layout.as_dict}
+
+
 def plan_report(
     entries,
     inventory,
@@ -78,26 +82,40 @@ def plan_report(
     force: bool = False,
     allow_assigned: tuple[str, ...] = (),
     persist: str | None = None,
+    skip_mig: bool = False,
 ) -> dict:
-    """The preview as data (what ``plan --json`` prints); built from plan.build_plan(strict=False).
-    With ``persist``, also what apply --persist would do to mdevctl's definitions (``persist``)."""
+    """The preview as data (what ``plan -o json`` prints): the plan apply would carry out, MIG
+    included (apply_mig.plan_with_mig with strict=False), which reads but never writes. With
+    ``persist``, also what apply --persist would do to mdevctl's definitions (``persist``)."""
     from vgpu_dm import catalog
+    from vgpu_dm.apply_mig import plan_with_mig
     from vgpu_dm.cli.journal_note import journal_note
     from vgpu_dm.cli.list_cmd import model_name
     from vgpu_dm.errors import HostError
     from vgpu_dm.persist import mdevctl_conflicts
     from vgpu_dm.plan import build_plan, governing_entries
 
-    plan = build_plan(entries, inventory, source, force=force, strict=False, allow_assigned=allow_assigned)
+    general: list[str] = []
+    try:
+        plan = plan_with_mig(
+            entries,
+            inventory,
+            source,
+            force=force,
+            skip_mig=skip_mig,
+            strict=False,
+            allow_assigned=allow_assigned,
+        )
+    except HostError as exc:
+        # What would stop apply before its first write (nvidia-mig-parted missing or failing …), shown
+        # with the vGPU plan of the GPUs as they are.
+        plan = build_plan(
+            entries, inventory, source, force=force, strict=False, allow_assigned=allow_assigned
+        )
+        general.append(str(exc))
     planned = {gp.gpu.index: gp for gp in plan.gpus}
     blocked = {gp.gpu.index: gp for gp in plan.blocked}
     chosen = governing_entries(entries, inventory.gpus)
-    try:
-        mig = _mig_changes(entries, name, inventory, source)
-        mig_note = None
-    except HostError as exc:
-        # nvidia-mig-parted cannot be asked (missing): say in general terms that apply runs it first.
-        mig, mig_note = {}, f"{_mig_note(entries, inventory, chosen) or ''} ({exc})"
     gpus = []
     for gpu in inventory.gpus:
         entry = catalog.for_device(gpu.device_id)
@@ -131,13 +149,28 @@ def plan_report(
                 item["create"] = [{"type": t, "count": c} for t, c in gp.wanted.items()]
             if gp.enable_mixed_size or gp.disable_mixed_size:
                 item["mixed_size_switch"] = "on" if gp.enable_mixed_size else "off"
-        if gpu.index in mig and governing is not None:
-            _with_mig_step(item, mig[gpu.index], governing, inventory, gpu)
+            if gp.mig is not None:
+                item["mig"] = {
+                    **_layout(gp.mig.target),
+                    "current": _layout(gp.mig.current),
+                    "mode_change": gp.mig.mode_change,
+                }
         gpus.append(_every_field(item))
     # With --persist the definitions follow the layout: what it does is shown instead of the warning.
     notes = [*plan.notes, *([] if persist else mdevctl_conflicts(plan, inventory))]
-    if mig_note:
-        notes.append(mig_note)
+    if plan.mig:
+        for gpu, _, enabled in plan.mig.cancel_pending:
+            notes.append(
+                f"{gpu.describe()}: a MIG mode change left waiting for a GPU reset is set back (MIG stays "
+                f"{'on' if enabled else 'off'})"
+            )
+        held = [b for b in plan.mig.bystanders if b.devices]
+        if held:
+            which = ", ".join(f"{b.gpu.describe()} ({len(b.devices)} vGPU(s))" for b in held)
+            notes.append(
+                f"the MIG mode change may need a GPU reset, which covers every GPU of the host: if it does, "
+                f"apply takes down the vGPUs of {which} first and puts them back as they were"
+            )
     removals = sum(len(g["remove"]) for g in gpus if g["status"] == "change")
     creations = sum(c["count"] for g in gpus for c in g["create"] if g["status"] == "change")
     report = {
@@ -147,7 +180,7 @@ def plan_report(
         "changes": sum(1 for g in gpus if g["status"] == "change"),
         "removals": removals,
         "creations": creations,
-        "problems": [*plan.problems.get(None, ()), *[p for g in gpus for p in g["problems"]]],
+        "problems": [*general, *plan.problems.get(None, ()), *[p for g in gpus for p in g["problems"]]],
         "notes": notes,
         "journal": journal_note(inventory.host),
         "assigned": _by_domain(plan, inventory, force, allow_assigned),
@@ -181,50 +214,18 @@ def _every_field(item: dict) -> dict:
     return item
 
 
-def _mig_note(entries, inventory, chosen) -> str | None:
-    """apply's MIG step (nvidia-mig-parted) runs before the vGPU plan; the preview does not run it."""
-    from vgpu_dm.mig.step import mig_capable
-
-    gpus = [g for g in inventory.gpus if g.index in chosen and g.sriov_capable and mig_capable(g)]
-    if not any(e.is_mig_backed for e in entries) and not gpus:
-        return None
-    which = ", ".join(str(g.index) for g in gpus) or "the selected GPUs"
-    return (
-        f"apply first has nvidia-mig-parted set MIG mode and GPU instances on GPU {which} as the config "
-        f"needs (unless --skip-mig); this preview shows the vGPU changes on the GPUs as they are now"
-    )
-
-
-def _mig_changes(entries, name: str, inventory, source: str) -> dict[int, dict]:
-    """GPU index → the mig-parted entry apply's MIG step would apply first (asks mig-parted assert only)."""
-    from vgpu_dm.mig.step import changing_gpus
-
-    found = changing_gpus(entries, name, inventory, source)
-    if found is None:
-        return {}
-    _, per_gpu, changing = found
-    return {i: per_gpu[i] for i in changing}
-
-
-# The plan's own verdict on MIG-backed types that no GPU instance can take yet: the MIG step makes them.
-_WAITS_FOR_MIG = "cannot be created now: MIG-backed types need"
-
-
-def _with_mig_step(item: dict, mig_entry: dict, entry, inventory, gpu) -> None:
-    """The GPU's MIG layout changes first: all its vGPUs go, then the config's are created."""
-    problems = [
-        p for p in item.get("problems", []) if _WAITS_FOR_MIG not in p and "enabled before its GPU" not in p
-    ]
-    item["mig"] = {"enabled": mig_entry["mig-enabled"], "instances": dict(mig_entry.get("mig-devices") or {})}
-    if problems:
-        item["status"], item["problems"] = "problem", problems
-        return
-    item.pop("problems", None)
-    item["status"] = "change"
-    item["keep"] = []
-    item["remove"] = [_device(d, inventory) for d in inventory.devices(gpu)]
-    item["create"] = [{"type": t.name, "count": c} for t, c in entry.wanted().items()]
-    item.pop("enable_vfs", None)
+def _mig_text(mig: dict) -> str:
+    what = ", ".join(f"{n} x {p}" for p, n in mig["instances"].items())
+    now = mig["current"]
+    before = "MIG on, " + (", ".join(f"{n} x {p}" for p, n in now["instances"].items()) or "no GPU instances")
+    before = before if now["enabled"] else "MIG off"
+    if not mig["enabled"]:
+        target = "MIG mode off"
+    elif mig["mode_change"]:
+        target = f"MIG mode on, GPU instances {what}"
+    else:
+        target = f"GPU instances {what or 'none'}"
+    return f"{target} (nvidia-mig-parted, first; now {before})"
 
 
 def _count_text(items: list[dict]) -> str:
@@ -287,13 +288,7 @@ def render_plan(report: dict, wide: bool = False) -> str:
             lines.append(f"note: {note}")
     if report["journal"]:
         lines.append(f"note: {report['journal']}")
-    mig_first = any("nvidia-mig-parted set MIG mode" in n for n in report["notes"])
-    if problems and mig_first:
-        lines.append(
-            f"config {report['config']!r}: {len(problems)} problem(s) with the GPUs as they are now; apply's "
-            f"MIG step runs first and may change what they offer (nothing was written)"
-        )
-    elif problems:
+    if problems:
         lines.append(
             f"config {report['config']!r}: {len(problems)} problem(s); apply would stop before its first "
             f"write (nothing was written)"
@@ -319,12 +314,7 @@ def _actions(gpu: dict, wide: bool) -> list[str]:
     """What apply would do on one GPU, in apply's order: MIG, VFs, removals, mode switch, creations."""
     lines = []
     if gpu["mig"] is not None:
-        mig = gpu["mig"]
-        if mig["enabled"]:
-            what = ", ".join(f"{n} x {p}" for p, n in mig["instances"].items())
-            lines.append(f"  mig      MIG mode on, GPU instances {what} (nvidia-mig-parted, first)")
-        else:
-            lines.append("  mig      MIG mode off (nvidia-mig-parted, first)")
+        lines.append(f"  mig      {_mig_text(gpu['mig'])}")
     if gpu["enable_vfs"]:
         lines.append(f"  enable   its SR-IOV virtual functions (sriov-manage -e {gpu['address']})")
     if gpu["keep"]:
@@ -398,6 +388,7 @@ def run_plan(
     fmt: str = "text",
     allow_assigned: tuple[str, ...] = (),
     persist: str | None = None,
+    skip_mig: bool = False,
 ) -> int:
     """Print the preview in ``fmt`` (text, wide, json, yaml); returns 0 when apply would succeed, 1
     when it would stop on a problem."""
@@ -411,7 +402,14 @@ def run_plan(
     inventory = Inventory(host, tools)
     log_discovery(inventory)
     report = plan_report(
-        entries, inventory, spec.source, name, force=force, allow_assigned=allow_assigned, persist=persist
+        entries,
+        inventory,
+        spec.source,
+        name,
+        force=force,
+        allow_assigned=allow_assigned,
+        persist=persist,
+        skip_mig=skip_mig,
     )
     emit(dump(report, fmt) if fmt in ("json", "yaml") else render_plan(report, wide=fmt == "wide"))
     return 1 if report["problems"] else 0
@@ -426,9 +424,16 @@ def run_plan(
 @options.sriov_manage
 @options.nvidia_smi
 @options.mig_parted
+@options.skip_mig
 @options.force
 @options.allow_assigned
 @options.persist
+@options.watchdog_interval
+@options.keep_going
+@options.uuid_mode
+@options.lock_timeout
+@options.jobs
+@options.hooks_file
 @output_options(headers=False)
 def plan_cmd(
     config_file: str,
@@ -439,17 +444,26 @@ def plan_cmd(
     sriov_manage: str,
     nvidia_smi: str,
     mig_parted: str,
+    skip_mig: bool,
     force: bool,
     allow_assigned: tuple[str, ...],
     persist: str | None,
+    watchdog_interval: float,
+    keep_going: bool,
+    uuid_mode: str,
+    lock_timeout: float,
+    jobs: int,
+    hooks_file: str | None,
     output: str | None,
     as_json: bool,
 ) -> None:
     """Show what apply would do, per GPU, without changing anything (same as apply --dry-run).
 
-    For each GPU: the config entry that decides it, the vGPUs that would be kept, removed (with the
-    process of a VM that holds one) and created, and every problem that would stop apply. Writes
-    nothing and does not wait for the host lock. Exit 0 if apply would succeed, 1 if it would stop.
+    For each GPU: the config entry that decides it, its MIG change (read with nvidia-smi and
+    nvidia-mig-parted export), the vGPUs that would be kept, removed (with the process of a VM that
+    holds one) and created, and every problem that would stop apply. Takes apply's options, so that it
+    predicts that apply. Writes nothing and does not wait for the host lock. Exit 0 if apply would
+    succeed, 1 if it would stop.
 
     -o wide also lists every vGPU that would be removed; -o json / -o yaml give the same as data
     (every GPU with every field: null or empty where it does not apply).
@@ -465,9 +479,12 @@ def plan_cmd(
 
     fmt = output_format(output, as_json)
     loaded = load_selected(config_file, selected_config)
+    from vgpu_dm.cli.apply_cmd import checked_hooks
+
+    checked_hooks(hooks_file)  # checked as apply checks it; a preview runs no hook
     tools = HostTools(
         sriov_manage, nvidia_smi, mig_parted, driver_root=driver_root, origins=options.tool_origins()
     )
-    code = run_plan(loaded, host_root, sim, tools, force, fmt, allow_assigned, persist)
+    code = run_plan(loaded, host_root, sim, tools, force, fmt, allow_assigned, persist, skip_mig=skip_mig)
     if code:
         raise Failure(code)

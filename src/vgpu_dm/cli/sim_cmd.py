@@ -374,8 +374,10 @@ def writes_cmd(directory: str) -> None:
     "--hang",
     "hang",
     multiple=True,
-    type=click.Choice(["nvidia-smi", "sriov-manage", "nvidia-mig-parted", "systemctl", "reboot"]),
-    help="This program never returns (the tool's timeout kills it); repeatable.",
+    type=click.Choice(
+        ["nvidia-smi", "sriov-manage", "nvidia-mig-parted", "nvidia-mig-parted apply", "systemctl", "reboot"]
+    ),
+    help="This program (or only its 'apply') never returns (the tool's timeout kills it); repeatable.",
 )
 @click.option(
     "--unbind-lock-failures",

@@ -102,6 +102,13 @@ class HolderIndex:
         pids = sorted({pid for node in nodes for pid in by_node.get(node, [])})
         return [Holder(pid, self._name(pid)) for pid in pids]
 
+    def open_nodes(self) -> dict[str, list[int]]:
+        """Every VFIO device node some process has open → those pids (HostError if proc is unreadable)."""
+        return {node: list(pids) for node, pids in self._scan().items()}
+
+    def name(self, pid: int) -> str:
+        return self._name(pid)
+
     def _name(self, pid: int) -> str:
         if pid not in self._names:
             text = self.host.read_optional(f"proc/{pid}/comm")

@@ -15,7 +15,7 @@ nothing here imports it back.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vgpu_dm import log
 from vgpu_dm.errors import HostError
@@ -33,6 +33,44 @@ _log = log.get("smi")
 _GPU_HEADER = re.compile(r"GPU ([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\s*")
 _SIZES = re.compile(r"\s+Heterogeneous Time-Slice Sizes\s*:\s*(.+?)\s*")
 _MODE = re.compile(r"\s+vGPU Heterogeneous Mode\s*:\s*(.+?)\s*")
+
+
+class NvmlGPU(NamedTuple):
+    """A GPU as NVML sees it: its index (NVML's order, which nvidia-mig-parted uses), PCI bus id and
+    MIG mode, current and pending (None on a GPU without MIG)."""
+
+    index: int
+    address: str  # sysfs form, 0000:3b:00.0
+    mig_current: bool | None
+    mig_pending: bool | None
+
+
+NVML_QUERY = "--query-gpu=index,pci.bus_id,mig.mode.current,mig.mode.pending"
+
+
+def _mode(text: str) -> bool | None:
+    word = text.strip().strip("[]").lower()
+    if word in ("enabled", "disabled"):
+        return word == "enabled"
+    if word in ("n/a", "not supported"):
+        return None
+    raise ValueError(f"MIG mode {text.strip()!r} is neither Enabled, Disabled nor N/A")
+
+
+def parse_nvml_gpus(text: str) -> list[NvmlGPU]:
+    """``nvidia-smi --query-gpu=index,pci.bus_id,mig.mode.current,mig.mode.pending
+    --format=csv,noheader`` (``0, 00000000:3B:00.0, Enabled, Enabled``); ValueError if it is not that."""
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 4 or not fields[0].isdigit():
+            raise ValueError(f"unexpected line {line.strip()!r}")
+        key = address_key(fields[1].lower())
+        address = f"{key[0]:04x}:{key[1]:02x}:{key[2]:02x}.{key[3]:x}"
+        gpus.append(NvmlGPU(int(fields[0]), address, _mode(fields[2]), _mode(fields[3])))
+    return gpus
 
 
 def parse_mixed_size(text: str, address: str) -> tuple[bool, bool]:
@@ -119,6 +157,27 @@ class NvidiaSmi:
                 f"{gpu.describe()}: could not {'enable' if enabled else 'disable'} mixed-size vGPU mode "
                 f"(nvidia-smi exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
             )
+
+    def nvml_gpus(self) -> list[NvmlGPU]:
+        """The GPUs NVML sees, with their indices and MIG modes; HostError when nvidia-smi fails."""
+        proc = self._run([self.path, NVML_QUERY, "--format=csv,noheader"], "nvidia-smi")
+        out = (proc.stderr or proc.stdout or "").strip()
+        if proc.returncode != 0:
+            raise HostError(
+                f"'nvidia-smi {NVML_QUERY} --format=csv,noheader' failed (exit {proc.returncode}): {out}"
+            )
+        try:
+            return parse_nvml_gpus(proc.stdout)
+        except ValueError as exc:
+            raise HostError(f"cannot read 'nvidia-smi {NVML_QUERY}': {exc}") from None
+
+    def set_mig_mode(self, gpu: GPU, enabled: bool) -> None:
+        """``nvidia-smi -i <gpu> -mig 0|1``: sets the GPU's pending MIG mode (it takes effect at the next
+        reset or reboot where the GPU needs one)."""
+        note_change()
+        proc = self._run([self.path, "-i", gpu.address, "-mig", "1" if enabled else "0"], "nvidia-smi")
+        if proc.returncode != 0:
+            raise self._fail(gpu, f"-i {gpu.address} -mig {int(enabled)}", proc)
 
     def supported_types(self, gpu: GPU) -> dict[int, str]:
         """Every vGPU type of the GPU (ids are hex in this output); HostError when nvidia-smi fails."""

@@ -270,6 +270,30 @@ class VendorVfioBackend:
             )
         self._wait_for_vfs(gpu, output)
 
+    def disable_vfs(self, gpu: GPU) -> None:
+        """Run ``sriov-manage -d <PF>`` and wait until the VFs are gone (a MIG mode change needs them off,
+        host-interfaces.md 3.6). The caller has removed their vGPUs."""
+        if not is_pci_address(gpu.address):
+            raise HostError(f"refusing to pass {gpu.address!r} to sriov-manage: not a PCI address")
+        _log.info(f"{gpu.describe()}: disabling SR-IOV virtual functions (sriov-manage -d {gpu.address})")
+        note_change()
+        proc = self.programs.run([self.sriov_manage, "-d", gpu.address], "sriov-manage")
+        said = "\n".join(x.strip() for x in (proc.stdout, proc.stderr) if x and x.strip())
+        if proc.returncode != 0:
+            raise HostError(
+                f"{gpu.describe()}: 'sriov-manage -d {gpu.address}' failed (exit {proc.returncode}): "
+                f"{said or 'no output'}"
+            )
+        deadline = time.monotonic() + self.programs.tools.vf_wait
+        while any(e.startswith("virtfn") for e in self.host.listdir(f"{PCI_DEVICES}/{gpu.address}")):
+            if time.monotonic() >= deadline:
+                raise HostError(
+                    f"{gpu.describe()}: its virtual functions are still there "
+                    f"{self.programs.tools.vf_wait:g} s "
+                    f"after sriov-manage -d"
+                )
+            time.sleep(VF_POLL)
+
     def _wait_for_vfs(self, gpu: GPU, output: str) -> None:
         """sriov-manage may return before the VFs' control files exist, or exit 0 having made no
         VFs at all (SR-IOV off in the BIOS, or not supported by this driver): poll, bounded."""

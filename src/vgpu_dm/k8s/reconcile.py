@@ -1,13 +1,17 @@
 """One reconcile of the node: make the host follow one config name, upstream's flow done carefully.
 
-validate the file and name → plan against the host (no operand touched yet: an invalid config, a
-config that does not fit, or a VM holding a vGPU ends here) → already applied: ``success`` → else
-``pending``, pause the sandbox operands that are on, wait until their pods left this node, run the
-pre-apply steps, the MIG step's host side (k8s/mig.py: driver library, mig-manager state file, host
-GPU clients stopped), apply in-process (MIG mode and instances, then vGPUs, under the host lock, journal,
-rollback, in-use protection), GPU clients started again → restore the operand labels, always →
-``success`` or ``failed``, and an Event. A MIG mode change that waits for a reset ends in ``rebooting``
-and a host reboot with --with-reboot (never twice for one change), else in ``failed``.
+validate the file and name → plan against the host, MIG included (no operand touched yet: an invalid
+config, a config that does not fit, a failing nvidia-mig-parted, or a VM holding a vGPU ends here) →
+already applied: ``success``, nothing paused → else ``pending``, pause the sandbox operands that are on,
+wait until their pods left this node, run the pre-apply steps, for a MIG change the host side
+(mig-manager state file, host GPU clients stopped), apply in-process (MIG mode and instances, then
+vGPUs, under the host lock, journal, rollback, in-use protection), GPU clients started again → restore
+the operand labels, always → ``success`` or ``failed``, and an Event.
+
+A MIG mode change that waits for a GPU reset ends, with --with-reboot, in ``rebooting`` and a host
+reboot — never while any vGPU on the host is held by a VM (``failed``, saying who holds it), and never
+twice for one change: after the reboot the agent applies again (Hopper/Blackwell may switch the mode at
+once, or may have lost it at boot), and a change still waiting for a reset then ends in ``failed``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 
 from vgpu_dm import journal, log
 from vgpu_dm.apply import ApplyOptions, apply_config, summary
+from vgpu_dm.apply_mig import MigModePending, MigUnavailable, plan_with_mig
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, ConfigError, HostError, PlanError, VgpuDmError
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.programs import Programs
@@ -28,12 +33,10 @@ from vgpu_dm.host_choice import open_host_or_sim
 from vgpu_dm.k8s import labels as L
 from vgpu_dm.k8s.kube import Kube, Stopped, describe
 from vgpu_dm.k8s.metrics import Metrics
-from vgpu_dm.k8s.mig import MigChange, mig_change, mode_pending
 from vgpu_dm.k8s.mig import stop_clients as stop_gpu_clients
 from vgpu_dm.k8s.settings import Settings
 from vgpu_dm.mig import node as mig_node
-from vgpu_dm.mig.step import MigModePending
-from vgpu_dm.plan import build_plan, refuse_dra_owned
+from vgpu_dm.plan import refuse_dra_owned
 from vgpu_dm.spec import load_spec, read_config_source
 from vgpu_dm.spec.model import ConfigEntry
 
@@ -84,7 +87,8 @@ class Change:
     kube: Kube
     stop: threading.Event
     notes: list[str] = field(default_factory=list)
-    mig: MigChange | None = None  # the GPUs whose MIG state changes
+    mig: bool = False  # the plan changes MIG mode or GPU instances
+    mode_change: bool = False  # ... the MIG mode of a GPU among them (a GPU reset may follow)
     prior_state: str | None = None  # the state label before this reconcile (``rebooting`` after a reboot)
     skip_mig: bool = False
     stopped_clients: list[str] = field(default_factory=list)
@@ -161,24 +165,26 @@ class Reconciler:
             tools = self.tools()
             interrupted_run = journal.read(host)
             inventory = Inventory(host, tools)
-            # Before the MIG check (which skips build_plan) and before any operand is paused.
+            # Before the MIG plan and before any operand is paused.
             refuse_dra_owned(entries, inventory)
-            # A MIG change is checked as the apply's MIG step checks it: the instances the vGPU types
-            # need do not exist yet, so those GPUs cannot be planned before the step.
-            mig = mig_change(entries, name, inventory, source)
-            plan = None if mig else build_plan(entries, inventory, source, force=False)
+            # The plan apply will carry out, MIG included: whatever would stop it stops here.
+            plan = plan_with_mig(entries, inventory, source, force=False)
+        except MigUnavailable as exc:
+            return Outcome(FAILED, "MIGNotAvailable", f"config {name!r}: {_first_lines(str(exc))}")
         except PlanError as exc:
             return _plan_failed(name, exc)
         except (OSError, HostError, ValueError) as exc:
             return Outcome(FAILED, "HostError", f"reading the host: {_first_lines(describe_host(exc))}", True)
-        if plan is not None and plan.is_noop and interrupted_run is None:
+        if plan.is_noop and interrupted_run is None:
             _log.info(f"Selected vGPU device configuration {name!r} is currently applied")
             return Outcome(
                 UNCHANGED, "VGPUConfigApplied", f"config {name!r} is already applied; nothing changed"
             )
 
         _log.info(f"applying vGPU config {name!r}")
+        mig = bool(plan.mig_changes or (plan.mig and plan.mig.cancel_pending))
         change = Change(name, entries, source, host, tools, s, self.kube, self.stop, mig=mig, hooks=hooks)
+        change.mode_change = any(gp.mig.mode_change for gp in plan.mig_changes)
         try:
             if mig:
                 change.prior_state = self.kube.labels().get(L.STATE_LABEL)
@@ -219,7 +225,9 @@ class Reconciler:
                     change.host,
                     change.tools,
                     change.source,
-                    self._apply_options(change.skip_mig, change.hooks),
+                    self._apply_options(
+                        change.skip_mig, change.hooks, keep_pending_mig=self._reboots_for(change)
+                    ),
                     name,
                 )
             finally:
@@ -239,6 +247,14 @@ class Reconciler:
         except ConfigError as exc:
             return Outcome(FAILED, "InvalidVGPUConfig", f"config {name!r}: {_first_lines(str(exc))}")
         except MigModePending as exc:
+            if change.prior_state == L.REBOOTING:
+                # The reboot did not switch the mode: another one would not either (no reboot loop).
+                return Outcome(
+                    FAILED,
+                    "MIGModeChangeFailed",
+                    f"config {name!r}: MIG mode change failed after reboot: {_first_lines(str(exc), 2)}; "
+                    f"not rebooting again",
+                )
             if self.settings.with_reboot:
                 return self._reboot(change, exc)
             # Waits for a GPU reset or a reboot: retrying before that cannot help.
@@ -262,7 +278,9 @@ class Reconciler:
         _log.info("Selected vGPU device configuration successfully applied")
         return Outcome(SUCCESS, "VGPUConfigApplied", f"config {name!r} applied: {what}")
 
-    def _apply_options(self, skip_mig: bool = False, hooks=None) -> ApplyOptions:
+    def _apply_options(
+        self, skip_mig: bool = False, hooks=None, keep_pending_mig: bool = False
+    ) -> ApplyOptions:
         # The stop event (SIGTERM) lets apply finish or roll back the GPU it is on, then raise
         # ApplyInterrupted; it also ends a wait for the host lock.
         return ApplyOptions(
@@ -271,42 +289,14 @@ class Reconciler:
             skip_mig=skip_mig,
             jobs=self.settings.jobs,
             hooks=hooks,
+            keep_pending_mig=keep_pending_mig,
         )
 
     # -- MIG -------------------------------------------------------------------------------------------
 
     def _mig_prepare(self, change: Change) -> Outcome | None:
-        """The host side of the MIG step before the apply; an Outcome when it must end here."""
+        """The host side of a MIG change before the apply; an Outcome when it must end here."""
         s, name = self.settings, change.config_name
-        mig = change.mig
-        assert mig is not None
-        found = Programs(change.host, change.tools).nvml  # driver root first, then host root
-        nvml = found.path
-        if nvml is None:
-            where = ", ".join(mig_node.NVML_DIRS)
-            if mig.wants_mig:
-                return Outcome(
-                    FAILED,
-                    "MIGNotAvailable",
-                    f"config {name!r} has MIG-backed vGPU types, but {mig_node.NVML} is not under "
-                    f"{found.places()} (looked in {where} of each): mount the driver root there or "
-                    f"set --driver-root-ctr-path",
-                )
-            # As upstream: no NVML, no MIG step; MIG mode is left as it is.
-            _log.warning(f"{mig_node.NVML} not under {found.places()}: MIG mode left as it is")
-            change.skip_mig = True
-            return None
-        _log.info(f"MIG step: {mig_node.NVML} found at {nvml} ({found.kind})")
-        if change.prior_state == L.REBOOTING:
-            pending = mode_pending(change.entries, name, change.host, change.tools, change.source)
-            if pending:
-                # The reboot did not switch the mode: another one would not either (no reboot loop).
-                return Outcome(
-                    FAILED,
-                    "MIGModeChangeFailed",
-                    f"config {name!r}: MIG mode change failed after reboot: {', '.join(pending)} still "
-                    f"not in the MIG mode the config needs; not rebooting again",
-                )
         if mig_node.persist_selected_config(change.host, s.host_mig_manager_state_file, name):
             _log.info(f"host nvidia-mig-manager now selects {name!r} ({s.host_mig_manager_state_file})")
         if s.with_shutdown_host_gpu_clients:
@@ -318,8 +308,7 @@ class Reconciler:
         (-k) last; as upstream, then wait --gpu-clients-settle seconds before a mode change. _change
         starts whatever was stopped again, in reverse order, whatever happens next."""
         s = change.settings
-        pending = mode_pending(change.entries, change.config_name, change.host, change.tools, change.source)
-        mode_change = bool(pending)
+        mode_change = change.mode_change
         also = [s.host_kubelet_systemd_service] if mode_change else []
         change.stopped_clients = stop_gpu_clients(change.host, s.gpu_clients_file, also)
         if change.stopped_clients:
@@ -338,10 +327,47 @@ class Reconciler:
             change.notes.append(problem)
         change.stopped_clients = []
 
+    def _reboots_for(self, change: Change) -> bool:
+        """Whether a MIG mode change waiting for a reset will be followed by a reboot (then its pending
+        mode is kept for the reboot to make, instead of being set back)."""
+        return self.settings.with_reboot and change.prior_state != L.REBOOTING
+
+    def _held_vgpus(self, change: Change) -> list[str]:
+        """Every vGPU on the host a VM holds, and any other VFIO device a process has open (a GPU
+        passed through whole): a reboot would kill those VMs. Raises HostError when that cannot be told
+        (then the agent cannot vouch for a reboot either)."""
+        inventory = Inventory(change.host, change.tools)
+        held = []
+        seen: set[str] = set()
+        for gpu in inventory.gpus:
+            for device in inventory.devices(gpu):
+                holders = inventory.holders.holders(device, required=True)
+                seen.update(inventory.holders.nodes(device))
+                if holders:
+                    who = ", ".join(str(h) for h in holders)
+                    held.append(f"{gpu.describe()}: {device.type_name} {device.key} is in use by {who}")
+        for node, pids in sorted(inventory.holders.open_nodes().items()):
+            if node not in seen and node != "/dev/vfio/vfio":
+                who = ", ".join(f"pid {pid} ({inventory.holders.name(pid)})" for pid in pids)
+                held.append(f"{node} is open by {who}")
+        return held
+
     def _reboot(self, change: Change, exc: MigModePending) -> Outcome:
-        """State ``rebooting``, an Event, then ``chroot <host> reboot``; the label is the memory that
-        stops a second reboot for the same change (checked in _mig_prepare after the restart)."""
+        """State ``rebooting``, an Event, then ``chroot <host> reboot`` — unless a VM holds a vGPU. The
+        label is the memory that stops a second reboot for the same change (see _change)."""
         name = change.config_name
+        try:
+            held = self._held_vgpus(change)
+        except (OSError, HostError) as err:
+            held = [f"cannot tell which vGPUs VMs are using ({describe_host(err)})"]
+        if held:
+            return Outcome(
+                FAILED,
+                "MIGRebootBlocked",
+                f"config {name!r}: the MIG mode change needs a reboot, and the node is not rebooted while a "
+                f"VM holds a vGPU: {_first_lines('; '.join(held), 3)}; stop or migrate the VMs, then set the "
+                f"label again (the mode change waits for a reset or a reboot)",
+            )
         text = f"config {name!r}: rebooting the node for a MIG mode change: {_first_lines(str(exc), 1)}"
         try:
             self.kube.patch_labels({L.STATE_LABEL: L.REBOOTING}, ignore_stop=True)

@@ -155,7 +155,8 @@ def layout_for(entry: ConfigEntry, model: CatalogGPU | None) -> MigLayout:
         limit = model.mig_gi_profiles[profile]
         if need > limit:
             problems.append(
-                f"{' + '.join(f'{n} x {t.name}' for t, n in mig_types)} need {need} x {profile} GPU instances, "
+                f"{' + '.join(f'{n} x {t.name}' for t, n in mig_types)} need {need} x {profile} "
+                f"GPU instances, "
                 f"but the {what} has at most {limit}"
             )
     # Each instance takes its compute slices (<G>g) of the GPU's, which the largest profile has all of:
@@ -164,7 +165,8 @@ def layout_for(entry: ConfigEntry, model: CatalogGPU | None) -> MigLayout:
     total = max(GIProfile.parse(p).slices for p in model.mig_gi_profiles)
     if not problems and slices > total:
         problems.append(
-            f"{' + '.join(f'{n} x {p}' for p, n in counts.items())} GPU instances need {slices} compute slices, "
+            f"{' + '.join(f'{n} x {p}' for p, n in counts.items())} GPU instances need {slices} "
+            f"compute slices, "
             f"but the {what} has {total}"
         )
     if problems:

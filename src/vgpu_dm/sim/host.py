@@ -263,7 +263,7 @@ class SimHostRoot(HostRoot):
         ):
             err = f"chroot: failed to run command '{argv[0]}': No such file or directory\n"
             return CompletedProcess(list(argv), 127, "", err)
-        if program in self.faults.hang:
+        if program in self.faults.hang or (len(argv) > 1 and f"{program} {argv[1]}" in self.faults.hang):
             raise subprocess.TimeoutExpired(list(argv), timeout)  # killed by the caller's timeout
         # nvidia-smi's queries (-q, vgpu -s -v) change nothing: they share the lock, as readers.
         query = program == "nvidia-smi" and (argv[1:2] == ["-q"] or argv[1:4] == ["vgpu", "-s", "-v"])

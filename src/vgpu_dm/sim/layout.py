@@ -86,6 +86,7 @@ OPTION_VALUES = {
     "mig_on_with_vfs": ("refuse", "allow"),
     "mig_after_reboot": ("keep", "lose"),
     "reset_with_vgpus": ("refuse", "destroy"),
+    "sriov_manage_without_sysfs": ("fail", "noop"),
 }
 DEFAULT_OPTIONS = {
     # "required": a MIG mode change stays pending until a GPU reset (Ampere: nvidia-mig-parted resets the

@@ -152,19 +152,19 @@ def read_state(base: Path, path: Path, state: SimState) -> None:
         gpu.gpu_instances = after
 
 
-def _fault_env(marker: Path, fault: str, env: dict[str, str]) -> None:
+def _fault_env(directory: Path, fault: str, env: dict[str, str]) -> None:
     if fault == "nvml":
-        env["MIG_PARTED_MOCK_STATE"] = str(marker / "no-such-mig-parted-state.json")
+        env["MIG_PARTED_MOCK_STATE"] = str(directory / "no-such-mig-parted-state.json")
     elif fault == "reset":
         from vgpu_dm.sim.mig_parted import RESET_FAULT_OUTPUT
 
-        script = marker / "nvidia-smi-reset-fails"
+        script = directory / "nvidia-smi-reset-fails"
         text = RESET_FAULT_OUTPUT.format(ids="$3")
         script.write_text(f'#!/bin/sh\necho "{text}"\nexit 255\n')
         script.chmod(0o755)
         env["MIG_PARTED_MOCK_NVIDIA_SMI"] = str(script)
     elif fault == "apply":
-        hooks = marker / "mig-parted-hooks-fail.yaml"
+        hooks = directory / "mig-parted-hooks-fail.yaml"
         hooks.write_text(
             "version: v1\nhooks:\n  pre-apply-config:\n  - command: /bin/false\n    workdir: /\n"
         )
@@ -180,27 +180,30 @@ def run(
 
     program = binary()
     assert program is not None
+    fault = Faults.load(base).mig_parted
     refused = vf_refusal(state, argv, stdin)
-    if refused is not None and Faults.load(base).mig_parted != "nvml":
+    if refused is not None and fault != "nvml":
         return refused
-    path = write_state(base, state, busy_gpus(base, state))
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MIG_PARTED_MOCK_STATE": str(path)}
-    _fault_env(base, Faults.load(base).mig_parted, env)
-    proc = subprocess.run(
-        [program, *argv[1:]],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    proc.args = list(argv)
-    if argv[1:2] == ["export"] or Faults.load(base).mig_parted == "nvml":
-        return proc
-    try:
-        read_state(base, path, state)
-    except Violation as exc:
-        return subprocess.CompletedProcess(argv, 1, proc.stdout, f"{proc.stderr}{exc}\n")
+    # The mock's files live only for this call (a simulated host may be read-only for a read command).
+    with tempfile.TemporaryDirectory(prefix="vgpu-dm-mig-parted-") as scratch:
+        path = write_state(Path(scratch), state, busy_gpus(base, state))
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MIG_PARTED_MOCK_STATE": str(path)}
+        _fault_env(Path(scratch), fault, env)
+        proc = subprocess.run(
+            [program, *argv[1:]],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+        proc.args = list(argv)
+        if argv[1:2] != ["apply"] or fault == "nvml":
+            return proc
+        try:
+            read_state(base, path, state)
+        except Violation as exc:
+            return subprocess.CompletedProcess(argv, 1, proc.stdout, f"{proc.stderr}{exc}\n")
     save(base, state)
     return proc

@@ -36,6 +36,13 @@ def set_units(root: str | Path, units: dict[str, bool]) -> None:
     save(root, data)
 
 
+def fail(root: str | Path, commands: list[str]) -> None:
+    """Make these systemctl commands (``daemon-reload``, ``start nvidia-dcgm.service`` …) exit 1."""
+    data = load(root)
+    data["fail"] = list(commands)
+    save(root, data)
+
+
 def calls(root: str | Path) -> list[list[str]]:
     return load(root)["calls"]
 
@@ -61,7 +68,9 @@ def run(base: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
         reboot(base)
         return subprocess.CompletedProcess(argv, 0, "", "")
     units = data["units"]
-    if args == ["daemon-reload"]:
+    if " ".join(args) in data.get("fail", []):
+        code, out = 1, f"Failed to {' '.join(args)}: Transport endpoint is not connected (simulated)\n"
+    elif args == ["daemon-reload"]:
         pass
     elif len(args) == 3 and args[:2] == ["is-active", "--quiet"]:
         code = 0 if units.get(args[2]) == "active" else 3
