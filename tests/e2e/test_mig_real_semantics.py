@@ -307,3 +307,24 @@ def test_mig_parted_that_hangs_is_killed_and_everything_put_back(cli, workdir, m
         assert len(write_log(root)) == logged
     else:
         assert "were put back as they were" in result.err
+
+
+def test_a_run_killed_while_other_gpus_vgpus_are_down_gets_them_back(
+    cli, run_cli, workdir, mig_parted
+) -> None:
+    """Killed after GPU 1's vGPU was taken down for the reset and before it came back: the journal still
+    has it, and the next apply's recovery puts it back with the same UUID, then finishes the change."""
+    root = host(workdir)
+    config = per_gpu(workdir)
+    assert apply(cli, root, config, "sliced").code == 0
+    gpu1 = [d for d in snapshot(root) if d[0] == "0000:5e:00.0"]
+    assert cli("sim", "fault", str(root), "--kill-at-write", "3").code == 0
+    killed = run_cli("apply", "--sim", str(root), "-f", str(config), "-c", "gpu0-mig-gpu1-sliced")
+    assert killed.code == -9, killed.err
+    assert [d for d in snapshot(root) if d[0] == "0000:5e:00.0"] == []  # down at the kill
+    assert cli("sim", "fault", str(root)).code == 0
+    again = apply(cli, root, config, "gpu0-mig-gpu1-sliced")
+    assert again.code == 0, again.err
+    assert "interrupted apply" in again.err
+    assert layouts(root) == [{"A100-1-5C": 7}, {"A100-40C": 1}]
+    assert [d for d in snapshot(root) if d[0] == "0000:5e:00.0"] == gpu1
