@@ -118,7 +118,7 @@ def test_mig_parted_failing_with_an_nvml_error_writes_nothing(cli, workdir, mig_
 
 
 def _hold_gpu1(cli, root: Path) -> tuple[str, int]:
-    uuid = json.loads(cli("list", "--json", "--sim", str(root)).out)[1]["vgpus"][0]
+    uuid = json.loads(cli("list", "-o", "json", "--sim", str(root)).out)["gpus"][1]["vgpus"][0]
     key = uuid["uuid"] or uuid["parent"]
     held = cli("sim", "hold", str(root), key)
     assert held.code == 0, held.err
@@ -256,16 +256,16 @@ def test_list_shows_mig_mode_and_instances(cli, workdir, mig_parted) -> None:
     lines = table.out.splitlines()
     assert lines[0].split()[5] == "MIG"
     assert "on 7x1g.5gb" in lines[1] and " off " in next(line for line in lines if line.startswith("1 "))
-    listed = json.loads(cli("list", "--json", "--sim", str(root)).out)
+    listed = json.loads(cli("list", "-o", "json", "--sim", str(root)).out)["gpus"]
     assert [g["mig"] for g in listed] == [
         {"mode": "on", "pending": None, "instances": {"1g.5gb": 7}},
         {"mode": "off", "pending": None, "instances": {}},
         None,
     ]
     arm(cli, root, "--mig-parted", "nvml")
-    broken = cli("list", "--json", "--sim", str(root))
+    broken = cli("list", "-o", "json", "--sim", str(root))
     assert broken.code == 0 and "MIG mode and GPU instances unknown" in broken.err
-    assert json.loads(broken.out)[0]["mig"]["mode"] == "unknown"
+    assert json.loads(broken.out)["gpus"][0]["mig"]["mode"] == "unknown"
 
 
 def test_log_says_what_happens_in_order_with_one_numbering(cli, workdir) -> None:
