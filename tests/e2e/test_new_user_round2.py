@@ -445,6 +445,7 @@ def test_wide_and_no_headers(cli, busy_host):
         "MODEL",
         "FRAMEWORK",
         "MIXED",
+        "MIG",
         "VGPU",
         "TYPE",
         "UUID",
