@@ -235,6 +235,18 @@ def test_preview_takes_skip_mig_and_predicts_apply(cli, workdir) -> None:
     assert preview.code == 0 and "mig      MIG mode on, GPU instances 7 x 1g.5gb" in preview.out
 
 
+def test_plan_takes_every_option_apply_takes() -> None:
+    from vgpu_dm.cli.apply_cmd import apply_cmd
+    from vgpu_dm.cli.plan_cmd import plan_cmd
+
+    def names(command) -> set[str]:
+        return {o for p in command.params for o in p.opts}
+
+    # What only apply has: --dry-run (plan is one) and -a/--valid-config (checks the file, no preview).
+    only_apply = {"--dry-run", "-a", "--valid-config"}
+    assert names(apply_cmd) - only_apply <= names(plan_cmd)
+
+
 def test_mig_config_refuses_what_apply_refuses(cli, workdir) -> None:
     config = workdir / "c.yaml"
     config.write_text(
