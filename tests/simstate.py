@@ -17,7 +17,17 @@ Device = tuple[str, str, str, str]  # (GPU address, type, uuid or "", parent)
 
 
 def snapshot(root: Path) -> list[Device]:
-    """Every vGPU on the simulated host as (GPU, type, uuid, parent)."""
+    """Every vGPU on the simulated host as (GPU, type, uuid, parent). Read while an apply runs, a vGPU
+    may go between listing its directory and reading its type: then the tree is read again."""
+    for _ in range(50):
+        try:
+            return _snapshot(root)
+        except FileNotFoundError:
+            continue
+    return _snapshot(root)
+
+
+def _snapshot(root: Path) -> list[Device]:
     state = SimState.load(root)
     found: list[Device] = []
     for gpu in state.gpus:
