@@ -26,7 +26,11 @@ def load(root: str | Path) -> dict:
 
 
 def save(root: str | Path, data: dict) -> None:
-    _path(root).write_text(json.dumps(data, indent=1))
+    # Replaced whole, so that a test reading the calls while the agent runs never sees half a file.
+    path = _path(root)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 def set_units(root: str | Path, units: dict[str, bool]) -> None:
