@@ -206,7 +206,7 @@ def test_skip_mig_and_missing_mig_parted(cli, workdir) -> None:
     assert (
         missing.code == 1
         and "whose GPU instances nvidia-mig-parted makes" in missing.err
-        and "/opt/none/mig in the host root" in missing.err
+        and "/opt/none/mig (from '--mig-parted') in the host root" in missing.err
         and "not found" in missing.err
     )
     assert write_log(root) == []
