@@ -104,17 +104,30 @@ class Agent:
     def start(self) -> None:
         self.log_driver_files()
         if self.settings.metrics_address:
-            self.server = HealthServer(
-                self.settings.metrics_address, self.metrics, self.healthy, self.ready.is_set
-            )
-            self.server.start()
-            _log.info(
-                f"metrics, /healthz and /readyz on {self.settings.metrics_address} (port {self.server.port})"
-            )
+            self._serve_metrics(self.settings.metrics_address)
         for target, name in ((self.watcher.run, "watch"), (self._work, "reconcile")):
             thread = threading.Thread(target=target, name=f"vgpu-dm-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _serve_metrics(self, address: str) -> None:
+        """Open the metrics and probe endpoint. A port that cannot be bound is fatal (OSError) only when
+        the address was asked for: the default :8080 may be taken on the host's network (GPU Operator
+        with ``hostNetwork: true``), and upstream's agent opens no port at all, so then the agent runs
+        on without the endpoint."""
+        try:
+            self.server = HealthServer(address, self.metrics, self.healthy, self.ready.is_set)
+        except OSError as exc:
+            if self.settings.metrics_required:
+                raise
+            _log.error(
+                f"cannot serve metrics on {address} (the default): {exc.strerror or exc}; running without "
+                f"/metrics, /healthz and /readyz (--metrics-address / VGPU_DM_METRICS_ADDRESS sets another "
+                f"address, '' turns them off)"
+            )
+            return
+        self.server.start()
+        _log.info(f"metrics, /healthz and /readyz on {address} (port {self.server.port})")
 
     def log_driver_files(self) -> None:
         """Say which root serves nvidia-smi, sriov-manage and NVML (each looked for in the driver root,

@@ -1,8 +1,9 @@
 """``nvidia-k8s-vgpu-dm``: flags and environment (upstream names and spellings, k8s/flags.py), start-up
 checks, signal handling.
 
-Exit codes: 0 after SIGTERM/SIGINT (operands restored), 1 when it cannot start (kubeconfig, metrics
-port), 2 for a usage error (a missing required flag, a bad value, the ``k8s`` extra not installed).
+Exit codes: 0 after SIGTERM/SIGINT (operands restored), 1 when it cannot start (kubeconfig, a metrics
+address given explicitly that cannot be bound; the default one is only logged), 2 for a usage error
+(a missing required flag, a bad value, the ``k8s`` extra not installed).
 
 Idle, the process sleeps: the main thread blocks in ``select`` on a pipe that a signal (through
 ``signal.set_wakeup_fd``, whichever thread the kernel hands it to) or the worker's end writes to.
@@ -174,7 +175,9 @@ def _env(name: str) -> str:
     default=S.DEFAULT_METRICS_ADDRESS,
     show_default=True,
     metavar="HOST:PORT",
-    help="Serve /metrics, /healthz and /readyz here; empty disables it." + _env("VGPU_DM_METRICS_ADDRESS"),
+    help="Serve /metrics, /healthz and /readyz here; empty disables it. If the default's port is taken, "
+    "the agent logs it and runs without them; an address given here that cannot be bound stops it (exit 1)."
+    + _env("VGPU_DM_METRICS_ADDRESS"),
 )
 @click.option(
     "--operand-timeout",
@@ -252,6 +255,11 @@ def command(**opts) -> None:
     """
     _require_k8s_extra()
     log.setup(debug=opts["debug"], fmt=opts["log_format"])
+    source = click.get_current_context().get_parameter_source("metrics_address")
+    opts["metrics_required"] = source in (
+        click.core.ParameterSource.COMMANDLINE,
+        click.core.ParameterSource.ENVIRONMENT,
+    )
     settings = _settings(opts)
     run(settings)
 
@@ -335,6 +343,7 @@ def _settings(o: dict) -> S.Settings:
         with_shutdown_host_gpu_clients=o["with_shutdown_host_gpu_clients"],
         gpu_clients_settle=o["gpu_clients_settle"],
         metrics_address=o["metrics_address"] or None,
+        metrics_required=o.get("metrics_required", False),
         operand_timeout=o["operand_timeout"],
         retry_initial=o["retry_backoff"],
         retry_max=o["retry_backoff_max"],
@@ -389,7 +398,11 @@ def run(settings: S.Settings) -> None:
         try:
             agent.start()
         except OSError as exc:
-            _log.error(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}")
+            # Only an address that was asked for gets here (Agent._serve_metrics).
+            _log.error(
+                f"cannot serve metrics on {settings.metrics_address} (given by --metrics-address or "
+                f"VGPU_DM_METRICS_ADDRESS): {exc.strerror or exc}"
+            )
             raise Failure(EXIT_FAILED) from None
         _log.info(
             f"nvidia-k8s-vgpu-dm {__version__} watching node {settings.node_name} "

@@ -31,6 +31,9 @@ class Settings:
     with_shutdown_host_gpu_clients: bool = False
     gpu_clients_settle: float = 30.0  # wait after stopping them, before a MIG mode change (upstream's)
     metrics_address: str | None = DEFAULT_METRICS_ADDRESS  # None or "": no metrics endpoint
+    # The address was given (flag or environment), not the default: then a port that cannot be bound
+    # stops the agent; the default's failure is logged and the agent runs without the endpoint.
+    metrics_required: bool = False
     operand_timeout: float = 120.0
     retry_initial: float = 30.0  # backoff of apply retries after a transient failure
     retry_max: float = 600.0
