@@ -94,3 +94,30 @@ def test_a_metrics_address_asked_for_that_cannot_be_bound_stops_the_agent(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert f"cannot serve metrics on 127.0.0.1:{busy_port} (given by --metrics-address" in err
+
+
+def test_run_gives_back_the_signal_handlers_it_replaced(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir, agent_log
+):
+    """``run`` may be called by a program with handlers of its own (tests do): after it returns, SIGTERM
+    and SIGINT are handled as before, and the wakeup fd is the previous one."""
+    seen: list[int] = []
+
+    def mine(signum, _frame) -> None:
+        seen.append(signum)
+
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        settings = settings_for(
+            k8s_node, k8s_namespace, make_sim(workdir), kubeconfig=apiserver.admin_kubeconfig
+        )
+        run_until_success(settings, admin_client, k8s_node)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.set_wakeup_fd(-1) == -1
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: seen, timeout=5, what="our own handler to run")
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert seen == [signal.SIGTERM]

@@ -391,8 +391,7 @@ def run(settings: S.Settings) -> None:
     # handler runs in this thread; the wakeup fd makes sure this thread wakes for it even when the
     # kernel hands the signal to another thread (then only a flag is set there).
     previous = signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     agent.on_finished = wake
     try:
         try:
@@ -415,6 +414,10 @@ def run(settings: S.Settings) -> None:
                     pass
         agent.join()
     finally:
+        # Back to the caller's handling (a test, or a program embedding the agent): ours would stop an
+        # agent that is gone.
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         signal.set_wakeup_fd(previous)
         os.close(wake_r)
         os.close(wake_w)
