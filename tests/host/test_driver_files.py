@@ -92,7 +92,7 @@ def test_unknown_host_path_of_the_driver_root_is_a_clear_error_until_set(workdir
         SimHostRoot(root), HostTools(driver_root=str(mount), driver_root_on_host="/opt/nvidia/driver")
     )
     assert told.command([SRIOV, "-e", "ALL"])[1][0] == "/opt/nvidia/driver/usr/lib/nvidia/sriov-manage"
-    # A setting that names other files is refused too: identity, not names, decides.
+    # A setting that names another directory is refused too: identity, not names, decides.
     wrong = Programs(SimHostRoot(root), HostTools(driver_root=str(mount), driver_root_on_host="/etc"))
     with pytest.raises(HostError, match="/etc"):
         wrong.command([SRIOV, "-e", "ALL"])
@@ -153,3 +153,45 @@ def test_sim_create_makes_both_node_kinds(cli, workdir):
         h / "usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1"
     ).is_file()
     assert not (h / "run/nvidia/driver").exists()
+
+
+def test_sriov_manage_as_an_absolute_symlink_in_the_driver_root(workdir):
+    """The driver root's sriov-manage may be a link whose absolute target means the driver root's own /:
+    followed from this process it would name a file of the container (or none). The driver root's host
+    path is proven on the directories, so the link does not matter; chroot resolves it on the host."""
+    root, mount = container_node(workdir)
+    driver = root / "run/nvidia/driver"
+    (driver / "usr/libexec").mkdir(parents=True, exist_ok=True)
+    os.rename(driver / SRIOV.lstrip("/"), driver / "usr/libexec/sriov-manage")
+    os.symlink("/usr/libexec/sriov-manage", driver / SRIOV.lstrip("/"))
+    programs = Programs(SimHostRoot(root), HostTools(driver_root=str(mount)))
+    assert programs.command([SRIOV, "-e", "ALL"]) == (
+        str(root),
+        ["/run/nvidia/driver/usr/lib/nvidia/sriov-manage", "-e", "ALL"],
+    )
+
+
+def test_host_path_of_the_driver_root_is_resolved_inside_the_host_root(workdir):
+    """The host's /run/nvidia/driver may itself be an absolute symlink (into the host's /opt): it is
+    followed inside the host root, not in this process's /."""
+    root = workdir / "host"
+    create_host(root, ["L40S"], driver_root="opt/nvidia/driver")
+    (root / "run/nvidia").mkdir(parents=True)
+    os.symlink("/opt/nvidia/driver", root / "run/nvidia/driver")
+    mount = workdir / "driver-root"
+    os.symlink(root / "opt/nvidia/driver", mount)
+    programs = Programs(SimHostRoot(root), HostTools(driver_root=str(mount)))
+    assert programs.command([SRIOV, "-e", "ALL"])[1][0] == "/run/nvidia/driver/usr/lib/nvidia/sriov-manage"
+
+
+def test_resolve_in_root_keeps_links_inside_the_root(workdir):
+    root = workdir / "r"
+    (root / "a/b").mkdir(parents=True)
+    os.symlink("/a", root / "abs")
+    os.symlink("../a/b", root / "a/rel")
+    os.symlink("/../../../a", root / "escape")
+    assert locate.resolve_in_root(str(root), "/abs/b") == str(root / "a/b")
+    assert locate.resolve_in_root(str(root), "a/rel") == str(root / "a/b")
+    assert locate.resolve_in_root(str(root), "/escape/b/missing") == str(root / "a/b/missing")
+    os.symlink("/loop", root / "loop")
+    assert locate.resolve_in_root(str(root), "/loop").startswith(str(root))

@@ -135,27 +135,54 @@ def locate_nvml(driver_root: str | None, host_root: str) -> Location:
     return Location(NVML, None, None, None, looked)
 
 
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file (device and inode), e.g. through two mounts of one directory."""
+def resolve_in_root(root: str, inner: str) -> str:
+    """``inner`` (a path inside ``root``) as this process sees it, with every symlink on the way resolved
+    inside ``root``, as ``chroot root`` would: an absolute link target means the root's own ``/``, not
+    this process's. Components that do not exist are kept as they are."""
+    parts = [p for p in inner.split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        path = os.path.join(root, *done, part)
+        if os.path.islink(path) and hops < 40:
+            hops += 1
+            target = os.readlink(path)
+            if os.path.isabs(target):
+                done = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
     try:
-        sa, sb = os.stat(a), os.stat(b)
+        st = os.stat(path)
     except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+        return None
+    return (st.st_dev, st.st_ino) if os.path.isdir(path) else None
 
 
 class HostPathUnknown(Exception):
     """The driver root's path as the host sees it cannot be established."""
 
 
-def driver_root_on_host(driver_root: str, host_root: str, inner: str, setting: str | None = None) -> str:
-    """The driver root's directory as the host (``chroot <host root>``) sees it, proven on the file
-    ``inner`` (a path inside the driver root) being the same file through both paths.
+def driver_root_on_host(driver_root: str, host_root: str, setting: str | None = None) -> str:
+    """The driver root's directory as the host (``chroot <host root>``) sees it.
 
     - a driver root below the host root (``/host/run/nvidia/driver``, or any path when the host root is
       ``/``): its path below the host root;
     - else (the operator's separate mount ``/driver-root``): ``setting`` when given, else the operator's
-      default ``/run/nvidia/driver``, checked by device and inode.
+      default ``/run/nvidia/driver``, proven to be the same directory (device and inode) through both
+      paths. The directories are compared, not a file in them: a file may be a symlink whose absolute
+      target only makes sense inside its own root; the host's side is resolved inside the host root.
 
     Raises HostPathUnknown saying what was compared.
     """
@@ -167,12 +194,18 @@ def driver_root_on_host(driver_root: str, host_root: str, inner: str, setting: s
     if rel != "." and not rel.startswith(".."):
         return "/" + rel
     candidate = "/" + (setting or DRIVER_INSTALL_DIR).strip("/")
-    mine = os.path.join(root, inner.lstrip("/"))
-    theirs = os.path.join(host, candidate.lstrip("/"), inner.lstrip("/"))
-    if same_file(mine, theirs):
+    theirs = resolve_in_root(host, candidate)
+    mine = _identity(root)
+    if mine is not None and mine == _identity(theirs):
         return candidate
-    why = "does not exist" if not os.path.lexists(theirs) else "is another file"
+    shown = os.path.join(host, candidate.lstrip("/"))
+    if not os.path.lexists(theirs):
+        why = "does not exist"
+    elif not os.path.isdir(theirs):
+        why = "is not a directory"
+    else:
+        why = "is another directory"
     raise HostPathUnknown(
-        f"{mine} is in the driver root, but {theirs} {why}, so the host's path of the driver root is "
+        f"the driver root {root} is not {shown} (that {why}), so the host's path of the driver root is "
         f"not {candidate}"
     )

@@ -141,7 +141,7 @@ class Programs:
         if os.path.basename(argv[0]) in _NEEDS_HOST_SYSFS and found.kind == locate.DRIVER_ROOT:
             try:
                 on_host = locate.driver_root_on_host(
-                    found.root, self.host.root, found.inner, self.tools.driver_root_on_host
+                    found.root, self.host.root, self.tools.driver_root_on_host
                 )
             except locate.HostPathUnknown as exc:
                 raise HostError(
