@@ -83,19 +83,27 @@ def test_mig_sequence_on_two_gpus(cli, workdir, gpu, vendor_vfio, flipped) -> No
         assert instances(root) == [profiles or {}] * 2, name
 
 
-def test_mig_step_runs_sriov_manage_from_the_driver_root(cli, workdir) -> None:
-    # GPU Operator layout: sriov-manage exists only under the containerised driver's root.
+@pytest.mark.parametrize("named", [True, False], ids=["driver-root", "found-in-run-nvidia-driver"])
+def test_mig_step_runs_sriov_manage_from_the_driver_root(cli, workdir, named) -> None:
+    # GPU Operator layout: sriov-manage exists only under the containerised driver's root, which is
+    # looked in when named, and third (after the host root) as the host's /run/nvidia/driver when not.
     root = workdir / "host"
     create_host(root, ["H200"], vendor_vfio=True, driver_root="run/nvidia/driver")
     driver = str(root / "run/nvidia/driver")
     args = ("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "H200-1-18C")
-    missing = cli(*args)
-    # The driver's programs are needed before the first write (nvidia-smi reads the MIG state).
-    assert missing.code == 1 and "nvidia-smi not found" in missing.err and "--driver-root" in missing.err
-    assert write_log(root) == []
-    result = cli(*args, "--driver-root", driver)
+    result = cli(*args, *(["--driver-root", driver] if named else []))
     assert result.code == 0, result.err
     assert layouts(root) == [{"H200-1-18C": 7}] and instances(root) == [{"1g.18gb": 7}]
+
+
+def test_mig_step_without_the_drivers_programs_writes_nothing(cli, workdir) -> None:
+    # A driver root nowhere looked in (a custom driverInstallDir, not named): the driver's programs are
+    # needed before the first write (nvidia-smi reads the MIG state).
+    root = workdir / "host"
+    create_host(root, ["H200"], vendor_vfio=True, driver_root="opt/nvidia/driver")
+    missing = cli("apply", "--sim", str(root), "-f", str(CONFIG), "-c", "H200-1-18C")
+    assert missing.code == 1 and "nvidia-smi not found" in missing.err and "--driver-root" in missing.err
+    assert write_log(root) == []
 
 
 def test_mixed_entries_across_gpus(cli, workdir) -> None:

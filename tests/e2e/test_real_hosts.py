@@ -109,10 +109,11 @@ def test_an_mdev_held_through_its_iommufd_cdev_is_in_use(cli, tmp_path):
 
 # -- 8.2 driver root -------------------------------------------------------------------------------
 def test_driver_programs_run_in_the_driver_root(cli, tmp_path):
-    """GPU Operator layout: nvidia-smi and sriov-manage only under run/nvidia/driver. Before: no
+    """A driver root nvidia-smi and sriov-manage live in only (a GPU Operator with a custom
+    hostPaths.driverInstallDir: not run/nvidia/driver, which is looked in by default). Before: no
     --driver-root, so sriov-manage was looked for on the host root and apply gave up."""
     root = tmp_path / "host"
-    create_host(root, ["L40S"], driver_root="run/nvidia/driver")
+    create_host(root, ["L40S"], driver_root="opt/nvidia/driver")
     assert not (root / "usr/lib/nvidia/sriov-manage").exists()
     cfg = config(tmp_path, "two", {"L40S-12Q": 2})
     missing = cli("apply", "--sim", str(root), "-f", str(cfg))
@@ -120,7 +121,7 @@ def test_driver_programs_run_in_the_driver_root(cli, tmp_path):
         missing.code == 1 and "sriov-manage was not found" in missing.err and "--driver-root" in missing.err
     )
     assert writes(root) == []
-    driver = str(root / "run/nvidia/driver")
+    driver = str(root / "opt/nvidia/driver")
     result = cli("apply", "--sim", str(root), "-f", str(cfg), "--driver-root", driver)
     assert result.code == 0, result.err
     assert layouts(root) == [{"L40S-12Q": 2}]
@@ -132,8 +133,8 @@ def test_every_host_command_takes_the_driver_root(cli, tmp_path):
     """Naming a full GPU's vGPUs needs nvidia-smi, which lives only in the driver root here: the read
     commands and the preview must find it there too, not only apply and assert."""
     root = tmp_path / "host"
-    create_host(root, ["L40S"], driver_root="run/nvidia/driver")
-    driver = str(root / "run/nvidia/driver")
+    create_host(root, ["L40S"], driver_root="opt/nvidia/driver")
+    driver = str(root / "opt/nvidia/driver")
     cfg = config(tmp_path, "full", {"L40S-48Q": 1})
     assert cli("apply", "--sim", str(root), "-f", str(cfg), "--driver-root", driver).code == 0
     for table in (root / "var/lib/nvidia-vgpu-dm/types").iterdir():

@@ -98,17 +98,62 @@ def test_unknown_host_path_of_the_driver_root_is_a_clear_error_until_set(workdir
         wrong.command([SRIOV, "-e", "ALL"])
 
 
-def test_missing_program_names_both_places(workdir):
+def test_missing_program_names_every_place(workdir):
     root, mount = host_node(workdir)
     os.unlink(root / "usr/bin/nvidia-smi")
     programs = Programs(SimHostRoot(root), HostTools(driver_root=str(mount)))
     with pytest.raises(HostError) as err:
         programs.run(["nvidia-smi", "-q"])
-    assert f"the driver root {mount}" in str(err.value) and f"the host root {root}" in str(err.value)
-    assert (
-        f"nvidia-smi: not found (looked for nvidia-smi in the driver root {mount} and the host root {root})"
-        in (programs.report()[0])
+    places = f"the driver root {mount}, the host root {root} and the driver root {root}/run/nvidia/driver"
+    assert places in str(err.value)
+    assert "nvidia-vgpu-dm --driver-root" in str(err.value) and "--driver-root-ctr-path" in str(err.value)
+    assert f"nvidia-smi: not found (looked for nvidia-smi in {places})" == programs.report()[0]
+
+
+@pytest.mark.parametrize("driver_root", [None, "absent"], ids=["none-named", "named-but-absent"])
+def test_driver_container_found_without_a_driver_root(workdir, driver_root):
+    """The CLI without --driver-root, and our own DaemonSets (which mount no /driver-root), on a node
+    whose driver runs in the GPU Operator's container: found in the host's /run/nvidia/driver, third."""
+    root, _ = container_node(workdir)
+    named = str(workdir / "driver-root-absent") if driver_root else None
+    programs = Programs(SimHostRoot(root), HostTools(driver_root=named))
+    driver = root / "run/nvidia/driver"
+    found = programs.locate("nvidia-smi")
+    assert (found.kind, found.root) == (locate.DRIVER_ROOT, str(driver))
+    assert [where for _, where in found.looked][-2:] == [str(root), str(driver)]
+    assert programs.command(["nvidia-smi", "-q"]) == (str(driver), ["/usr/bin/nvidia-smi", "-q"])
+    assert programs.command([SRIOV, "-e", "ALL"]) == (
+        str(root),
+        ["/run/nvidia/driver/usr/lib/nvidia/sriov-manage", "-e", "ALL"],
     )
+    assert programs.nvml.kind == locate.DRIVER_ROOT and programs.nvml.path.startswith(str(driver))
+
+
+def test_host_install_wins_over_the_hosts_run_nvidia_driver(workdir):
+    """Order: a driver installed on the host comes before whatever is under its /run/nvidia/driver."""
+    root, mount = host_node(workdir)
+    stale = root / "run/nvidia/driver/usr/bin"
+    stale.mkdir(parents=True)
+    (stale / "nvidia-smi").write_text("")
+    found = Programs(SimHostRoot(root), HostTools(driver_root=str(mount))).locate("nvidia-smi")
+    assert (found.kind, found.root) == (locate.HOST_ROOT, str(root))
+
+
+def test_named_driver_root_is_not_looked_in_twice(workdir):
+    root, _ = container_node(workdir)
+    looked = locate.roots(str(root / "run/nvidia/driver"), str(root))
+    assert looked == [(locate.DRIVER_ROOT, str(root / "run/nvidia/driver")), (locate.HOST_ROOT, str(root))]
+
+
+def test_cli_applies_on_a_driver_container_node_without_driver_root(cli, workdir):
+    root, _ = container_node(workdir)
+    config = workdir / "config.yaml"
+    config.write_text(
+        'version: v1\nvgpu-configs:\n  two:\n    - devices: all\n      vgpu-devices: {"L40S-12Q": 2}\n'
+    )
+    result = cli("apply", "--sim", str(root), "-f", str(config))
+    assert result.code == 0, result.err
+    assert layouts(root) == [{"L40S-12Q": 2}]
 
 
 @pytest.mark.parametrize("variant", ["fail", "noop"])

@@ -1,5 +1,6 @@
 """Where the NVIDIA driver's files are: ``nvidia-smi``, ``sriov-manage`` and ``libnvidia-ml.so.1``,
-decided per file, in the driver root first and then in the host root.
+decided per file, in the driver root first, then in the host root, then in the host's
+``/run/nvidia/driver`` (``roots``).
 
 Two layouts are real (reference/gpu-operator.md §1): the GPU Operator's driver container publishes its
 root at the host's ``/run/nvidia/driver`` (mounted into our pod at ``/driver-root``), while a vGPU
@@ -57,8 +58,10 @@ class Location(NamedTuple):
         return os.path.join(self.root, self.inner.lstrip("/"))
 
     def places(self) -> str:
-        """``the driver root /driver-root and the host root /host`` (for messages)."""
-        return " and ".join(f"the {kind} {where}" for kind, where in self.looked)
+        """``the driver root /driver-root, the host root /host and the driver root
+        /host/run/nvidia/driver`` (for messages)."""
+        places = [f"the {kind} {where}" for kind, where in self.looked]
+        return " and ".join([", ".join(places[:-1]), places[-1]] if len(places) > 1 else places)
 
     def describe(self) -> str:
         name = os.path.basename(self.name)
@@ -106,11 +109,22 @@ def find_program(root: str, program: str) -> str | None:
 
 
 def roots(driver_root: str | None, host_root: str) -> list[tuple[str, str]]:
-    """(kind, directory) in the order files are looked for: the driver root (when one is named and it
-    is not the host root itself), then the host root."""
+    """(kind, directory) in the order files are looked for:
+
+    1. the driver root, when one is named and it is not the host root itself;
+    2. the host root (a vGPU manager installed on the host);
+    3. the GPU Operator's driver container root as the host root shows it
+       (``<host root>/run/nvidia/driver``), unless that is the driver root named in 1: so a front end
+       started without a driver root (our own manifests mount none; the CLI's default) still finds a
+       containerised driver.
+    """
     host = os.path.abspath(host_root)
     first = os.path.abspath(driver_root) if driver_root else None
-    return [*([(DRIVER_ROOT, first)] if first and first != host else []), (HOST_ROOT, host)]
+    found = [*([(DRIVER_ROOT, first)] if first and first != host else []), (HOST_ROOT, host)]
+    container = os.path.join(host, DRIVER_INSTALL_DIR.lstrip("/"))
+    if container != first:
+        found.append((DRIVER_ROOT, container))
+    return found
 
 
 def locate_program(program: str, driver_root: str | None, host_root: str) -> Location:

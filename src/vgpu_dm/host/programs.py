@@ -1,7 +1,8 @@
 """Running the driver's programs (nvidia-smi, sriov-manage): where each one is, which root it runs in,
 and how long it may take.
 
-Each program is looked for in the driver root first, then in the host root (``host/locate.py``), and
+Each program is looked for in the driver root first, then in the host root, then in the host's
+``/run/nvidia/driver`` (``host/locate.py``), and
 runs through ``chroot`` into the root it was found in — except ``sriov-manage``: it changes devices
 through sysfs, and the GPU Operator's driver container publishes its root *without* ``/sys``
 (design.md "Three roots"; reference/host-interfaces.md §3.2: run via ``chroot /host …``). Found in the
@@ -41,8 +42,9 @@ class HostTools(NamedTuple):
     """Where the driver's programs are, as plain values (the CLI and the Kubernetes agent fill it).
 
     ``driver_root`` is a directory as this process sees it (``/driver-root`` in the GPU Operator's pod,
-    ``/host/run/nvidia/driver`` with the host's ``/`` at ``/host``); None means the host root. Programs
-    are looked for there first, then in the host root. ``driver_root_on_host`` is the driver root's
+    ``/host/run/nvidia/driver`` with the host's ``/`` at ``/host``); None means none is named. Programs
+    are looked for there first, then in the host root, then in the host's ``/run/nvidia/driver``
+    (``locate.roots``). ``driver_root_on_host`` is the driver root's
     path as the host sees it, needed only when the driver root is not below the host root and is not
     the GPU Operator's ``/run/nvidia/driver`` (``hostPaths.driverInstallDir`` changed).
     """
@@ -86,7 +88,7 @@ class Programs:
     # -- where things are --------------------------------------------------------------------------
 
     def locate(self, program: str) -> locate.Location:
-        """Where ``program`` (a bare name or a path inside a root) is: driver root first, then host root."""
+        """Where ``program`` (a bare name or a path inside a root) is (``locate.roots`` gives the order)."""
         found = self._found.get(program)
         if found is None:
             found = locate.locate_program(program, self.tools.driver_root, self.host.root)
@@ -96,7 +98,7 @@ class Programs:
 
     @property
     def nvml(self) -> locate.Location:
-        """``libnvidia-ml.so.1``: driver root first, then host root; ``.path`` is the file as this
+        """``libnvidia-ml.so.1``, in ``locate.roots``'s order; ``.path`` is the file as this
         process sees it (what ``LD_PRELOAD`` of a program of this container's own needs)."""
         found = self._found.get(locate.NVML)
         if found is None:
@@ -125,6 +127,11 @@ class Programs:
     def exists(self, program: str) -> bool:
         return self.locate(program).found
 
+    def _root_origin(self) -> str:
+        """`` (the driver root from …)`` when the operator named the driver root, else ""."""
+        given = dict(self.tools.origins).get(self.tools.driver_root or "")
+        return f" (the driver root from {given})" if given else ""
+
     def command(self, argv: list[str], what: str = "") -> tuple[str, list[str]]:
         """(the root to chroot into, the argv to run there) for ``argv``; HostError when the program is
         in neither root, or must run in the host root and the host's path of the driver root is unknown."""
@@ -132,10 +139,9 @@ class Programs:
         found = self.locate(argv[0])
         if not found.found:
             raise HostError(
-                f"{name} not found: looked for {argv[0]}{self.tools.origin(argv[0])} in "
-                f"{found.places()}{self.tools.origin(self.tools.driver_root)} (GPU Operator: the driver "
-                f"root is the host's /run/nvidia/driver; pass its path here as --driver-root, or the "
-                f"program's own path)"
+                f"{name} not found: looked for {argv[0]}{self.tools.origin(argv[0])} in {found.places()}"
+                f"{self._root_origin()} (a driver installed elsewhere: name its root with nvidia-vgpu-dm "
+                f"--driver-root, or --driver-root-ctr-path of nvidia-k8s-vgpu-dm and nvidia-vgpu-dra)"
             )
         assert found.root is not None and found.inner is not None
         if os.path.basename(argv[0]) in _NEEDS_HOST_SYSFS and found.kind == locate.DRIVER_ROOT:
@@ -147,9 +153,11 @@ class Programs:
                 raise HostError(
                     f"{name} is only in the driver root {found.root}, and it must run in the host root "
                     f"(it changes devices through sysfs, which a driver container's root does not have), "
-                    f"but the host's path of the driver root is unknown: {exc}; set the driver root's "
-                    f"path on the host (nvidia-k8s-vgpu-dm --driver-install-dir / DRIVER_INSTALL_DIR, "
-                    f"ClusterPolicy hostPaths.driverInstallDir)"
+                    f"but the host's path of the driver root is unknown: {exc}. Name the driver root by "
+                    f"its path below the host root (e.g. <host root>/opt/nvidia/driver: nvidia-vgpu-dm "
+                    f"--driver-root, --driver-root-ctr-path of nvidia-k8s-vgpu-dm and nvidia-vgpu-dra), "
+                    f"or give nvidia-k8s-vgpu-dm its path on the host (--driver-install-dir / "
+                    f"DRIVER_INSTALL_DIR: ClusterPolicy hostPaths.driverInstallDir)"
                 ) from None
             return self.host.root, [os.path.join(on_host, found.inner.lstrip("/")), *argv[1:]]
         return found.root, [found.inner, *argv[1:]]

@@ -241,8 +241,9 @@ class VendorVfioBackend:
             raise HostError(
                 f"{gpu.describe()} has no VFs and sriov-manage was not found (looked for "
                 f"{self.sriov_manage} in {found.places()}); enable them yourself "
-                f"('/usr/lib/nvidia/sriov-manage -e {gpu.address}'), or pass --driver-root "
-                f"(containerised driver: the host's /run/nvidia/driver) or --sriov-manage PATH"
+                f"('/usr/lib/nvidia/sriov-manage -e {gpu.address}'), or name the driver's root "
+                f"(nvidia-vgpu-dm --driver-root; --driver-root-ctr-path of nvidia-k8s-vgpu-dm and "
+                f"nvidia-vgpu-dra) or the script (nvidia-vgpu-dm --sriov-manage PATH)"
             )
         _log.info(f"{gpu.describe()}: enabling SR-IOV virtual functions (sriov-manage -e {gpu.address})")
         argv = [self.sriov_manage, "-e", gpu.address]

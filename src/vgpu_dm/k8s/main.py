@@ -104,8 +104,9 @@ def _env(name: str) -> str:
     show_default=True,
     metavar="DIR",
     help="Where the driver root is mounted. nvidia-smi, sriov-manage and libnvidia-ml.so.1 are each "
-    "looked for here first, then in the host root (under the GPU Operator this directory exists but is "
-    "empty when the vGPU manager is installed on the host)." + _env("DRIVER_ROOT_CTR_PATH"),
+    "looked for here first, then in the host root, then in the host's /run/nvidia/driver (under the GPU "
+    "Operator this directory exists but is empty when the vGPU manager is installed on the host)."
+    + _env("DRIVER_ROOT_CTR_PATH"),
 )
 @click.option(
     "--driver-install-dir",
