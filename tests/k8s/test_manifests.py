@@ -171,6 +171,8 @@ def test_daemonset_runs_on_vgpu_nodes_with_the_host_root(which):
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert volumes[mounts[host_root]["name"]]["hostPath"]["path"] == "/"
     assert not mounts[host_root].get("readOnly", False)
+    # A driver container's root (found as <host root>/run/nvidia/driver) may be mounted after the pod.
+    assert mounts[host_root]["mountPropagation"] == "HostToContainer"
     # Long enough for an apply interrupted by SIGTERM to roll back and restore the operands.
     assert pod["terminationGracePeriodSeconds"] >= 60
     for kind in ("requests", "limits"):
