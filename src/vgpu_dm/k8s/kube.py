@@ -4,11 +4,13 @@ Every call goes through ``Kube.call``, which retries 409, 429, 5xx and transport
 exponential backoff and gives up only when told to stop (or at a deadline).
 
 Label changes are JSON merge patches of ``metadata.labels`` where RBAC allows ``patch``. The GPU
-Operator grants ``nodes: update`` but not ``patch`` (reference/gpu-operator.md §1): on a 403 for a patch
-the agent switches, for the life of the process, to GET + PUT of the Node with its resourceVersion,
-changing only its own labels, and on 409 (another writer came in between) starts again from the fresh
-object. The PUT sends back the JSON the server gave, not a typed model: lightkube's models drop fields
-they do not know, and a PUT without them would erase a newer server's Node fields.
+Operator grants ``nodes: update`` but not ``patch`` (reference/gpu-operator.md §1): when the authorizer
+refuses the patch verb (403 ``Forbidden``, ``cannot patch resource "nodes"``; not an admission denial,
+which would refuse an update too) the agent switches, for the life of the process, to GET + PUT of
+the Node with its resourceVersion, changing only its own labels, and on 409 (another writer came in
+between) starts again from the fresh object. The PUT sends back the JSON the server gave, not a typed
+model: lightkube's models drop fields they do not know, and a PUT without them would erase a newer
+server's Node fields.
 
 Events are optional: the operator's RBAC does not grant them. A 403 on Event creation is said once, at
 info, and no Event is attempted again; every Event not recorded is counted.
@@ -60,6 +62,16 @@ PATCH, UPDATE = "patch", "update"  # how node labels are written
 # goes to Kube.call's backoff.
 CONFLICT_TRIES = 5
 _log = log.get("k8s")
+
+
+def patch_not_allowed(exc: BaseException) -> bool:
+    """Whether the API server refused a patch of nodes because the authorizer does not grant the verb:
+    403 with reason ``Forbidden`` and the authorizer's message (``User "…" cannot patch resource
+    "nodes" …``). Other 403s — an admission webhook or a ValidatingAdmissionPolicy that answers with
+    Forbidden — refuse this change, not the verb, and an update would be refused the same way."""
+    if status_code(exc) != 403 or not isinstance(exc, ApiError) or exc.status is None:
+        return False
+    return exc.status.reason == "Forbidden" and 'cannot patch resource "nodes"' in (exc.status.message or "")
 
 
 @dataclass(frozen=True)
@@ -161,7 +173,7 @@ class Kube:
             try:
                 result = self.call(what, lambda: self._merge_patch(labels), **kw)
             except ApiError as exc:
-                if status_code(exc) != 403:
+                if not patch_not_allowed(exc):
                     raise
                 self._use_mode(UPDATE, f"the API server refused to patch node {self.node} ({describe(exc)})")
             else:
@@ -181,8 +193,8 @@ class Kube:
         else:
             _log.info(
                 f"{why}: node labels are written by GET + update of node {self.node} with its "
-                f"resourceVersion from now on (RBAC grants nodes 'update' but not 'patch', as the GPU "
-                f"Operator's does); only this agent's labels are changed"
+                f"resourceVersion from now on (RBAC does not grant nodes 'patch'; the GPU Operator's grants "
+                f"'update' instead); only this agent's labels are changed"
             )
 
     def _merge_patch(self, labels: Mapping[str, str | None]) -> dict[str, str]:
