@@ -255,13 +255,19 @@ class FakeAPI:
                 if self.headers.get("Content-Type") != "application/merge-patch+json":
                     self._status(415, "UnsupportedMediaType", "this fake takes merge patches only")
                     return
-                if set(body) != {"metadata"} or set(body["metadata"]) != {"labels"}:
+                if set(body) != {"metadata"} or not {"labels"} <= set(body["metadata"]) <= {
+                    "labels",
+                    "resourceVersion",
+                }:
                     self._status(422, "Invalid", f"this fake takes label patches only, got {body}")
                     return
+                precondition = body["metadata"].get("resourceVersion")
                 with fake.cond:
                     if fake.patch_conflicts:
                         fake.patch_conflicts -= 1
                         conflict = True
+                    elif precondition is not None and precondition != str(fake.rv):
+                        conflict = True  # as the real server: a resourceVersion in a patch is a precondition
                     else:
                         conflict = False
                         node = fake._merge(body["metadata"]["labels"])

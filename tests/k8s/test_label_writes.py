@@ -194,3 +194,75 @@ def test_patch_and_update_both_refused(
     text = agent_log.getvalue()
     assert text.count("the API server refused to patch node") == 1 and "cannot patch resource" in text
     assert text.count("node labels are written by GET + update") == 1
+
+
+# -- decisions made on the node that is written ----------------------------------------------------
+
+
+@pytest.fixture(params=["patch", "update"])
+def labels_kube(request, apiserver, k8s_node, k8s_namespace) -> Iterator[Kube]:
+    """A Kube that already writes labels by merge patch (our RBAC) or by GET + update (the GPU
+    Operator's RBAC)."""
+    from tests.k8s import gpu_operator
+
+    if request.param == "patch":
+        kubeconfig = apiserver.admin_kubeconfig
+    else:
+        kubeconfig = gpu_operator.apply_rbac(apiserver, k8s_namespace).kubeconfig
+        request.addfinalizer(lambda: gpu_operator.delete_rbac(apiserver, k8s_namespace))
+    kube = kube_for(kubeconfig, k8s_node, k8s_namespace)
+    kube.patch_labels({"example.com/learn-mode": "x"})
+    assert kube.label_mode == {"patch": PATCH, "update": UPDATE}[request.param]
+    yield kube
+    kube.close()
+
+
+def admin_writes_after_first_get(kube: Kube, admin_client, node: str, labels: dict[str, str]) -> list[str]:
+    """Right after the agent's first GET of the node (whichever of its HTTP clients reads it), the admin
+    writes ``labels``: the window between a decision and the write it leads to."""
+    done: list[str] = []
+
+    def hook(response) -> None:
+        request = response.request
+        if request.method == "GET" and request.url.path == f"/api/v1/nodes/{node}" and not done:
+            done.append(request.url.path)
+            set_labels(admin_client, node, labels)
+
+    for client in (kube._http, kube.client._client._client):
+        client.event_hooks["response"].append(hook)
+    return done
+
+
+def reconciler_for(kube: Kube, node: str, namespace: str):
+    from vgpu_dm.k8s.metrics import Metrics
+    from vgpu_dm.k8s.reconcile import Reconciler
+    from vgpu_dm.k8s.settings import Settings
+
+    settings = Settings(node_name=node, namespace=namespace, config_file="unused", default_config="unused")
+    return Reconciler(settings, kube, Metrics(), threading.Event())
+
+
+def test_restore_keeps_an_operand_the_admin_switched_off_meanwhile(admin_client, k8s_node, labels_kube):
+    """Before: restore decided on one GET and then wrote 'true' absolutely (the update path even read
+    the node again, saw 'false', and wrote 'true' over it)."""
+    set_labels(admin_client, k8s_node, {L.DEVICE_PLUGIN_LABEL: L.PAUSED, L.VALIDATOR_LABEL: L.PAUSED})
+    raced = admin_writes_after_first_get(
+        labels_kube, admin_client, k8s_node, {L.DEVICE_PLUGIN_LABEL: "false"}
+    )
+    reconciler_for(labels_kube, k8s_node, "unused").restore_operands()
+    assert raced
+    labels = node_labels(admin_client, k8s_node)
+    assert labels[L.DEVICE_PLUGIN_LABEL] == "false"  # the admin's
+    assert labels[L.VALIDATOR_LABEL] == "true"  # ours, restored
+
+
+def test_pause_leaves_an_operand_the_admin_switched_off_meanwhile(
+    admin_client, k8s_node, k8s_namespace, labels_kube
+):
+    set_labels(admin_client, k8s_node, {L.DEVICE_PLUGIN_LABEL: "true", L.VALIDATOR_LABEL: "true"})
+    raced = admin_writes_after_first_get(labels_kube, admin_client, k8s_node, {L.VALIDATOR_LABEL: "false"})
+    paused = reconciler_for(labels_kube, k8s_node, k8s_namespace)._pause_operands()
+    assert raced
+    assert paused == [L.DEVICE_PLUGIN_LABEL]  # only the paused one is waited for and restored later
+    labels = node_labels(admin_client, k8s_node)
+    assert (labels[L.DEVICE_PLUGIN_LABEL], labels[L.VALIDATOR_LABEL]) == (L.PAUSED, "false")

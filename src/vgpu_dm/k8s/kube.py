@@ -57,6 +57,8 @@ __all__ = ["Gone", "Kube", "Stopped", "WatchError", "describe", "retriable", "st
 
 COMPONENT = "nvidia-k8s-vgpu-dm"
 T = TypeVar("T")
+# From the node's current labels to the changes wanted (label → value; None removes it).
+Decide = Callable[[Mapping[str, str]], Mapping[str, str | None]]
 PATCH, UPDATE = "patch", "update"  # how node labels are written
 # GET + PUT rounds tried at once when another writer keeps changing the Node in between; then the 409
 # goes to Kube.call's backoff.
@@ -167,11 +169,32 @@ class Kube:
         """Set (None: remove) these labels of the node and no others; returns the node's labels after.
         A JSON merge patch, or GET + update once the server refused a patch (see the module doc)."""
         shown = ", ".join(f"{k}={v}" for k, v in labels.items())
-        what = f"set labels of node {self.node} ({shown})"
+        return self._write(
+            f"set labels of node {self.node} ({shown})",
+            lambda: self._merge_patch(labels),
+            lambda: self._update_labels(lambda _current: labels),
+            **kw,
+        )
+
+    def change_labels(self, decide: Decide, what: str, **kw: Any) -> dict[str, str]:
+        """Change labels as ``decide(current labels)`` says (label → value, None removes; nothing: no
+        write), decided on the very object that is written: a GET, then a merge patch that carries the
+        GET's resourceVersion or an update; when someone wrote in between (409), decided again on the
+        fresh node. Returns the node's labels after. (A decision on one GET and an absolute write after
+        it would overwrite, e.g., an operand label the admin set to ``false`` in between.)"""
+        return self._write(
+            f"{what} on node {self.node}",
+            lambda: self._conditional_patch(decide),
+            lambda: self._update_labels(decide),
+            **kw,
+        )
+
+    def _write(self, what: str, patch: Callable[[], T], update: Callable[[], T], **kw: Any) -> T:
+        """``patch`` until the server refuses the verb, then ``update`` for the life of the process."""
         if self.label_mode != UPDATE:
-            _log.debug(f"patch node {self.node} labels: {shown}")
+            _log.debug(f"{what}: by merge patch")
             try:
-                result = self.call(what, lambda: self._merge_patch(labels), **kw)
+                result = self.call(what, patch, **kw)
             except ApiError as exc:
                 if not patch_not_allowed(exc):
                     raise
@@ -179,8 +202,8 @@ class Kube:
             else:
                 self._use_mode(PATCH)
                 return result
-        _log.debug(f"update node {self.node} labels: {shown}")
-        return self.call(what, lambda: self._update_labels(labels), **kw)
+        _log.debug(f"{what}: by GET + update")
+        return self.call(what, update, **kw)
 
     def _use_mode(self, mode: str, why: str = "") -> None:
         """Remember how labels are written; say it once, at info."""
@@ -212,24 +235,57 @@ class Kube:
             resp.raise_for_status()
         return resp.json()
 
-    def _update_labels(self, labels: Mapping[str, str | None]) -> dict[str, str]:
-        """GET the node, change only ``labels`` in it, PUT it back with its resourceVersion; a 409 means
-        someone wrote in between: start again from the fresh object (their change kept)."""
+    def _fresh(self, decide: Decide) -> tuple[dict, dict[str, str], dict[str, str]]:
+        """GET the node; (the node as JSON, its labels, the labels ``decide`` wants)."""
+        node = self._request("GET", f"/api/v1/nodes/{self.node}")
+        meta = node.setdefault("metadata", {})
+        self.node_uid = meta.get("uid", self.node_uid)
+        current = dict(meta.get("labels") or {})
+        wanted = dict(current)
+        for key, value in decide(current).items():
+            if value is None:
+                wanted.pop(key, None)
+            else:
+                wanted[key] = value
+        return node, current, wanted
+
+    def _conditional_patch(self, decide: Decide) -> dict[str, str]:
+        """GET, decide, then a merge patch carrying the GET's resourceVersion (the server refuses it with
+        409 when the node changed since); a 409 decides again on the fresh node."""
         path = f"/api/v1/nodes/{self.node}"
         for attempt in range(1, CONFLICT_TRIES + 1):
-            node = self._request("GET", path)
-            meta = node.setdefault("metadata", {})
-            self.node_uid = meta.get("uid", self.node_uid)
-            current = dict(meta.get("labels") or {})
-            wanted = dict(current)
-            for key, value in labels.items():
-                if value is None:
-                    wanted.pop(key, None)
-                else:
-                    wanted[key] = value
+            node, current, wanted = self._fresh(decide)
             if wanted == current:
                 return current
-            meta["labels"] = wanted
+            keys = set(current) | set(wanted)
+            changes = {k: wanted.get(k) for k in keys if current.get(k) != wanted.get(k)}
+            version = node["metadata"].get("resourceVersion")
+            body = {"metadata": {"resourceVersion": version, "labels": changes}}
+            try:
+                patched = self._request(
+                    "PATCH",
+                    path,
+                    json=body,
+                    params={"fieldManager": COMPONENT},
+                    headers={"Content-Type": PatchType.MERGE.value},
+                )
+            except ApiError as exc:
+                if status_code(exc) != 409 or attempt == CONFLICT_TRIES:
+                    raise
+                _log.debug(f"patch of node {self.node}: {describe(exc)}; deciding again on the fresh node")
+                continue
+            return dict((patched.get("metadata") or {}).get("labels") or {})
+        raise AssertionError("unreachable")
+
+    def _update_labels(self, decide: Decide) -> dict[str, str]:
+        """GET the node, change only the labels ``decide`` names, PUT it back with its resourceVersion; a
+        409 means someone wrote in between: decide again on the fresh object (their change kept)."""
+        path = f"/api/v1/nodes/{self.node}"
+        for attempt in range(1, CONFLICT_TRIES + 1):
+            node, current, wanted = self._fresh(decide)
+            if wanted == current:
+                return current
+            node["metadata"]["labels"] = wanted
             try:
                 updated = self._request("PUT", path, json=node, params={"fieldManager": COMPONENT})
             except ApiError as exc:

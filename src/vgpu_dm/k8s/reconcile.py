@@ -386,11 +386,7 @@ class Reconciler:
 
     def _pause_operands(self) -> list[str]:
         """Pause the operands that are on; returns the operand labels now paused."""
-        current = self.kube.labels()
-        patch = L.pause_patch(current)
-        if patch:
-            _log.info(f"pausing operands: {', '.join(sorted(patch))}")
-            current = self.kube.patch_labels(patch)
+        current = self.kube.change_labels(_noting(L.pause_patch, "pausing operands"), "pause the operands")
         return L.paused(current)
 
     def _wait_operands_gone(self, paused: list[str]) -> set[str]:
@@ -407,11 +403,10 @@ class Reconciler:
         """Operand labels at paused go back to ``true``. Goes on while stopping (bounded), because a
         node left with paused operands has no device plugin."""
         try:
-            current = self.kube.labels(ignore_stop=True)
-            patch = L.restore_patch(current)
-            if patch:
-                _log.info(f"restoring operands: {', '.join(sorted(patch))}")
-                self.kube.patch_labels(patch, ignore_stop=True)
+            # Decided on the node being written: an operand an admin set to ``false`` meanwhile stays so.
+            self.kube.change_labels(
+                _noting(L.restore_patch, "restoring operands"), "restore the operands", ignore_stop=True
+            )
         except Exception as exc:
             _log.error(f"could not restore the operand labels of node {self.kube.node}: {describe(exc)}")
 
@@ -464,6 +459,19 @@ def _plan_failed(name: str, exc: PlanError) -> Outcome:
         f"config {name!r} not applied: {_first_lines(problems)}. {IN_USE_ADVICE}",
         transient=True,
     )
+
+
+def _noting(decide: Callable[[dict[str, str]], dict[str, str]], saying: str):
+    """``decide``, logging what it chose on the node that is written (a retry after a 409 decides again,
+    so what is logged is the last decision)."""
+
+    def noted(labels):
+        changes = decide(dict(labels))
+        if changes:
+            _log.info(f"{saying}: {', '.join(sorted(changes))}")
+        return changes
+
+    return noted
 
 
 def describe_host(exc: BaseException) -> str:
