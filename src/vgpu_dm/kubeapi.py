@@ -51,6 +51,15 @@ def status_code(exc: BaseException) -> int | None:
     return None
 
 
+def raise_for_api_status(resp: httpx2.Response) -> None:
+    """An error answer as an exception: ApiError when the server sent a Status (JSON), else httpx's own
+    HTTPStatusError (a proxy's or load balancer's page). The body must have been read."""
+    if resp.status_code >= 400:
+        if "json" in resp.headers.get("content-type", ""):
+            raise ApiError(request=resp.request, response=resp)
+        resp.raise_for_status()
+
+
 def describe(exc: BaseException) -> str:
     code = status_code(exc)
     if code is not None:
@@ -141,9 +150,7 @@ class WatchStreams:
                     raise Gone(f"{path}: HTTP 410")
                 if resp.status_code >= 400:
                     resp.read()
-                    if "json" in resp.headers.get("content-type", ""):
-                        raise ApiError(request=resp.request, response=resp)
-                    resp.raise_for_status()
+                    raise_for_api_status(resp)
                 for line in resp.iter_lines():
                     if not line.strip():
                         continue
@@ -176,10 +183,7 @@ class WatchStreams:
     def get_json(self, path: str, params: Mapping[str, Any] | None = None) -> dict:
         """One plain GET; ApiError (or HTTPStatusError) on an error status."""
         resp = self.http.request("GET", path, params=dict(params or {}))
-        if resp.status_code >= 400:
-            if "json" in resp.headers.get("content-type", ""):
-                raise ApiError(request=resp.request, response=resp)
-            resp.raise_for_status()
+        raise_for_api_status(resp)
         return resp.json()
 
 

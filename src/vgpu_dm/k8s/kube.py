@@ -48,12 +48,22 @@ from vgpu_dm.kubeapi import (
     WatchStreams,
     call_with_retries,
     describe,
+    raise_for_api_status,
     retriable,
     status_code,
 )
 from vgpu_dm.nodeconfig import load_kubeconfig
 
-__all__ = ["Gone", "Kube", "Stopped", "WatchError", "describe", "retriable", "status_code"]
+__all__ = [
+    "Gone",
+    "Kube",
+    "Stopped",
+    "WatchError",
+    "describe",
+    "raise_for_api_status",
+    "retriable",
+    "status_code",
+]
 
 COMPONENT = "nvidia-k8s-vgpu-dm"
 T = TypeVar("T")
@@ -229,10 +239,7 @@ class Kube:
     def _request(self, method: str, path: str, **kw: Any) -> dict:
         """One plain JSON request with the agent's credentials; ApiError on an API error."""
         resp = self._http.request(method, path, **kw)
-        if resp.status_code >= 400:
-            if "json" in resp.headers.get("content-type", ""):
-                raise ApiError(request=resp.request, response=resp)
-            resp.raise_for_status()
+        raise_for_api_status(resp)
         return resp.json()
 
     def _fresh(self, decide: Decide) -> tuple[dict, dict[str, str], dict[str, str]]:
