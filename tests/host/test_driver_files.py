@@ -50,7 +50,7 @@ def test_empty_driver_root_falls_back_to_the_host_root_for_each_file(workdir):
         root / f"usr/lib/x86_64-linux-gnu/libnvidia-ml.so.{SimState.load(root).driver_version}"
     )
     assert programs.command([SRIOV, "-e", "0000:3b:00.0"]) == (str(root), [SRIOV, "-e", "0000:3b:00.0"])
-    report = "\n".join(programs.report())
+    report = "\n".join(f.line for f in programs.report())
     assert f"nvidia-smi: host root {root}" in report and f"libnvidia-ml.so.1: host root {root}" in report
 
 
@@ -63,7 +63,9 @@ def test_driver_container_serves_its_files_and_sriov_manage_runs_in_the_host_roo
     # The driver root has no /sys: sriov-manage runs in the host root, from the driver root's host path.
     chroot, argv = programs.command([SRIOV, "-e", "0000:3b:00.0"])
     assert (chroot, argv[0]) == (str(root), "/run/nvidia/driver/usr/lib/nvidia/sriov-manage")
-    assert "runs as: chroot" in programs.report()[1]
+    sriov = programs.report()[1]
+    assert sriov.ok and sriov.runs_as == (str(root), "/run/nvidia/driver/usr/lib/nvidia/sriov-manage")
+    assert "runs as: chroot" in sriov.line
 
 
 def test_driver_root_below_the_host_root_needs_no_identity_check(workdir):
@@ -88,6 +90,9 @@ def test_unknown_host_path_of_the_driver_root_is_a_clear_error_until_set(workdir
     assert (
         "must run in the host root" in text and "DRIVER_INSTALL_DIR" in text and "/run/nvidia/driver" in text
     )
+    # At start the agent says so as a problem (a warning), not as a root that serves it.
+    sriov = programs.report()[1]
+    assert sriov.location.found and not sriov.ok and "cannot run: " in sriov.line
     told = Programs(
         SimHostRoot(root), HostTools(driver_root=str(mount), driver_root_on_host="/opt/nvidia/driver")
     )
@@ -107,7 +112,8 @@ def test_missing_program_names_every_place(workdir):
     places = f"the driver root {mount}, the host root {root} and the driver root {root}/run/nvidia/driver"
     assert places in str(err.value)
     assert "nvidia-vgpu-dm --driver-root" in str(err.value) and "--driver-root-ctr-path" in str(err.value)
-    assert f"nvidia-smi: not found (looked for nvidia-smi in {places})" == programs.report()[0]
+    smi = programs.report()[0]
+    assert not smi.ok and smi.line == f"nvidia-smi: not found (looked for nvidia-smi in {places})"
 
 
 @pytest.mark.parametrize("driver_root", [None, "absent"], ids=["none-named", "named-but-absent"])

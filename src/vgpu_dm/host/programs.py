@@ -67,6 +67,25 @@ class HostTools(NamedTuple):
         return f" (from {given})" if given else ""
 
 
+class DriverFile(NamedTuple):
+    """Where one of the driver's files is, for the agent's start-up log."""
+
+    location: locate.Location
+    runs_as: tuple[str, str] | None = None  # (root, path) when it runs elsewhere than where it was found
+    problem: str | None = None  # found, but it cannot be run (sriov-manage with no known host path)
+
+    @property
+    def ok(self) -> bool:
+        return self.location.found and self.problem is None
+
+    @property
+    def line(self) -> str:
+        text = self.location.describe()
+        if self.runs_as:
+            text += f"; runs as: chroot {self.runs_as[0]} {self.runs_as[1]}"
+        return f"{text}; cannot run: {self.problem}" if self.problem else text
+
+
 class Programs:
     """Runs the driver's programs for one host, each in the root it lives in."""
 
@@ -106,18 +125,16 @@ class Programs:
             self._found[locate.NVML] = found
         return found
 
-    def report(self) -> list[str]:
-        """One line per driver file saying which root serves it (the agent logs them at start)."""
-        lines = [self.locate(self.tools.nvidia_smi).describe()]
-        sriov = self.locate(self.tools.sriov_manage)
-        line = sriov.describe()
-        if sriov.kind == locate.DRIVER_ROOT:
+    def report(self) -> list[DriverFile]:
+        """nvidia-smi, sriov-manage and NVML: which root serves each (the agent logs them at start)."""
+        sriov = DriverFile(self.locate(self.tools.sriov_manage))
+        if sriov.location.kind == locate.DRIVER_ROOT:
             try:
                 root, cmd = self.command([self.tools.sriov_manage])
-                line += f"; runs as: chroot {root} {cmd[0]}"
+                sriov = sriov._replace(runs_as=(root, cmd[0]))
             except HostError as exc:
-                line += f"; cannot run: {exc}"
-        return [*lines, line, self.nvml.describe()]
+                sriov = sriov._replace(problem=str(exc))
+        return [DriverFile(self.locate(self.tools.nvidia_smi)), sriov, DriverFile(self.nvml)]
 
     def where(self, program: str) -> str:
         """Where ``program`` is as this process sees it, or the places looked in (for messages)."""

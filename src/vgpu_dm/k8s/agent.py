@@ -133,12 +133,12 @@ class Agent:
         """Say which root serves nvidia-smi, sriov-manage and NVML (each looked for in the driver root,
         then the host root)."""
         try:
-            lines = self.reconciler.driver_files()
+            found = self.reconciler.driver_files()
         except Exception as exc:  # the host is read again at every reconcile, which reports it
             _log.warning(f"cannot look for the driver's files: {describe(exc)}")
             return
-        for found, line in lines:
-            (_log.info if found else _log.warning)(f"driver files: {line}")
+        for file in found:
+            (_log.info if file.ok else _log.warning)(f"driver files: {file.line}")
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (SIGTERM): a running apply finishes or rolls back its current GPU,

@@ -27,7 +27,7 @@ from vgpu_dm.apply import ApplyOptions, apply_config, summary
 from vgpu_dm.apply_mig import MigModePending, MigUnavailable, plan_with_mig
 from vgpu_dm.errors import ApplyError, ApplyInterrupted, ConfigError, HostError, PlanError, VgpuDmError
 from vgpu_dm.host.inventory import HostTools, Inventory
-from vgpu_dm.host.programs import Programs
+from vgpu_dm.host.programs import DriverFile, Programs
 from vgpu_dm.host.root import HostRoot
 from vgpu_dm.host_choice import open_host_or_sim
 from vgpu_dm.k8s import labels as L
@@ -130,11 +130,9 @@ class Reconciler:
         s = self.settings
         return HostTools(driver_root=s.driver_root or None, driver_root_on_host=s.driver_install_dir)
 
-    def driver_files(self) -> list[tuple[bool, str]]:
-        """(found, line) per driver file — nvidia-smi, sriov-manage, libnvidia-ml.so.1 — saying which
-        root serves it (logged at start)."""
-        lines = Programs(self.host(), self.tools()).report()
-        return [(": not found" not in line, line) for line in lines]
+    def driver_files(self) -> list[DriverFile]:
+        """nvidia-smi, sriov-manage and libnvidia-ml.so.1: which root serves each (logged at start)."""
+        return Programs(self.host(), self.tools()).report()
 
     # -- the flow --------------------------------------------------------------------------------------
 
