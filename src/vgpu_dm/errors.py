@@ -41,6 +41,29 @@ class HostError(VgpuDmError):
     """Reading or changing the host failed, or the host is not in a state we can work with."""
 
 
+# What holds a vGPU that a plan would remove (HeldProblem.kind).
+IN_USE = "in-use"  # a process (a running VM) has it open
+ASSIGNED = "assigned"  # a defined libvirt VM names it
+
+
+class HeldProblem(str):
+    """A plan problem about a vGPU that a VM holds or is assigned. As a ``str`` it is the whole text the
+    CLI prints; ``what`` is the fact without ``advice`` (what a CLI user can do: its flags), so another
+    front end can give its own advice; ``kind`` is IN_USE or ASSIGNED."""
+
+    what: str
+    advice: str
+    kind: str
+
+    def __new__(cls, what: str, advice: str, kind: str) -> HeldProblem:
+        self = super().__new__(cls, f"{what}: {advice}")
+        self.what, self.advice, self.kind = what, advice, kind
+        return self
+
+    def __reduce__(self):
+        return (HeldProblem, (self.what, self.advice, self.kind))
+
+
 class PlanError(VgpuDmError):
     """The selected config cannot be applied to this host; nothing was written."""
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple
 
-from vgpu_dm.errors import HostError, PlanError
+from vgpu_dm.errors import ASSIGNED, IN_USE, HeldProblem, HostError, PlanError
 from vgpu_dm.host.inventory import Inventory
 from vgpu_dm.host.model import UNRESOLVED, VENDOR_VFIO, TypeInfo, VGPUDevice, framebuffer_of, unnamed
 from vgpu_dm.host.pci import GPU
@@ -579,8 +579,12 @@ def _check_in_use(
             # NVIDIA's driver refuses to destroy a vGPU whose VF a VM has open (EPERM), force or not:
             # the write would only fail halfway through the plan.
             problems.append(
-                f"{what}; the config would remove it, and the driver refuses to destroy a vendor-VFIO "
-                f"vGPU that a VM has open, even with --force: stop the VM first"
+                HeldProblem(
+                    f"{what}; the config would remove it, and the driver refuses to destroy a vendor-VFIO "
+                    f"vGPU that a VM has open, even with --force",
+                    "stop the VM first",
+                    IN_USE,
+                )
             )
         elif force:
             notes.append(
@@ -592,7 +596,8 @@ def _check_in_use(
                 f"vendor-VFIO vGPU that a VM has open, even with --force)"
             )
         else:
-            problems.append(f"{what}; the config would remove it: stop the VM first, or pass --force")
+            advice = "stop the VM first, or pass --force"
+            problems.append(HeldProblem(f"{what}; the config would remove it", advice, IN_USE))
 
 
 ASSIGNED_MARK = " is assigned to "  # in every problem about a vGPU a defined VM names
@@ -623,8 +628,12 @@ def _check_assigned(plan, device, inventory, force, problems, notes, allow_assig
         hint = f"change or undefine the VM first, or pass {names} (or --force)"
     why = "; the GPU's MIG layout changes, which removes all its vGPUs" if plan.mig else ""
     problems.append(
-        f"{what} (defined in {files}){why}; the config would remove it and the VM could not start without "
-        f"it: {hint}"
+        HeldProblem(
+            f"{what} (defined in {files}){why}; the config would remove it and the VM could not start "
+            f"without it",
+            hint,
+            ASSIGNED,
+        )
     )
 
 

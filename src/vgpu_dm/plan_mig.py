@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+from vgpu_dm.errors import IN_USE, HeldProblem
 from vgpu_dm.host.model import VGPUDevice
 from vgpu_dm.host.pci import GPU
 from vgpu_dm.mig.layout import MigLayout
@@ -154,5 +155,6 @@ def reset_problems(
             if force:
                 notes.append(f"--force: {text}; if a reset is needed the change fails and is rolled back")
             else:
-                problems.append(f"{text}: stop the VM first (or pass --force to try anyway)")
+                advice = "stop the VM first (or pass --force to try anyway)"
+                problems.append(HeldProblem(text, advice, IN_USE))
     return problems, notes

@@ -66,6 +66,9 @@ def test_vgpu_of_a_defined_vm_is_refused_with_an_event_until_undefined(
         )
         assert event.type == "Warning"
         assert uuid in event.message and "VM 'win10' (shut off)" in event.message
+        # The operator's options, not the CLI's flags (the agent has neither --allow-assigned nor --force).
+        assert "change or undefine the VM" in event.message and "retries by itself" in event.message
+        assert "or pass --allow-assigned" not in event.message and "(or --force)" not in event.message
         wait_for(lambda: agent.metrics.apply_retries._value.get() >= 1, what="a retry")
         assert uuid in [d[2] for d in snapshot(sim.root)]
         assert cli("sim", "undefine", str(sim.root), "win10").code == 0

@@ -16,7 +16,6 @@ once, or may have lost it at boot), and a change still waiting for a reset then 
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,17 @@ from dataclasses import dataclass, field
 from vgpu_dm import journal, log
 from vgpu_dm.apply import ApplyOptions, apply_config, summary
 from vgpu_dm.apply_mig import MigModePending, MigUnavailable, plan_with_mig
-from vgpu_dm.errors import ApplyError, ApplyInterrupted, ConfigError, HostError, PlanError, VgpuDmError
+from vgpu_dm.errors import (
+    ASSIGNED,
+    IN_USE,
+    ApplyError,
+    ApplyInterrupted,
+    ConfigError,
+    HeldProblem,
+    HostError,
+    PlanError,
+    VgpuDmError,
+)
 from vgpu_dm.host.inventory import HostTools, Inventory
 from vgpu_dm.host.programs import DriverFile, Programs
 from vgpu_dm.host.root import HostRoot
@@ -45,17 +54,20 @@ _log = log.get("k8s")
 # Outcome results (metric label values).
 SUCCESS, FAILED, INTERRUPTED, UNCHANGED = "success", "failed", "interrupted", "unchanged"
 REBOOTING = "rebooting"  # the node is being rebooted for a MIG mode change
-IN_USE_MARK = " is in use by "
+
+
+def _held_kinds(problems: list[str]) -> set[str]:
+    """What holds the vGPUs of a refused plan (IN_USE, ASSIGNED); "" for any other problem."""
+    return {p.kind if isinstance(p, HeldProblem) else "" for p in problems}
 
 
 def refusal(problems: list[str]) -> tuple[str, bool]:
     """The Event reason for a plan that cannot go ahead, and whether a retry may succeed by itself:
     vGPUs that running VMs hold, or that defined VMs are assigned, may be freed by their owners."""
-    from vgpu_dm.plan import ASSIGNED_MARK
-
-    if all(IN_USE_MARK in p for p in problems):
+    kinds = _held_kinds(problems)
+    if kinds == {IN_USE}:
         return "VGPUDeviceInUse", True
-    if all(IN_USE_MARK in p or ASSIGNED_MARK in p for p in problems):
+    if kinds and kinds <= {IN_USE, ASSIGNED}:
         return "VGPUDeviceAssigned", True
     return "VGPUConfigNotApplicable", False
 
@@ -436,27 +448,28 @@ class Reconciler:
         )
 
 
-# The CLI's advice at the end of an in-use problem ("...: stop the VM first, or pass --force"): the agent
-# has no --force, so its Event says what the operator can do instead.
-_CLI_ADVICE = re.compile(r":\s*stop the VM first(?:, or pass --force)?\s*$")
+# What the operator can do about a held vGPU. The CLI's advice in the problems names its flags (--force,
+# --allow-assigned), which the agent does not have: the agent's Events say this instead.
 IN_USE_ADVICE = (
     "The agent never removes a vGPU that a VM is using: stop the VM or migrate it off this node, and "
     "the agent retries by itself; or remove the vGPU with 'nvidia-vgpu-dm apply --force' on the host "
     "(the VM loses it)"
 )
+ASSIGNED_ADVICE = (
+    "The agent never removes a vGPU that a libvirt VM is defined to use: change or undefine the VM (or "
+    "move it off this node), and the agent retries by itself; or remove the vGPU with 'nvidia-vgpu-dm "
+    "apply --allow-assigned VM' on the host (that VM will not start until its definition is changed)"
+)
 
 
 def _plan_failed(name: str, exc: PlanError) -> Outcome:
     reason, transient = refusal(exc.problems)
-    if reason != "VGPUDeviceInUse":
+    kinds = _held_kinds(exc.problems)
+    if not kinds <= {IN_USE, ASSIGNED}:
         return Outcome(FAILED, reason, f"config {name!r}: {_first_lines(str(exc))}", transient=transient)
-    problems = "\n".join(_CLI_ADVICE.sub("", p) for p in exc.problems)
-    return Outcome(
-        FAILED,
-        "VGPUDeviceInUse",
-        f"config {name!r} not applied: {_first_lines(problems)}. {IN_USE_ADVICE}",
-        transient=True,
-    )
+    facts = "\n".join(p.what for p in exc.problems if isinstance(p, HeldProblem))
+    advice = " ".join(a for k, a in ((IN_USE, IN_USE_ADVICE), (ASSIGNED, ASSIGNED_ADVICE)) if k in kinds)
+    return Outcome(FAILED, reason, f"config {name!r} not applied: {_first_lines(facts)}. {advice}", transient)
 
 
 def _noting(decide: Callable[[dict[str, str]], dict[str, str]], saying: str):
