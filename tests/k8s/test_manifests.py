@@ -285,25 +285,55 @@ def test_dockerfile_is_the_gpu_operators_image():
     assert "NVIDIA_VISIBLE_DEVICES=void" in final_text
 
 
+# Modules that fetch from the network; the Kubernetes API client (lightkube, httpx2) is the one allowed.
+NETWORK_MODULES = ("urllib.request", "http.client", "requests", "urllib3", "ftplib", "pip", "ensurepip")
+# Programs that download or install: as a program to run they appear as a string of their own.
+FETCHING_PROGRAMS = {"curl", "wget", "pip", "pip3", "apt", "apt-get", "dnf", "yum", "apk"}
+
+
+def fetching_code(root: Path) -> list[str]:
+    """Where the Python files under ``root`` import a network or installer module (the Kubernetes API
+    client, lightkube and httpx2, is the one allowed) or name a downloader or installer as a program (a
+    string of its own, as in an argv). Read from the syntax tree: a message telling a person to
+    `pip install` something is not code that does."""
+    import ast
+
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value.strip() in FETCHING_PROGRAMS:
+                    found.append(f"{where}:{node.lineno}: runs {node.value!r}")
+                continue
+            else:
+                continue
+            for name in names:
+                if any(name == m or name.startswith(m + ".") for m in NETWORK_MODULES):
+                    found.append(f"{where}:{node.lineno}: imports {name}")
+    return found
+
+
 def test_nothing_is_downloaded_at_run_time():
-    """The image runs only what it carries: no code path of the package fetches anything (the only
-    network client is the Kubernetes API client) or installs anything."""
-    src = REPO / "src" / "vgpu_dm"
-    offenders = []
-    for path in src.rglob("*.py"):
-        text = path.read_text()
-        for needle in (
-            "urllib.request",
-            "import requests",
-            "http.client",
-            "curl",
-            "wget",
-            "pip install",
-            "urlopen",
-        ):
-            if needle in text and not (needle == "pip install" and "vgpu-device-manager[k8s]" in text):
-                offenders.append(f"{path.relative_to(REPO)}: {needle}")
-    assert offenders == []
+    """The image runs only what it carries: no code path of the package fetches or installs anything."""
+    assert fetching_code(REPO / "src" / "vgpu_dm") == []
+
+
+def test_the_download_check_sees_code_that_downloads(tmp_path):
+    (tmp_path / "a.py").write_text("import subprocess\nsubprocess.run(['curl', '-O', 'https://x'])\n")
+    (tmp_path / "b.py").write_text("from urllib.request import urlopen\n")
+    (tmp_path / "c.py").write_text("import pip\n")
+    (tmp_path / "ok.py").write_text("HINT = \"pip install 'vgpu-device-manager[k8s]'\"\nimport http.server\n")
+    assert fetching_code(tmp_path) == [
+        "a.py:2: runs 'curl'",
+        "b.py:1: imports urllib.request",
+        "b.py:1: imports urllib.request.urlopen",
+        "c.py:1: imports pip",
+    ]
 
 
 def test_distribution_has_both_programs_and_the_agent_extra():
