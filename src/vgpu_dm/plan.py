@@ -591,10 +591,11 @@ def _check_in_use(
                 f"--force: removing {what}; the kernel blocks the removal until the VM releases the device"
             )
         elif device.framework == VENDOR_VFIO:
-            problems.append(
-                f"{what}; the config would remove it: stop the VM first (the driver refuses to destroy a "
-                f"vendor-VFIO vGPU that a VM has open, even with --force)"
+            advice = (
+                "stop the VM first (the driver refuses to destroy a vendor-VFIO vGPU that a VM has open, "
+                "even with --force)"
             )
+            problems.append(HeldProblem(f"{what}; the config would remove it", advice, IN_USE))
         else:
             advice = "stop the VM first, or pass --force"
             problems.append(HeldProblem(f"{what}; the config would remove it", advice, IN_USE))

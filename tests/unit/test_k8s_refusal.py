@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
+
 from vgpu_dm.errors import ASSIGNED, IN_USE, HeldProblem, PlanError
 from vgpu_dm.k8s.reconcile import ASSIGNED_ADVICE, IN_USE_ADVICE, _plan_failed
 
@@ -47,3 +49,37 @@ def test_any_other_problem_keeps_the_whole_text_and_is_not_retried():
     outcome = _plan_failed("x", PlanError([HELD, other]))
     assert (outcome.reason, outcome.transient) == ("VGPUConfigNotApplicable", False)
     assert other in outcome.message and str(HELD) in outcome.message
+
+
+@pytest.mark.parametrize(
+    "gpu, before, after",
+    [("T4", "T4-8Q", "T4-16Q"), ("L40S", "L40S-24Q", "L40S-48Q")],
+    ids=["mdev", "vendor-vfio"],
+)
+def test_every_held_vgpu_problem_of_the_plan_has_its_parts(cli, tmp_path, gpu, before, after):
+    """The plan's refusals to remove a vGPU a running VM holds (mdev and vendor-VFIO) are HeldProblems:
+    the agent classifies them by kind, not by their text."""
+    from tests.simstate import snapshot
+    from vgpu_dm.host.inventory import Inventory
+    from vgpu_dm.host.programs import HostTools
+    from vgpu_dm.plan import build_plan
+    from vgpu_dm.sim.host import SimHostRoot
+    from vgpu_dm.sim.layout import create_host
+    from vgpu_dm.spec import load_spec
+
+    root = tmp_path / "host"
+    create_host(root, [gpu])
+    text = (
+        f"version: v1\nvgpu-configs:\n  a: [{{devices: all, vgpu-devices: {{{before}: 2}}}}]\n"
+        f"  b: [{{devices: all, vgpu-devices: {{{after}: 1}}}}]\n"
+    )
+    (tmp_path / "c.yaml").write_text(text)
+    assert cli("apply", "--sim", str(root), "-f", str(tmp_path / "c.yaml"), "-c", "a").code == 0
+    _, _, uuid, parent = snapshot(root)[0]
+    held = cli("sim", "hold", str(root), uuid or parent)
+    assert held.code == 0, held.err
+    spec = load_spec(text, "c.yaml")
+    with pytest.raises(PlanError) as refused:
+        build_plan(spec.select("b")[1], Inventory(SimHostRoot(root), HostTools()), "c.yaml", force=False)
+    problems = refused.value.problems
+    assert problems and all(isinstance(p, HeldProblem) and p.kind == IN_USE for p in problems), problems
