@@ -22,7 +22,7 @@ from tests.k8s.agentkit import (
     state_is,
     wait_for,
 )
-from tests.simstate import layouts
+from tests.simstate import arm, layouts
 from vgpu_dm import log
 from vgpu_dm.k8s import labels as L
 from vgpu_dm.sim import services
@@ -79,12 +79,12 @@ def test_kubelet_stops_after_the_gpu_clients_around_a_mig_mode_change(
     assert outcomes == [L.SUCCESS] * 3
     assert layouts(root) == [{"A100-2-10C": 3}, {"A100-2-10C": 3}]
     calls, modes = mode_change
-    acts = [(c[1], c[2]) for c in calls if c[1] in ("stop", "start")]
+    acts = [(c[1], c[-1]) for c in calls if c[1] in ("stop", "start")]
     assert acts == [("stop", DCGM), ("stop", KUBELET), ("start", KUBELET), ("start", DCGM)]
-    at = {(c[1], c[2]): m for c, m in zip(calls, modes, strict=True) if c[1] in ("stop", "start")}
+    at = {(c[1], c[-1]): m for c, m in zip(calls, modes, strict=True) if c[1] in ("stop", "start")}
     assert at[("stop", KUBELET)] == [False, False]  # stopped before the mode changed
     assert at[("start", KUBELET)] == [True, True]  # started again after it
-    later = [(c[1], c[2]) for c in services.calls(root)[len(calls) :] if c[1] in ("stop", "start")]
+    later = [(c[1], c[-1]) for c in services.calls(root)[len(calls) :] if c[1] in ("stop", "start")]
     assert later == [("stop", DCGM), ("start", DCGM)]
     assert services.load(root)["units"] == {DCGM: "active", KUBELET: "active", OTHER: "active"}
     assert "waiting 0.2 s for the stopped host services to settle" in agent_log.getvalue()
@@ -113,14 +113,119 @@ def test_stop_while_waiting_for_services_to_settle_starts_them_again(
         with running_agent(apiserver.admin_kubeconfig, settings):
             wait_for(state_is(admin_client, k8s_node, L.SUCCESS), what="A100-40C applied")
             set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "A100-1-5C"})
-            wait_for(lambda: ["systemctl", "stop", KUBELET] in services.calls(root), what="kubelet stopped")
+            wait_for(
+                lambda: ["systemctl", "stop", "--", KUBELET] in services.calls(root), what="kubelet stopped"
+            )
         # running_agent's exit sent the stop (SIGTERM's path) during the 600 s wait.
     finally:
         stage.stop()
     assert [c[1:] for c in services.calls(root) if c[1] in ("stop", "start")] == [
-        ["stop", KUBELET],
-        ["start", KUBELET],
+        ["stop", "--", KUBELET],
+        ["start", "--", KUBELET],
     ]
     assert services.load(root)["units"] == {KUBELET: "active"}
     labels = node_labels(admin_client, k8s_node)
     assert {k: labels[k] for k in ON_BOTH} == ON_BOTH
+
+
+def _mode_change_with_units(apiserver, admin_client, node, namespace, workdir, agent_log, prepare):
+    """A100-40C applied, then A100-1-5C (a MIG mode change) with -w -k; ``prepare(root, cli_arm)`` arms
+    the failure after the first apply. Returns (root, the last outcome, the systemctl stop/start calls)."""
+    root = workdir / "host"
+    create_host(root, ["A100"])
+    services.set_units(root, {DCGM: True, KUBELET: True})
+    clients = workdir / "gpu-clients.yaml"
+    clients.write_text(f"version: v1\nsystemd-services:\n  - {DCGM}\n")
+    set_labels(admin_client, node, ON_BOTH)
+    stage = NodeStage(admin_client, node, namespace).start()
+    settings = settings_for(
+        node,
+        namespace,
+        SimSetup(root, CONFIG),
+        default_config="A100-40C",
+        with_shutdown_host_gpu_clients=True,
+        gpu_clients_file=str(clients),
+        host_kubelet_systemd_service=KUBELET,
+    )
+    try:
+        with running_agent(apiserver.admin_kubeconfig, settings) as agent:
+            wait_for(state_is(admin_client, node, L.SUCCESS), what="A100-40C applied")
+            prepare(root)
+            set_labels(admin_client, node, {L.CONFIG_LABEL: "A100-1-5C"})
+            wait_for(
+                lambda: agent.reconciled and agent.reconciled[-1][0] == "A100-1-5C", timeout=60, what="1-5C"
+            )
+            outcome = agent.reconciled[-1][1]
+    finally:
+        stage.stop()
+    acts = [(c[1], c[-1]) for c in services.calls(root) if c[1] in ("stop", "start")]
+    labels = node_labels(admin_client, node)
+    assert {k: labels[k] for k in ON_BOTH} == ON_BOTH  # operands restored, whatever failed
+    assert labels[L.STATE_LABEL] == L.FAILED
+    return root, outcome, acts
+
+
+def test_kubelet_that_cannot_be_stopped_fails_the_change_and_restarts_the_clients(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir, agent_log
+):
+    root, outcome, acts = _mode_change_with_units(
+        apiserver,
+        admin_client,
+        k8s_node,
+        k8s_namespace,
+        workdir,
+        agent_log,
+        lambda root: services.fail(root, [f"stop {KUBELET}"]),
+    )
+    assert outcome.state == L.FAILED and f"could not stop {KUBELET}" in outcome.message
+    # The refused stop, then the clients stopped before it are started again.
+    assert acts == [("stop", DCGM), ("stop", KUBELET), ("start", DCGM)]
+    assert services.load(root)["units"] == {DCGM: "active", KUBELET: "active"}
+    assert layouts(root) == [{"A100-40C": 1}]  # nothing of the MIG change was done
+
+
+def test_mig_parted_failing_while_the_kubelet_is_stopped_starts_everything_again(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir, agent_log, cli
+):
+    root, outcome, acts = _mode_change_with_units(
+        apiserver,
+        admin_client,
+        k8s_node,
+        k8s_namespace,
+        workdir,
+        agent_log,
+        lambda root: arm(cli, root, "--mig-parted", "apply"),
+    )
+    assert outcome.state == L.FAILED and "nvidia-mig-parted" in outcome.message
+    assert acts == [("stop", DCGM), ("stop", KUBELET), ("start", KUBELET), ("start", DCGM)]
+    assert services.load(root)["units"] == {DCGM: "active", KUBELET: "active"}
+    assert layouts(root) == [{"A100-40C": 1}]  # rolled back
+
+
+def test_a_kubelet_unit_the_host_does_not_have_is_said_and_skipped(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir, agent_log
+):
+    """k3s: no kubelet.service. Upstream says 'Skipping ... (no-exist)'; before, we said nothing."""
+    root = workdir / "host"
+    create_host(root, ["A100"])
+    services.set_units(root, {DCGM: True})
+    set_labels(admin_client, k8s_node, ON_BOTH)
+    stage = NodeStage(admin_client, k8s_node, k8s_namespace).start()
+    settings = settings_for(
+        k8s_node,
+        k8s_namespace,
+        SimSetup(root, CONFIG),
+        default_config="A100-40C",
+        with_shutdown_host_gpu_clients=True,
+        host_kubelet_systemd_service="kubelet.service",
+    )
+    try:
+        with running_agent(apiserver.admin_kubeconfig, settings) as agent:
+            wait_for(state_is(admin_client, k8s_node, L.SUCCESS), what="A100-40C applied")
+            set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "A100-1-5C"})
+            wait_for(lambda: agent.reconciled[-1][0] == "A100-1-5C", timeout=60, what="1-5C")
+            outcome = agent.reconciled[-1][1]
+    finally:
+        stage.stop()
+    assert outcome.state == L.SUCCESS, outcome
+    assert "host unit kubelet.service: not found on the host; skipped" in agent_log.getvalue()

@@ -134,12 +134,12 @@ def test_mig_change_in_order_with_gpu_clients(
     assert override == '[Service]\nEnvironment="MIG_PARTED_SELECTED_CONFIG=A100-1-5C"\n'
     calls = services.calls(sim.root)
     assert calls.index(["systemctl", "daemon-reload"]) < calls.index(
-        ["systemctl", "stop", "nvidia-dcgm.service"]
+        ["systemctl", "stop", "--", "nvidia-dcgm.service"]
     )
-    assert calls.index(["systemctl", "stop", "nvidia-dcgm.service"]) < calls.index(
-        ["systemctl", "start", "nvidia-dcgm.service"]
+    assert calls.index(["systemctl", "stop", "--", "nvidia-dcgm.service"]) < calls.index(
+        ["systemctl", "start", "--", "nvidia-dcgm.service"]
     )
-    assert ["systemctl", "stop", "nvsm.service"] not in calls
+    assert ["systemctl", "stop", "--", "nvsm.service"] not in calls
     assert services.load(sim.root)["units"] == {"nvidia-dcgm.service": "active", "nvsm.service": "inactive"}
     events = node_events(admin_client, k8s_namespace, k8s_node)
     assert [e.reason for e in events] == ["VGPUConfigApplied", "VGPUConfigApplied"]
