@@ -64,7 +64,6 @@ def test_required_values_come_from_the_environment_too(sim, monkeypatch, workdir
     [
         ({"metrics_address": "8080"}, "is not HOST:PORT"),
         ({"operand_timeout": "-1"}, "--operand-timeout"),
-        ({"gpu_clients_file": "/no/such/file"}, "No such file"),
         ({"retry_backoff": "60", "retry_backoff_max": "30"}, "must not be smaller"),
         ({"jobs": "-1"}, "--jobs"),
     ],
@@ -72,6 +71,11 @@ def test_required_values_come_from_the_environment_too(sim, monkeypatch, workdir
 def test_bad_values_exit_2(sim, capsys, extra, message):
     assert main(args(sim, **extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_gpu_clients_file_is_a_usage_error_with_w(sim, capsys):
+    assert main([*args(sim, gpu_clients_file="/no/such/file"), "-w"]) == 2
+    assert "/no/such/file: No such file" in capsys.readouterr().err
 
 
 def test_config_file_must_exist(sim, capsys, workdir):
@@ -94,6 +98,7 @@ def test_host_root_without_sysfs_is_a_usage_error(sim, capsys, workdir):
         ("version: v2\nsystemd-services: []\n", "expected 'v1'"),
         ("version: v1\nservices: [a.service]\n", "unknown key(s) services"),
         ("version: v1\nsystemd-services: [dcgm.service, '--now']\n", "not systemd unit names: '--now'"),
+        ("version: v1\nsystemd-services: [kubelet]\n", "not systemd unit names: 'kubelet'"),
         ("version: v1\nsystemd-services: ['x.service; reboot']\n", "not systemd unit names"),
         ("version: v1\nsystemd-services: [../../bin/sh.service]\n", "not systemd unit names"),
         ("systemd-services: [a.service]\n", "expected a mapping with 'version'"),
@@ -101,17 +106,26 @@ def test_host_root_without_sysfs_is_a_usage_error(sim, capsys, workdir):
     ],
 )
 def test_gpu_clients_file_is_checked(sim, capsys, workdir, text, message):
+    """With -w the file is used: a bad one is a usage error at start. Without -w it is never used: a
+    warning, and the agent starts (as far as the credentials here)."""
     bad = workdir / "clients.yaml"
     bad.write_text(text)
-    assert main(args(sim, gpu_clients_file=str(bad))) == 2
+    none = ["--kubeconfig", str(workdir / "none")]
+    assert main([*args(sim, gpu_clients_file=str(bad)), "-w"]) == 2
     err = capsys.readouterr().err
     assert message in err and "--gpu-clients-file" in err
+    assert main([*args(sim, gpu_clients_file=str(bad)), *none]) == 1
+    err = capsys.readouterr().err
+    assert "level=warning" in err and message in err and "not used without --with-shutdown" in err
+    assert "cannot load Kubernetes credentials" in err
     good = workdir / "clients-ok.yaml"
-    good.write_text("version: v1\nsystemd-services: [nvidia-persistenced.service]\n")
-    # Accepted (the MIG step uses it later); it gets as far as the credentials.
-    assert (
-        main([*args(sim, gpu_clients_file=str(good)), "--kubeconfig", str(workdir / "none"), "-r", "-w"]) == 1
+    good.write_text(
+        "version: v1\nsystemd-services: [nvidia-persistenced.service, dcgm@gpu0.service, -.mount,"
+        " nvidia\\x2dfabricmanager.service]\n"
     )
+    # Accepted (the MIG step uses it later), unusual but valid systemd names included.
+    assert main([*args(sim, gpu_clients_file=str(good)), *none, "-r", "-w"]) == 1
+    assert "--gpu-clients-file" not in capsys.readouterr().err
 
 
 def test_help_lists_upstream_flags_and_env_vars(capsys):
@@ -210,9 +224,17 @@ def test_entry_point_takes_upstream_spellings(sim, workdir):
     assert "cannot load Kubernetes credentials" in err
 
 
-def test_kubelet_unit_must_be_a_unit_name(sim, capsys):
-    assert main([*args(sim), "-k", "kubelet; reboot"]) == 2
+def test_kubelet_unit_must_be_a_unit_name_when_used(sim, capsys, workdir):
+    assert main([*args(sim), "-w", "-k", "kubelet; reboot"]) == 2
     assert "is not a systemd unit name" in capsys.readouterr().err
+    # Without -w the kubelet is never stopped: a warning, and the agent starts.
+    assert main([*args(sim), "-k", "kubelet", "--kubeconfig", str(workdir / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "'kubelet' is not a systemd unit name" in err and "level=warning" in err
+    # Every name systemd accepts is accepted (before: no .mount/.slice/.scope, no \\ escapes).
+    for unit in ("snap.microk8s.daemon-kubelite.service", "kubepods.slice", "k3s\\x2dagent.service"):
+        assert main([*args(sim), "-w", "-k", unit, "--kubeconfig", str(workdir / "none")]) == 1, unit
+        assert "systemd unit name" not in capsys.readouterr().err
 
 
 def test_help_names_the_rebooting_state(capsys):

@@ -134,7 +134,8 @@ def _env(name: str) -> str:
     show_default=True,
     metavar="UNIT",
     help="MIG: the kubelet's systemd unit; with -w it is stopped (after the GPU clients) around a MIG "
-    "mode change and started again (before them)." + _env("HOST_KUBELET_SYSTEMD_SERVICE"),
+    "mode change and started again (before them); one the host does not have (k3s) is skipped, said in "
+    "the log." + _env("HOST_KUBELET_SYSTEMD_SERVICE"),
 )
 @click.option(
     "-g",
@@ -157,8 +158,9 @@ def _env(name: str) -> str:
     "--with-shutdown-host-gpu-clients/--no-with-shutdown-host-gpu-clients",
     envvar="WITH_SHUTDOWN_HOST_GPU_CLIENTS",
     default=False,
-    help="MIG: stop the running units of --gpu-clients-file (and the kubelet, -k, when the MIG mode "
-    "changes) around a MIG change, and always start them again." + _env("WITH_SHUTDOWN_HOST_GPU_CLIENTS"),
+    help="MIG: stop the active units of --gpu-clients-file (and the kubelet, -k, when the MIG mode "
+    "changes) around a MIG change and always start them again, as well as those of them that had failed "
+    "or were enabled but inactive (as upstream)." + _env("WITH_SHUTDOWN_HOST_GPU_CLIENTS"),
 )
 @click.option(
     "--gpu-clients-settle",
@@ -292,8 +294,11 @@ def _settings(o: dict) -> S.Settings:
             raise click.BadParameter("must not be empty", param_hint=flag)
     if not os.path.isfile(o["config_file"]):
         raise click.BadParameter(f"{o['config_file']}: no such file", param_hint="--config-file")
+    # The host units are used only with -w: then a bad one is a usage error now, else a warning (as
+    # upstream, which checks them when it uses them).
+    used = o["with_shutdown_host_gpu_clients"]
     if o["gpu_clients_file"]:
-        _check_gpu_clients(o["gpu_clients_file"])
+        _check_gpu_clients(o["gpu_clients_file"], used)
     if o["hooks_file"]:
         from vgpu_dm.errors import ConfigError
         from vgpu_dm.hooks import read_hooks_file
@@ -305,9 +310,10 @@ def _settings(o: dict) -> S.Settings:
     from vgpu_dm.mig.node import valid_unit
 
     if not valid_unit(o["host_kubelet_systemd_service"]):
-        raise click.BadParameter(
+        _unused_or_bad(
             f"{o['host_kubelet_systemd_service']!r} is not a systemd unit name (e.g. kubelet.service)",
-            param_hint="--host-kubelet-systemd-service",
+            "--host-kubelet-systemd-service",
+            used,
         )
     if o["metrics_address"]:
         from vgpu_dm.k8s.metrics import parse_address
@@ -354,14 +360,21 @@ def _settings(o: dict) -> S.Settings:
     )
 
 
-def _check_gpu_clients(path: str) -> None:
+def _check_gpu_clients(path: str, used: bool) -> None:
     """Upstream's GPU clients file (version, systemd-services), checked at start, unit names included."""
     from vgpu_dm.k8s.mig import GpuClientsError, load_gpu_clients
 
     try:
         load_gpu_clients(path)
     except GpuClientsError as exc:
-        raise click.BadParameter(str(exc), param_hint="--gpu-clients-file") from None
+        _unused_or_bad(str(exc), "--gpu-clients-file", used)
+
+
+def _unused_or_bad(problem: str, flag: str, used: bool) -> None:
+    """A bad host unit setting: a usage error when -w uses it, else a warning (it is never used)."""
+    if used:
+        raise click.BadParameter(problem, param_hint=flag)
+    _log.warning(f"{flag}: {problem}; not used without --with-shutdown-host-gpu-clients")
 
 
 def run(settings: S.Settings) -> None:
