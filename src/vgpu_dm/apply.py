@@ -67,6 +67,10 @@ class ApplyOptions:
     # A MIG mode change that waits for a GPU reset keeps its pending mode when the run fails (the
     # caller reboots for it: the agent's --with-reboot); otherwise the pending mode is set back.
     keep_pending_mig: bool = False
+    # Called once when the MIG stage has succeeded (MIG mode and GPU instances are as the config needs),
+    # before vGPUs are put back or made and SR-IOV VFs enabled; not when there is no MIG stage or it
+    # fails. The Kubernetes agent starts the host units it stopped for the MIG change here, as upstream.
+    after_mig: Callable[[], None] | None = None
 
 
 # Automatic --jobs: one thread per GPU being changed, at most this many. Each thread mostly waits for
@@ -505,6 +509,8 @@ def _apply_with_mig(
         raise ApplyInterrupted("\n".join(undo(exc))) from None
     except ApplyError as exc:  # a bystander's removal failed (execute rolled it back)
         raise ApplyError("\n".join(undo(exc))) from None
+    if options.after_mig is not None:
+        options.after_mig()
     # GPUs a reset emptied get their vGPUs back as they were before the new ones are planned.
     back = [(b.gpu, b.devices) for b in stage.taken_down]
     restored = _restore_devices(host, tools, back)

@@ -1,8 +1,9 @@
 """``-w`` with ``-k`` against a real kube-apiserver, on a simulated A100 host with simulated systemd: around
 a MIG *mode* change the agent stops the running GPU clients and then the kubelet, and starts the kubelet
 and then the clients again (upstream's order: cmd/nvidia-k8s-vgpu-dm/reconfigure_mig.go appends the
-kubelet to the units to stop and starts them in reverse); a change of GPU instances only leaves the
-kubelet alone."""
+kubelet to the units to stop and starts them in reverse) as soon as the MIG stage is over, before the
+vGPUs; a change of GPU instances only leaves the kubelet alone; failures on the way start every unit
+again."""
 
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def test_kubelet_stops_after_the_gpu_clients_around_a_mig_mode_change(
                 lambda: agent.reconciled and agent.reconciled[-1][0] == "A100-1-5C", timeout=60, what="1-5C"
             )
             mode_change = services.calls(root), services.modes_at(root)
+            vgpus = services.vgpus_at(root)
             # Instances only (MIG mode stays on): the GPU clients, not the kubelet.
             set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "A100-2-10C"})
             wait_for(lambda: agent.reconciled[-1][0] == "A100-2-10C", timeout=60, what="2-10C")
@@ -84,6 +86,10 @@ def test_kubelet_stops_after_the_gpu_clients_around_a_mig_mode_change(
     at = {(c[1], c[-1]): m for c, m in zip(calls, modes, strict=True) if c[1] in ("stop", "start")}
     assert at[("stop", KUBELET)] == [False, False]  # stopped before the mode changed
     assert at[("start", KUBELET)] == [True, True]  # started again after it
+    # ... right after the MIG stage, as upstream (main.go: MIG, then clients started, then vGPUs): not
+    # after the 14 vGPUs of the new layout are made (the old ones went before the MIG change).
+    made = {(c[1], c[-1]): n for c, n in zip(calls, vgpus, strict=False) if c[1] in ("stop", "start")}
+    assert made == {("stop", DCGM): 2, ("stop", KUBELET): 2, ("start", KUBELET): 0, ("start", DCGM): 0}
     later = [(c[1], c[-1]) for c in services.calls(root)[len(calls) :] if c[1] in ("stop", "start")]
     assert later == [("stop", DCGM), ("start", DCGM)]
     assert services.load(root)["units"] == {DCGM: "active", KUBELET: "active", OTHER: "active"}

@@ -236,13 +236,17 @@ class Reconciler:
                     change.tools,
                     change.source,
                     self._apply_options(
-                        change.skip_mig, change.hooks, keep_pending_mig=self._reboots_for(change)
+                        change.skip_mig,
+                        change.hooks,
+                        keep_pending_mig=self._reboots_for(change),
+                        after_mig=lambda: self._start_host_clients(change),
                     ),
                     name,
                 )
             finally:
                 self.metrics.apply_duration.observe(time.monotonic() - started)
-                # Always, whatever the apply did (also before a reboot: harmless, and in order).
+                # Started right after the MIG stage (after_mig); here when that stage failed or never
+                # ended, whatever the apply did (also before a reboot: harmless, and in order).
                 self._start_host_clients(change)
         except Stopped:
             return Outcome(
@@ -289,7 +293,11 @@ class Reconciler:
         return Outcome(SUCCESS, "VGPUConfigApplied", f"config {name!r} applied: {what}")
 
     def _apply_options(
-        self, skip_mig: bool = False, hooks=None, keep_pending_mig: bool = False
+        self,
+        skip_mig: bool = False,
+        hooks=None,
+        keep_pending_mig: bool = False,
+        after_mig: Callable[[], None] | None = None,
     ) -> ApplyOptions:
         # The stop event (SIGTERM) lets apply finish or roll back the GPU it is on, then raise
         # ApplyInterrupted; it also ends a wait for the host lock.
@@ -300,6 +308,7 @@ class Reconciler:
             jobs=self.settings.jobs,
             hooks=hooks,
             keep_pending_mig=keep_pending_mig,
+            after_mig=after_mig,
         )
 
     # -- MIG -------------------------------------------------------------------------------------------
@@ -332,6 +341,7 @@ class Reconciler:
                 raise Stopped("waiting for the stopped host services to settle")
 
     def _start_host_clients(self, change: Change) -> None:
+        """Start the host units stopped for the MIG change again (once: it forgets them)."""
         for problem in mig_node.start_clients(change.host, change.stopped_clients):
             _log.error(problem)
             change.notes.append(problem)
