@@ -7,9 +7,14 @@ against them, and measures from the outside:
 - label-change-to-apply latency: from the config label patch to ``state=success`` (after ``pending``)
   seen on a watch of the node; 20 changes alternating between configs that rebuild every vGPU;
 - idle CPU of the agent process over 60 s without changes: run time of all its threads in ns
-  (/proc/<pid>/task/*/schedstat), scaled to 10 idle minutes and set against the upstream agent's
-  0.04 CPU-s per 10 idle minutes; its threads' wake-ups (context switches) per second; and the API
-  requests made meanwhile (counted by the API server, nodes/pods/events only);
+  (/proc/<pid>/task/*/schedstat) and their wake-ups (context switches), and in the same window, with
+  the same accounting, two reference processes started beside it: a Python process blocked in
+  ``signal.pause()`` (the floor of any process) and a Python process that does nothing but keep a watch
+  of the same Node open with the agent's watch timeout (the work any agent must do idle: upstream's
+  informer keeps such a watch too). The agent's figure is given against the watch-only one (a ratio
+  in one run: the machine's noise hits both alike); the upstream agent's 0.04 CPU-s per 10 idle
+  minutes (measured elsewhere, with utime+stime) is printed for context only. Also the API requests
+  made meanwhile (counted by the API server, nodes/pods/events only);
 - RSS (VmRSS) after start-up, after the first 20 label changes and after 100 (growth after the first
   changes would be a leak; the first ones load the apply code and fill caches), and every 20 changes
   in between;
@@ -93,8 +98,54 @@ def task_wakeups(pid: int) -> int:
     return total
 
 
-# The upstream agent idle, from issue 18 (a measurement on a machine of this kind): CPU-s per 10 minutes.
+# The upstream agent idle, from issue 18: CPU-s per 10 minutes, measured on another run with utime+stime
+# (clock ticks). Context only: no Go agent runs here, so it cannot be measured beside ours.
 UPSTREAM_IDLE_CPU_PER_10_MIN = 0.04
+
+# What the agent may spend idle above a process that only keeps the watch open, in CPU-s per 10 minutes:
+# a quarter of upstream's whole idle figure (measured elsewhere).
+IDLE_EXCESS_MAX = 0.01
+# References run beside the agent in its idle window (see the module doc).
+PAUSE_REFERENCE = "import signal\nsignal.pause()\n"
+# An informer's idle work: list the node once, then watch from that resourceVersion, resuming from the
+# last one seen (bookmarks included) when a watch ends; a second's pause after an error.
+WATCH_REFERENCE = """\
+import json, sys, time, httpx2, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+client = httpx2.Client(
+    base_url=cluster["server"], verify=cluster["certificate-authority"],
+    headers={"Authorization": "Bearer " + user["token"]}, timeout=httpx2.Timeout(10, read=400),
+)
+select = {"fieldSelector": "metadata.name=" + sys.argv[2]}
+rv = client.get("/api/v1/nodes", params=select).json()["metadata"]["resourceVersion"]
+while True:
+    params = {**select, "watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true",
+              "timeoutSeconds": sys.argv[3]}
+    with client.stream("GET", "/api/v1/nodes", params=params) as resp:
+        for line in resp.iter_lines():
+            event = json.loads(line) if line.strip() else {}
+            if event.get("type") == "ERROR":
+                time.sleep(1)
+                rv = client.get("/api/v1/nodes", params=select).json()["metadata"]["resourceVersion"]
+                break
+            rv = (event.get("object") or {}).get("metadata", {}).get("resourceVersion", rv)
+"""
+
+
+class Reference:
+    """A reference process for the idle window (Python, as the agent; its own interpreter)."""
+
+    def __init__(self, name: str, code: str, *args: str):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
 
 
 def rss_kib(pid: int) -> int:
@@ -308,34 +359,51 @@ def measure(server, client, work: Path, args) -> int:
         rss_warm = rss_kib(agent.pid)
         # The metrics scrapes are outside the idle window: they would be the agent's only work in it.
         before_metrics = agent.metrics()
-        time.sleep(1.0)
-        before_req = apiserver_requests(server)
-        before_cpu, before_ns, before_wake = (
-            cpu_seconds(agent.pid),
-            task_cpu_ns(agent.pid),
-            task_wakeups(agent.pid),
-        )
-        time.sleep(args.idle)
-        cpu = cpu_seconds(agent.pid) - before_cpu
-        cpu_ns = task_cpu_ns(agent.pid) - before_ns
-        wakeups = task_wakeups(agent.pid) - before_wake
-        requests = apiserver_requests(server) - before_req
+        references = [
+            Reference("pause", PAUSE_REFERENCE),
+            Reference("watch only", WATCH_REFERENCE, server.admin_kubeconfig, NODE, "300"),
+        ]
+        try:
+            time.sleep(3.0)  # the references' start-up (imports, the first watch request) stays outside
+            before_req = apiserver_requests(server)
+            pids = [agent.pid, *(r.pid for r in references)]
+            before_ns = [task_cpu_ns(pid) for pid in pids]
+            before_wake = [task_wakeups(pid) for pid in pids]
+            before_cpu = cpu_seconds(agent.pid)
+            time.sleep(args.idle)
+            cpu = cpu_seconds(agent.pid) - before_cpu
+            spent = [task_cpu_ns(pid) - ns for pid, ns in zip(pids, before_ns, strict=True)]
+            woken = [task_wakeups(pid) - n for pid, n in zip(pids, before_wake, strict=True)]
+            requests = apiserver_requests(server) - before_req
+        finally:
+            for ref in references:
+                ref.stop()
         after_metrics = agent.metrics()
         relists = metric_sum(after_metrics, "vgpu_dm_watch_restarts_total") - metric_sum(
             before_metrics, "vgpu_dm_watch_restarts_total"
         )
-        share = cpu_ns / 1e9 / args.idle * 100
-        per_10_min = cpu_ns / 1e9 * 600 / args.idle
+        wakeups = woken[0]
+        per_10 = [ns / 1e9 * 600 / args.idle for ns in spent]
+        per_10_min, watch_only = per_10[0], per_10[2]
+        names = ["agent", *(r.name for r in references)]
+        for name, ns, figure, n in zip(names, spent, per_10, woken, strict=True):
+            print(
+                f"idle {args.idle:g} s, {name}: CPU {ns / 1e6:.2f} ms = {figure:.4f} CPU-s per 10 minutes, "
+                f"{n / args.idle:.2f} wake-ups/s"
+            )
         print(
-            f"idle {args.idle:g} s: CPU {cpu_ns / 1e6:.1f} ms ({share:.3f} %; utime+stime {cpu:.2f} s), "
-            f"{per_10_min:.3f} CPU-s per 10 idle minutes (upstream {UPSTREAM_IDLE_CPU_PER_10_MIN}), "
-            f"{wakeups / args.idle:.2f} wake-ups/s, {requests} API requests, {relists:g} relists"
+            f"agent: utime+stime {cpu:.2f} s, {requests} API requests, {relists:g} relists; upstream's "
+            f"{UPSTREAM_IDLE_CPU_PER_10_MIN} CPU-s per 10 idle minutes was measured elsewhere (context)"
         )
+        # Above the watch-only process, in CPU-s per 10 minutes: a ratio says nothing when both are at
+        # the floor (a watch costs nothing between its bookmarks), so the excess is what is judged.
+        excess = per_10_min - watch_only
+        ratio = f"{per_10_min / watch_only:.2f} x" if spent[2] >= 1e6 else "n/a (reference < 1 ms)"
         benchlib.result(
-            "agent: idle CPU per 10 minutes",
-            f"{per_10_min:.3f} CPU-s ({per_10_min / UPSTREAM_IDLE_CPU_PER_10_MIN:.2f} x upstream)",
-            f"<= {UPSTREAM_IDLE_CPU_PER_10_MIN} (upstream's)",
-            per_10_min <= UPSTREAM_IDLE_CPU_PER_10_MIN,
+            "agent: idle CPU per 10 minutes (agent / watch only / pause(), one window)",
+            f"{per_10_min:.4f} / {watch_only:.4f} / {per_10[1]:.4f} CPU-s (ratio {ratio})",
+            f"agent - watch only <= {IDLE_EXCESS_MAX} (upstream, elsewhere: {UPSTREAM_IDLE_CPU_PER_10_MIN})",
+            excess <= IDLE_EXCESS_MAX,
         )
         benchlib.result(
             f"agent: thread wake-ups while idle {args.idle:g} s",
