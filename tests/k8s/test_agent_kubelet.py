@@ -8,6 +8,7 @@ again."""
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,45 @@ def test_a_kubelet_unit_the_host_does_not_have_is_said_and_skipped(
         stage.stop()
     assert outcome.state == L.SUCCESS, outcome
     assert "host unit kubelet.service: not found on the host; skipped" in agent_log.getvalue()
+
+
+def test_an_nvml_failure_stops_no_unit(
+    apiserver, admin_client, k8s_node, k8s_namespace, workdir, agent_log, cli
+):
+    """The mode change is taken from the plan, which reads the MIG state with export (16.4): when NVML
+    fails, that fails loudly before anything is paused or stopped. Before, 'mig-parted assert
+    --mode-only' failing on the NVML error was taken for a mode change: the kubelet was stopped and the
+    agent waited 30 s for nothing."""
+    root = workdir / "host"
+    create_host(root, ["A100"])
+    services.set_units(root, {DCGM: True, KUBELET: True})
+    clients = workdir / "gpu-clients.yaml"
+    clients.write_text(f"version: v1\nsystemd-services:\n  - {DCGM}\n")
+    set_labels(admin_client, k8s_node, ON_BOTH)
+    stage = NodeStage(admin_client, k8s_node, k8s_namespace).start()
+    settings = settings_for(
+        k8s_node,
+        k8s_namespace,
+        SimSetup(root, CONFIG),
+        default_config="A100-40C",
+        with_shutdown_host_gpu_clients=True,
+        gpu_clients_file=str(clients),
+        host_kubelet_systemd_service=KUBELET,
+    )
+    try:
+        with running_agent(apiserver.admin_kubeconfig, settings) as agent:
+            wait_for(state_is(admin_client, k8s_node, L.SUCCESS), what="A100-40C applied")
+            arm(cli, root, "--mig-parted", "nvml")
+            began = time.monotonic()
+            set_labels(admin_client, k8s_node, {L.CONFIG_LABEL: "A100-1-5C"})
+            wait_for(lambda: agent.reconciled[-1][0] == "A100-1-5C", timeout=60, what="1-5C")
+            outcome = agent.reconciled[-1][1]
+    finally:
+        stage.stop()
+    assert outcome.state == L.FAILED, outcome
+    assert [c for c in services.calls(root) if c[0] == "systemctl"] == []  # nothing stopped, nothing started
+    assert services.load(root)["units"] == {DCGM: "active", KUBELET: "active"}
+    labels = node_labels(admin_client, k8s_node)
+    assert {k: labels[k] for k in ON_BOTH} == ON_BOTH
+    assert stage.first("labels", lambda x: x.get(L.DEVICE_PLUGIN_LABEL) == L.PAUSED, after=began) is None
+    assert layouts(root) == [{"A100-40C": 1}]
